@@ -1,0 +1,14 @@
+"""attnfuse: finds hand-written attention in PyTorch FX graphs and fuses it.
+
+Public surface:
+
+- :func:`flash_attention` — the fused op (``torch.ops.attnfuse.flash_attention``).
+- :func:`rewrite` — the standalone graph rewrite (see :mod:`attnfuse.rewrite`).
+- ``torch.compile(model, backend="attnfuse")`` — the dynamo backend
+  (:mod:`attnfuse.backend`, registered through the ``torch_dynamo_backends`` entry point).
+"""
+from attnfuse.op import flash_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["flash_attention", "__version__"]

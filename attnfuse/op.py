@@ -1,0 +1,308 @@
+"""The fused attention op: ``attnfuse::flash_attention``.
+
+Owns the public :func:`flash_attention` function, input validation, the
+``torch.library`` custom ops (forward and backward) with their fake kernels, the
+autograd formula, and the choice of implementation (Triton kernels or the CPU
+path in :mod:`attnfuse.kernels.torch_impl`).
+
+Semantics, for q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)::
+
+    out = dropout(softmax(mask(softcap(scale * q @ k^T) + bias), dim=-1)) @ v
+
+- GQA / MQA: query head ``h`` reads key/value head ``h // (Hq // Hkv)``.
+- ``softcap(s) = tanh(s / c) * c`` when ``c > 0``.
+- ``bias`` broadcasts to (B, Hq, Lq, Lk). A float bias is added (it may hold
+  ``-inf`` or ``finfo.min``); a bool bias keeps positions where it is True.
+- ``causal``: ``"none"``, ``"top_left"`` (query ``i`` sees keys ``j <= i``, as
+  ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``) or
+  ``"bottom_right"`` (``j <= i + Lk - Lq``, as flash-attn with a KV cache).
+- A row whose logits are all ``-inf`` gives 0 (eager PyTorch gives NaN) and a
+  zero gradient. A row of large finite negatives (``finfo.min`` masks) gives the
+  same uniform average as eager.
+- Dropout keeps each probability with chance ``1 - dropout_p`` and scales kept
+  ones by ``1 / (1 - dropout_p)``; the keep-mask is a pure function of a seed
+  drawn from torch's default generator, so the backward regenerates the
+  forward's mask and ``torch.manual_seed`` makes results reproducible.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+CAUSAL_ALIGNMENTS = ("none", "top_left", "bottom_right")
+IMPLS = ("auto", "triton", "torch")
+MAX_HEAD_DIM = 256
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming the argument for bad input."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(B, Hq, Lq, D)" if name == "q" else f"(B, Hkv, Lk, {'Dv' if name == 'v' else 'D'})"
+            raise ValueError(f"{name} must be a 4-D tensor {layout}, got shape {_shape(t)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: q, k and v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must share one device")
+    B, Hq, Lq, D = q.shape
+    _, Hkv, Lk, Dk = k.shape
+    Dv = v.shape[3]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+    if Dk != D:
+        raise ValueError(f"k's head dim {Dk} must equal q's head dim {D}: q {_shape(q)}, k {_shape(k)}")
+    if v.shape[1] != Hkv or v.shape[2] != Lk:
+        raise ValueError(f"v must be (B, Hkv, Lk, Dv) matching k {_shape(k)}, got {_shape(v)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's head count Hq={Hq} must be a multiple of k/v's head count Hkv={Hkv}")
+    for name, d in (("q/k head dim D", D), ("v head dim Dv", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be in 1..{MAX_HEAD_DIM}, got {d}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype != torch.bool and not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a float (additive) or bool (True = keep) tensor, got {bias.dtype}")
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+        full = (B, Hq, Lq, Lk)
+        if bias.dim() > 4 or any(b != 1 and b != f for b, f in zip(reversed(bias.shape), reversed(full))):
+            raise ValueError(f"bias of shape {_shape(bias)} does not broadcast to (B, Hq, Lq, Lk) = {full}")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    if causal not in CAUSAL_ALIGNMENTS:
+        raise ValueError(f"causal must be False, True or one of {CAUSAL_ALIGNMENTS}, got {causal!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if not isinstance(softcap, (int, float)) or not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _causal_str(causal: Union[bool, str]) -> str:
+    if causal is True:
+        return "top_left"
+    if causal is False:
+        return "none"
+    return causal
+
+
+# ---------------------------------------------------------------------------
+# Implementation choice
+# ---------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _backend(impl: str, device: torch.device):
+    """The module implementing forward/backward for ``impl`` on ``device``."""
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "torch"
+    if impl == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing attnfuse "
+                f"to run the kernels on CPU); got tensors on {device}. Use impl='torch' or 'auto'."
+            )
+        from attnfuse.kernels import triton_flash
+
+        return triton_flash
+    from attnfuse.kernels import torch_impl
+
+    return torch_impl
+
+
+def _bias_4d(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """A view of ``bias`` with leading size-1 dims up to rank 4 (never a copy)."""
+    if bias is None or bias.dim() == 4:
+        return bias
+    return bias[(None,) * (4 - bias.dim())]
+
+
+def _seed_int(seed: Optional[Tensor], dropout_p: float) -> int:
+    if dropout_p == 0.0:
+        return 0
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a seed tensor (int64, 0-d)")
+    return int(seed.item())
+
+
+def _is_empty(q: Tensor, k: Tensor) -> bool:
+    return q.numel() == 0 or k.shape[2] == 0
+
+
+# ---------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnfuse::flash_attention", mutates_args=())
+def flash_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+    causal: str = "none",
+    dropout_p: float = 0.0,
+    softcap: float = 0.0,
+    seed: Optional[Tensor] = None,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Fused attention; returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32, natural log)."""
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl)
+    if _is_empty(q, k):
+        out = q.new_zeros(q.shape[:3] + (v.shape[3],))
+        return out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+    backend = _backend(impl, q.device)
+    return backend.forward(
+        q, k, v, _bias_4d(bias), scale=float(scale), causal=causal, dropout_p=float(dropout_p),
+        softcap=float(softcap), seed=_seed_int(seed, dropout_p),
+    )
+
+
+@flash_attention_op.register_fake
+def _flash_attention_fake(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
+                          seed=None, impl="auto"):
+    B, Hq, Lq, _ = q.shape
+    out = q.new_empty((B, Hq, Lq, v.shape[3]))
+    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("attnfuse::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    causal: str,
+    dropout_p: float,
+    softcap: float,
+    seed: Optional[Tensor],
+    impl: str,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias); dbias has bias's shape, or is empty unless ``need_dbias``."""
+    if _is_empty(q, k):
+        dbias = torch.zeros_like(bias) if need_dbias else q.new_empty((0,))
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    backend = _backend(impl, q.device)
+    dq, dk, dv, dbias = backend.backward(
+        dout.contiguous(), q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
+        dropout_p=float(dropout_p), softcap=float(softcap), seed=_seed_int(seed, dropout_p),
+        need_dbias=need_dbias,
+    )
+    if dbias is None:
+        dbias = q.new_empty((0,))
+    else:
+        dbias = dbias.reshape(bias.shape)
+    return dq, dk, dv, dbias
+
+
+@flash_attention_backward_op.register_fake
+def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed,
+                                   impl, need_dbias):
+    dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty((0,))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+    ctx.args = (scale, causal, dropout_p, softcap, impl)
+    ctx.bias_is_float = bias is not None and bias.dtype.is_floating_point
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    # lse is marked non-differentiable: only ``out`` carries a gradient.
+    q, k, v, bias, out, lse, seed = ctx.saved_tensors
+    scale, causal, dropout_p, softcap, impl = ctx.args
+    need_dbias = bool(ctx.bias_is_float and ctx.needs_input_grad[3])
+    dq, dk, dv, dbias = flash_attention_backward_op(
+        dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl, need_dbias
+    )
+    return dq, dk, dv, (dbias if need_dbias else None), None, None, None, None, None, None
+
+
+flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    scale: Optional[float] = None,
+    causal: Union[bool, str] = False,
+    dropout_p: float = 0.0,
+    softcap: float = 0.0,
+    impl: str = "auto",
+) -> Tensor:
+    """Fused attention ``dropout(softmax(mask(softcap(scale·q·kᵀ) + bias))) · v``.
+
+    Args:
+        q: (B, Hq, Lq, D); k: (B, Hkv, Lk, D); v: (B, Hkv, Lk, Dv). Any strides; Hq a
+            multiple of Hkv (GQA/MQA without materialised repeats); D, Dv in 1..256;
+            float32, float16 or bfloat16, one dtype and device for all three.
+        bias: None, an additive float tensor, or a bool keep-mask (True = attend),
+            of any shape that broadcasts to (B, Hq, Lq, Lk). Never expanded in memory.
+        scale: multiplies q·kᵀ; default ``1 / sqrt(D)``.
+        causal: False (default), True (= ``"top_left"``, like torch's ``is_causal``),
+            ``"top_left"`` or ``"bottom_right"`` (query i sees keys j <= i + Lk - Lq).
+        dropout_p: dropout on the probabilities, in [0, 1). Pass 0 in eval.
+        softcap: ``tanh(s / softcap) * softcap`` on the scaled scores, before bias and
+            masking (Gemma 2); 0 turns it off.
+        impl: ``"triton"`` (our kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (PyTorch ops: fused CPU SDPA where exact, else a blocked
+            online softmax), ``"auto"`` (triton on CUDA, torch elsewhere).
+
+    Returns:
+        (B, Hq, Lq, Dv) in q's dtype. Rows whose logits are all ``-inf`` give 0.
+    """
+    if scale is None and isinstance(q, Tensor) and q.dim() == 4:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, (torch.SymInt, torch.SymFloat, Tensor)) and not isinstance(scale, Tensor):
+        scale = float(scale)  # a symbolic head dim specialises here (a guard, not a graph break)
+    causal = _causal_str(causal)
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    out, _ = torch.ops.attnfuse.flash_attention(
+        q, k, v, bias, float(scale), causal, float(dropout_p), float(softcap), seed, impl
+    )
+    return out

@@ -1,0 +1,58 @@
+"""Eager float64 reference for the semantics of ``attnfuse::flash_attention``.
+
+Independent of the library: it materialises the full score matrix exactly as a
+hand-written model would, so tests compare the fused op against it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def causal_keep(lq: int, lk: int, align: str, device=None) -> torch.Tensor:
+    """Bool (lq, lk) mask, True where a query may see a key.
+
+    top_left: query i sees keys j <= i (torch's ``is_causal``).
+    bottom_right: query i sees keys j <= i + (lk - lq) (flash-attn, KV cache).
+    """
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    if align == "top_left":
+        return j <= i
+    if align == "bottom_right":
+        return j <= i + (lk - lq)
+    raise ValueError(align)
+
+
+def attention_reference(q, k, v, bias=None, *, scale=None, causal="none",
+                        softcap=0.0, dropout_mask=None, dropout_p=0.0,
+                        dtype=torch.float64):
+    """softmax(mask(softcap(scale * q k^T) + bias)) [dropout] @ v in ``dtype``.
+
+    ``causal`` is "none", "top_left" or "bottom_right". ``dropout_mask`` is a bool
+    keep-mask broadcastable to (B, Hq, Lq, Lk); kept probabilities are scaled by
+    1 / (1 - dropout_p). Rows masked entirely with -inf give NaN, as eager does.
+    """
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            s = s.masked_fill(~bias, float("-inf"))
+        else:
+            s = s + bias.to(dtype)
+    if causal != "none":
+        keep = causal_keep(q.shape[2], k.shape[2], causal, device=q.device)
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(dtype) / (1.0 - dropout_p)
+    return p @ v
