@@ -86,13 +86,14 @@ def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl) -> None:
         full = (B, Hq, Lq, Lk)
         if bias.dim() > 4 or any(b != 1 and b != f for b, f in zip(reversed(bias.shape), reversed(full))):
             raise ValueError(f"bias of shape {_shape(bias)} does not broadcast to (B, Hq, Lq, Lk) = {full}")
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    # Chained comparisons (not math.isfinite) also work on a SymFloat under dynamo; NaN fails them.
+    if not isinstance(scale, (int, float, torch.SymFloat)) or not -math.inf < scale < math.inf:
         raise TypeError(f"scale must be a finite float, got {scale!r}")
     if causal not in CAUSAL_ALIGNMENTS:
         raise ValueError(f"causal must be False, True or one of {CAUSAL_ALIGNMENTS}, got {causal!r}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not isinstance(dropout_p, (int, float, torch.SymFloat)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if not isinstance(softcap, (int, float)) or not (softcap >= 0.0 and math.isfinite(softcap)):
+    if not isinstance(softcap, (int, float, torch.SymFloat)) or not 0.0 <= softcap < math.inf:
         raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -172,13 +173,14 @@ def flash_attention_op(
 ) -> tuple[Tensor, Tensor]:
     """Fused attention; returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32, natural log)."""
     validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl)
+    seed_int = _seed_int(seed, dropout_p)
     if _is_empty(q, k):
         out = q.new_zeros(q.shape[:3] + (v.shape[3],))
         return out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
     backend = _backend(impl, q.device)
     return backend.forward(
         q, k, v, _bias_4d(bias), scale=float(scale), causal=causal, dropout_p=float(dropout_p),
-        softcap=float(softcap), seed=_seed_int(seed, dropout_p),
+        softcap=float(softcap), seed=seed_int,
     )
 
 
@@ -295,14 +297,12 @@ def flash_attention(
     """
     if scale is None and isinstance(q, Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if isinstance(scale, (torch.SymInt, torch.SymFloat, Tensor)) and not isinstance(scale, Tensor):
-        scale = float(scale)  # a symbolic head dim specialises here (a guard, not a graph break)
     causal = _causal_str(causal)
     validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = torch.ops.attnfuse.flash_attention(
-        q, k, v, bias, float(scale), causal, float(dropout_p), float(softcap), seed, impl
+        q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl
     )
     return out
