@@ -1,0 +1,159 @@
+"""CPU benchmark: impl="torch" forward vs eager matmul-softmax-matmul.
+
+Cases: B=1, H=8, D=64, float32, L in {1024, 2048, 4096}, causal and not. Three
+implementations per case:
+
+- ``eager``:   ``softmax((q @ k^T) * scale [masked_fill causal]) @ v`` as models write it
+               (the causal bool mask is built beforehand, like a model's buffer);
+- ``torch``:   ``attnfuse.kernels.torch_impl.forward`` as the op calls it (fused
+               PyTorch SDPA where exact; these cases all take that path);
+- ``blocked``: the same with the fused path switched off (``USE_FUSED_SDPA = False``):
+               the blocked loop that runs for softcap, dropout, bottom-right causal, ...
+
+Each (case, implementation) runs in a fresh subprocess. Peak memory is the peak
+resident set during ONE forward call above the resident set just before it (Linux:
+``/proc/self/clear_refs`` resets VmHWM; the inputs already exist), so it counts every
+allocation of the call, PyTorch's own kernels included. Time is the median over
+``--reps`` calls after one warm-up call. Ratios are eager / torch (higher = torch
+better). Nothing asserts on these numbers.
+
+    python benchmarks/op_cpu.py [--reps 5] [--lengths 1024 2048 4096] [--entry op]
+                                [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+B, H, D = 1, 8, 64
+IMPLS = ("eager", "torch", "blocked")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _child(impl: str, length: int, causal: bool, reps: int, entry: str, threads: int) -> dict:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
+    scale = D ** -0.5
+    path = impl
+    if impl == "eager":
+        keep = torch.ones(length, length, dtype=torch.bool).tril() if causal else None
+
+        def fn():
+            s = (q @ k.transpose(-1, -2)) * scale
+            if keep is not None:
+                s = s.masked_fill(~keep, float("-inf"))
+            return torch.softmax(s, dim=-1) @ v
+    else:
+        from attnfuse.kernels import torch_impl as T
+
+        if impl == "blocked":
+            T.USE_FUSED_SDPA = False
+        mode = "top_left" if causal else "none"
+        if entry == "op" and impl == "torch":
+            import attnfuse
+
+            def fn():
+                return attnfuse.flash_attention(q, k, v, causal=mode, impl="torch")
+        else:
+            def fn():
+                return T.forward(q, k, v, None, scale=scale, causal=mode, dropout_p=0.0,
+                                 softcap=0.0, seed=0)[0]
+        path = "fused" if T.uses_fused_sdpa(q, k, v, None, causal=mode, dropout_p=0.0,
+                                            softcap=0.0) else "blocked"
+    # peak memory of one (first) call
+    base = _status_kib("VmRSS")
+    ok = _reset_peak()
+    out = fn()
+    peak = _status_kib("VmHWM") - base if ok else float("nan")
+    del out
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"impl": impl, "L": length, "causal": causal, "path": path,
+            "ms": 1e3 * statistics.median(times), "peak_mib": peak / 1024,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _run_case(impl, length, causal, reps, entry, threads) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, str(length), str(int(causal)),
+           "--reps", str(reps), "--entry", entry, "--threads", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--entry", choices=["direct", "op"], default="direct",
+                    help="call torch_impl.forward directly or attnfuse.flash_attention")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads in each case (0: torch's default)")
+    ap.add_argument("--child", nargs=3, metavar=("IMPL", "L", "CAUSAL"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        impl, length, causal = args.child
+        print(json.dumps(_child(impl, int(length), bool(int(causal)), args.reps, args.entry,
+                                args.threads)))
+        return
+
+    rows = []
+    info = None
+    for length in args.lengths:
+        for causal in (False, True):
+            r = {impl: _run_case(impl, length, causal, args.reps, args.entry, args.threads)
+                 for impl in IMPLS}
+            info = r["eager"]
+            rows.append((length, causal, r))
+            print(f"  done L={length} causal={causal}", file=sys.stderr, flush=True)
+
+    print(f"CPU forward, B={B} H={H} D={D} float32, torch {info['torch']}, "
+          f"{info['threads']} threads, median of {args.reps}; peak = RSS high-water "
+          f"mark of one call above the RSS before it; entry={args.entry}")
+    hdr = ("|    L | causal | eager ms | torch ms (path) | blocked ms | time eager/torch "
+           "| time eager/blocked | eager MiB | torch MiB | blocked MiB | mem eager/torch "
+           "| mem eager/blocked |")
+    print(hdr)
+    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    for length, causal, r in rows:
+        e, t, b = r["eager"], r["torch"], r["blocked"]
+
+        def ratio(x, y):
+            return f"{x / y:.1f}x" if y > 0 else "inf"
+
+        print(f"| {length:4d} | {str(causal):6s} | {e['ms']:8.1f} | "
+              f"{t['ms']:7.1f} ({t['path']}) | {b['ms']:10.1f} | {ratio(e['ms'], t['ms']):>16s} | "
+              f"{ratio(e['ms'], b['ms']):>18s} | {e['peak_mib']:9.1f} | {t['peak_mib']:9.1f} | "
+              f"{b['peak_mib']:11.1f} | {ratio(e['peak_mib'], t['peak_mib']):>15s} | "
+              f"{ratio(e['peak_mib'], b['peak_mib']):>17s} |")
+
+
+if __name__ == "__main__":
+    main()
