@@ -1,0 +1,348 @@
+"""Launch and tuning code for the Triton attention kernels; the public entry points
+:func:`forward` and :func:`backward` called by the ``attnfuse::flash_attention`` op.
+
+On CUDA tensors the kernels run through ``triton.autotune`` with a config list per
+(padded head dim, dtype) sized for sm_80 and sm_90 (checked offline, without a GPU, by
+``benchmarks/kernel_resources.py``: no register spills, shared memory within the
+A100/H100 per-block limits).  On CPU tensors they run in Triton's interpreter, which
+needs ``TRITON_INTERPRET=1`` in the environment BEFORE this module (and the kernel
+modules) are imported; there one fixed small config is used, because a multi-config
+autotune fails in the interpreter ("0 active drivers").
+
+Edge rows: a row whose logits are all ``-inf`` gives ``out = 0``, ``lse = -inf`` and
+zero gradients (eager gives NaN); a row whose logits are all large finite negatives
+(``finfo.min`` bias) gives the uniform average, as eager softmax does.  See
+``triton_fwd`` for details.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+
+from .triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .triton_fwd import _attn_fwd
+
+__all__ = [
+    "forward", "backward", "fwd_configs", "bwd_dkdv_configs", "bwd_dq_configs",
+    "bwd_preprocess_configs", "KERNEL_CONFIGS", "INTERPRETER_CONFIG", "padded_head_dim",
+]
+
+LOG2E = 1.4426950408889634
+_CAUSAL = {"none": 0, "top_left": 1, "bottom_right": 1}
+
+# One fixed small config for the interpreter (several blocks even at L ~ 40, so block
+# boundaries and causal block skipping are exercised by the CPU tests).
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dims are padded (masked loads) to the next power of two >= 16."""
+    return max(16, triton.next_power_of_2(int(d)))
+
+
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
+                         num_warps=warps, num_stages=stages)
+
+
+def _is_fp32(dtype) -> bool:
+    return dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# Config lists: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, padded head dim
+# class (<= 64, 128, 256; the max of D and Dv), element width (16: fp16/bf16, 32: fp32)
+# and variant: "plain" (no bias, no dropout) or "heavy" (a bias tile and/or the Philox
+# dropout stream per tile: many more live registers, so smaller tiles).  Every entry
+# compiles for sm_80 and sm_90 with no register spills and shared memory within the
+# A100/H100 per-block limits, checked offline by benchmarks/kernel_resources.py with the
+# most expensive constexprs of its variant (causal + softcap [+ bias + dropout + dS]).
+# The preprocess kernel has one list (its rare recompute path always includes the bias).
+# --------------------------------------------------------------------------------------
+
+_CONFIG_TABLE = {
+    "attn_fwd": {
+        (64, 16, False): [(128, 64, 4, 3), (128, 64, 8, 3)],
+        (64, 16, True): [(128, 32, 8, 2), (64, 32, 4, 3)],
+        (128, 16, False): [(128, 64, 8, 3), (128, 32, 8, 2)],
+        (128, 16, True): [(64, 16, 4, 2), (32, 16, 4, 1)],
+        (256, 16, False): [(32, 32, 4, 2), (32, 16, 4, 1)],
+        (256, 16, True): [(32, 16, 4, 2), (32, 16, 4, 1)],
+        (64, 32, False): [(128, 32, 8, 2), (64, 32, 4, 3)],
+        (64, 32, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
+        (128, 32, False): [(64, 32, 4, 2), (32, 32, 4, 2)],
+        (128, 32, True): [(32, 32, 4, 2), (32, 16, 4, 1)],
+        (256, 32, False): [(32, 16, 4, 1), (16, 16, 4, 1)],
+        (256, 32, True): [(32, 16, 4, 1), (16, 16, 4, 1)],
+    },
+    "attn_bwd_dkdv": {
+        (64, 16, False): [(32, 64, 4, 1), (32, 32, 4, 2)],
+        (64, 16, True): [(32, 32, 4, 2), (16, 16, 4, 1)],
+        (128, 16, False): [(32, 64, 8, 2), (16, 64, 4, 2)],
+        (128, 16, True): [(16, 64, 8, 2), (16, 32, 4, 2)],
+        (256, 16, False): [(32, 32, 8, 1)],
+        (256, 16, True): [(16, 32, 8, 1), (16, 16, 4, 1)],
+        (64, 32, False): [(16, 32, 4, 2), (16, 16, 4, 1)],
+        (64, 32, True): [(16, 32, 8, 1), (16, 16, 8, 1)],
+        (128, 32, False): [(16, 32, 4, 1), (16, 32, 8, 1)],
+        (128, 32, True): [(16, 32, 4, 1), (16, 32, 8, 1)],
+        (256, 32, False): [(16, 32, 8, 1)],
+        (256, 32, True): [(16, 16, 8, 1)],
+    },
+    "attn_bwd_dq": {
+        (64, 16, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
+        (64, 16, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
+        (128, 16, False): [(32, 16, 4, 1)],
+        (128, 16, True): [(32, 16, 4, 2), (16, 16, 4, 1)],
+        (256, 16, False): [(16, 16, 4, 1)],
+        (256, 16, True): [(16, 16, 8, 1)],
+        (64, 32, False): [(32, 16, 4, 1), (16, 16, 4, 1)],
+        (64, 32, True): [(16, 16, 4, 1)],
+        (128, 32, False): [(16, 16, 4, 1)],
+        (128, 32, True): [(16, 16, 4, 1), (16, 16, 8, 1)],
+        (256, 32, False): [(16, 16, 8, 1)],
+        (256, 32, True): [(16, 16, 8, 1)],
+    },
+    "attn_bwd_preprocess": {
+        (64, 16): [(64, 32, 4, 1), (32, 16, 4, 1)],
+        (128, 16): [(64, 32, 4, 1), (32, 16, 4, 1)],
+        (256, 16): [(32, 16, 4, 1), (16, 16, 4, 1)],
+        (64, 32): [(32, 16, 4, 1), (16, 16, 4, 1)],
+        (128, 32): [(32, 16, 4, 1), (16, 16, 4, 1)],
+        (256, 32): [(16, 16, 4, 1), (16, 16, 8, 1)],
+    },
+}
+
+
+def _head_dim_class(head_dim: int) -> int:
+    hd = padded_head_dim(head_dim)
+    return 64 if hd <= 64 else hd
+
+
+def _configs(kernel: str, head_dim: int, dtype, heavy: bool) -> list:
+    key = (_head_dim_class(head_dim), 32 if _is_fp32(dtype) else 16)
+    if kernel != "attn_bwd_preprocess":
+        key = key + (bool(heavy),)
+    return [_cfg(*c) for c in _CONFIG_TABLE[kernel][key]]
+
+
+def fwd_configs(head_dim: int, dtype, heavy: bool = False) -> list:
+    """Autotune configs of the forward kernel for (head dim, dtype, bias/dropout)."""
+    return _configs("attn_fwd", head_dim, dtype, heavy)
+
+
+def bwd_dkdv_configs(head_dim: int, dtype, heavy: bool = False) -> list:
+    return _configs("attn_bwd_dkdv", head_dim, dtype, heavy)
+
+
+def bwd_dq_configs(head_dim: int, dtype, heavy: bool = False) -> list:
+    return _configs("attn_bwd_dq", head_dim, dtype, heavy)
+
+
+def bwd_preprocess_configs(head_dim: int, dtype, heavy: bool = False) -> list:
+    return _configs("attn_bwd_preprocess", head_dim, dtype, heavy)
+
+
+# kernel name -> (jit function, config-list function), for the benchmarks
+KERNEL_CONFIGS = {
+    "attn_fwd": (_attn_fwd, fwd_configs),
+    "attn_bwd_preprocess": (_attn_bwd_preprocess, bwd_preprocess_configs),
+    "attn_bwd_dkdv": (_attn_bwd_dkdv, bwd_dkdv_configs),
+    "attn_bwd_dq": (_attn_bwd_dq, bwd_dq_configs),
+}
+
+_TUNE_KEY = ["M", "N", "HEAD_D", "HEAD_DV", "CAUSAL", "BIAS_KIND", "SOFTCAP", "DROPOUT"]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(name: str, head_dim: int, dtype, heavy: bool):
+    fn, configs = KERNEL_CONFIGS[name]
+    key = [k for k in _TUNE_KEY if k in fn.arg_names]
+    return triton.autotune(configs=configs(head_dim, dtype, heavy), key=key)(fn)
+
+
+def _interpreted() -> bool:
+    # triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 at import time
+    return type(_attn_fwd).__name__ == "InterpretedFunction"
+
+
+def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool):
+    """(kernel, fixed meta) for this device: autotuned on CUDA, fixed config on CPU."""
+    if device.type == "cuda" and not _interpreted():
+        return _tuned(name, padded_head_dim(head_dim), dtype, bool(heavy)), {}
+    if device.type == "cpu" and _interpreted():
+        return KERNEL_CONFIGS[name][0], dict(INTERPRETER_CONFIG)
+    if device.type == "cpu":
+        raise RuntimeError(
+            "attnfuse Triton kernels got CPU tensors but TRITON_INTERPRET=1 was not set "
+            "before attnfuse.kernels was imported. Use CUDA tensors, or set "
+            "TRITON_INTERPRET=1 in the environment before importing (interpreter, slow).")
+    raise RuntimeError(f"attnfuse Triton kernels: unsupported device {device} "
+                       f"(interpreter mode: {_interpreted()})")
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _bias_args(bias, q):
+    """(tensor, 4 strides, BIAS_KIND) with stride 0 along every size-1 (broadcast) dim."""
+    if bias is None:
+        return q, (0, 0, 0, 0), 0
+    if bias.dim() != 4:
+        raise ValueError(f"bias must be 4-D, got shape {tuple(bias.shape)}")
+    strides = tuple(0 if bias.size(i) == 1 else bias.stride(i) for i in range(4))
+    if bias.dtype == torch.bool:
+        return bias.view(torch.uint8), strides, 2   # same bytes; loads as 0/1
+    return bias, strides, 1
+
+
+def _dot_precision(dtype, head_dim: int) -> str:
+    """fp32 inputs, head dim <= 64: "tf32x3" (three TF32 tensor-core passes, about fp32
+    accurate).  fp32 with larger head dims: "tf32x3" (and "ieee") spill registers even at
+    16x16 tiles, so plain "tf32" is used (~1e-3 relative error in q·kᵀ on GPU).
+    fp16/bf16: the value is ignored."""
+    if dtype == torch.float32 and _head_dim_class(head_dim) <= 64:
+        return "tf32x3"
+    return "tf32"
+
+
+def _common(q, k, v, scale, causal, softcap):
+    if causal not in _CAUSAL:
+        raise ValueError(f"causal must be one of {sorted(_CAUSAL)}, got {causal!r}")
+    M, N = q.shape[2], k.shape[2]
+    if softcap and softcap > 0:
+        qk_scale, cap_scale, soft = scale / softcap, softcap * LOG2E, True
+    else:
+        qk_scale, cap_scale, soft = scale * LOG2E, 1.0, False
+    shift = (N - M) if causal == "bottom_right" else 0
+    interp_bf16 = _interpreted() and q.dtype == torch.bfloat16
+    return dict(
+        qk_scale=float(qk_scale), cap_scale=float(cap_scale), causal_shift=int(shift),
+        CAUSAL=_CAUSAL[causal], SOFTCAP=soft,
+        DOT_FP32=interp_bf16,
+        DOT_PREC=_dot_precision(q.dtype, max(q.shape[-1], v.shape[-1])),
+    )
+
+
+def _seed(seed: int) -> int:
+    return int(seed) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
+            softcap: float, seed: int):
+    """Fused attention forward.
+
+    q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; bias None or
+    4-D broadcastable to (B, Hq, Lq, Lk) (float: added; bool: True = keep).
+    Returns ``(out, lse)``: out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse
+    (B, Hq, Lq) float32, the natural log-sum-exp of the final logits of each row.
+    Rows whose logits are all -inf give out = 0 and lse = -inf.  Logits below
+    -2.35e38 (e.g. a finfo.min bias) are clamped there (the kernel works in
+    log2 units, where finfo.min·log2(e) would overflow to -inf), so such a row's lse is
+    ≈ -2.35e38 rather than ≈ finfo.min; its output is exact (the uniform average, as
+    eager), and :func:`backward` recomputes its statistics exactly.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
+    if B * Hq * M == 0:
+        return out, lse
+    if N == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    b_t, b_s, bias_kind = _bias_args(bias, q)
+    c = _common(q, k, v, scale, causal, softcap)
+    dropout = dropout_p > 0.0
+    kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype, bias_kind or dropout)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
+    kern[grid](
+        q, k, v, b_t, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *_strides(out),
+        Hq, Hq // Hkv, M, N, D, Dv,
+        c["qk_scale"], c["cap_scale"], c["causal_shift"], float(dropout_p), _seed(seed),
+        HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
+        CAUSAL=c["CAUSAL"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"], DROPOUT=dropout,
+        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], **meta,
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
+             dropout_p: float, softcap: float, seed: int, need_dbias: bool):
+    """Fused attention backward: ``(dq, dk, dv, dbias or None)``.
+
+    dq/dk/dv have the shapes and dtypes of q/k/v.  dbias (only when ``need_dbias``) has
+    the 4-D shape of ``bias`` (summed over its size-1 dims) and its dtype.  The dropout
+    mask is regenerated from ``seed`` exactly as in :func:`forward`.  Rows that were
+    fully masked (lse = -inf) contribute zero gradients.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    want_ds = bool(need_dbias and bias is not None and bias.dtype != torch.bool)
+    # dBias: the dQ kernel writes the full (B, Hq, Lq, Lk) fp32 dS (simplest correct
+    # scheme); the broadcast dims are summed here in torch.
+    ds = (torch.zeros((B, Hq, M, N), device=q.device, dtype=torch.float32)
+          if want_ds else None)
+    if B * Hq * M == 0 or N == 0:
+        return dq, dk, dv, (_reduce_dbias(ds, bias) if want_ds else None)
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    hd = max(D, Dv)
+    b_t, b_s, bias_kind = _bias_args(bias, q)
+    c = _common(q, k, v, scale, causal, softcap)
+    dropout = dropout_p > 0.0
+    heavy = bool(bias_kind or dropout)
+    consts = dict(HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
+                  CAUSAL=c["CAUSAL"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"],
+                  DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"])
+    seed = _seed(seed)
+
+    delta = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
+    mrow = torch.empty_like(delta)
+    lrow = torch.empty_like(delta)
+    kern, meta = _launcher("attn_bwd_preprocess", q.device, hd, q.dtype, heavy)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
+    kern[grid](
+        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t,
+        *_strides(out), *_strides(dout), *_strides(q), *_strides(k), *b_s,
+        Hq, Hq // Hkv, M, N, D, Dv,
+        c["qk_scale"], c["cap_scale"], c["causal_shift"], **consts, **meta,
+    )
+
+    kern, meta = _launcher("attn_bwd_dkdv", q.device, hd, q.dtype, heavy)
+    grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * Hkv)
+    kern[grid](
+        q, k, v, b_t, dout, dk, dv, mrow, lrow, delta,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *_strides(dout),
+        *_strides(dk), *_strides(dv),
+        Hq, Hkv, Hq // Hkv, M, N, D, Dv,
+        float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"],
+        float(dropout_p), seed, DROPOUT=dropout, **consts, **meta,
+    )
+
+    kern, meta = _launcher("attn_bwd_dq", q.device, hd, q.dtype, heavy)
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
+    kern[grid](
+        q, k, v, b_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *_strides(dout), *_strides(dq),
+        Hq, Hq // Hkv, M, N, D, Dv,
+        float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"],
+        float(dropout_p), seed, DROPOUT=dropout, NEED_DS=want_ds, **consts, **meta,
+    )
+    dbias = _reduce_dbias(ds, bias) if want_ds else None
+    return dq, dk, dv, dbias
+
+
+def _reduce_dbias(ds, bias):
+    dims = [i for i in range(4) if bias.size(i) == 1 and ds.size(i) != 1]
+    if dims:
+        ds = ds.sum(dim=dims, keepdim=True)
+    return ds.reshape(bias.shape).to(bias.dtype)
