@@ -1,0 +1,90 @@
+"""The standalone rewrite API: ``attnfuse.rewrite(gm_or_module, example_inputs=None, *, strict=False)``.
+
+Accepts:
+
+- a ``torch.fx.GraphModule`` from ``torch.fx.symbolic_trace`` (shapes are propagated
+  with ``ShapeProp`` from ``example_inputs`` when the graph has no shape metadata),
+  from ``make_fx`` (any tracing mode, including ``"symbolic"``), or a dynamo graph;
+- a ``torch.export.ExportedProgram``: its ``.module()`` is rewritten and that
+  **GraphModule** is returned in ``result.graph_module`` (call it like the original
+  program's module; re-export it with ``torch.export.export`` if a program is needed);
+- a plain ``nn.Module`` with ``example_inputs``: it is traced with ``make_fx``
+  (aten graph, parameters as attributes) and the traced GraphModule is rewritten.
+
+GraphModules are rewritten in place and also returned. An internal error never
+escapes: the graph comes back unchanged with a warning (``strict=True`` raises).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx
+
+from attnfuse.passes import axes as A
+from attnfuse.passes.report import Report
+from attnfuse.passes.rewrite import rewrite_graph
+
+
+@dataclass
+class RewriteResult:
+    graph_module: fx.GraphModule
+    report: Report
+
+    @property
+    def fused(self) -> int:
+        return len(self.report.fusions)
+
+
+def _needs_shapes(gm: fx.GraphModule) -> bool:
+    return any(n.op in ("call_function", "call_method", "call_module") and A.meta_val(n) is None
+               for n in gm.graph.nodes)
+
+
+def _to_graph_module(obj: Any, example_inputs: Optional[Sequence]) -> fx.GraphModule:
+    if isinstance(obj, torch.export.ExportedProgram):
+        return obj.module()
+    if isinstance(obj, fx.GraphModule):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        if example_inputs is None:
+            raise ValueError("attnfuse.rewrite: a plain nn.Module needs example_inputs to be traced")
+        from torch.fx.experimental.proxy_tensor import make_fx
+        return make_fx(obj)(*example_inputs)
+    raise TypeError(f"attnfuse.rewrite: expected a GraphModule, ExportedProgram or nn.Module, "
+                    f"got {type(obj).__name__}")
+
+
+def _copy_graph(g: fx.Graph) -> fx.Graph:
+    new = fx.Graph(owning_module=g.owning_module, tracer_cls=g._tracer_cls)
+    new._codegen = g._codegen
+    out = new.graph_copy(g, {})
+    new.output(out)
+    return new
+
+
+def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, strict: bool = False) -> RewriteResult:
+    """Fuse every provable hand-written attention in the graph; see the module doc."""
+    gm = _to_graph_module(gm_or_module, example_inputs)
+    if example_inputs is not None and _needs_shapes(gm):
+        from torch.fx.passes.shape_prop import ShapeProp
+        try:
+            ShapeProp(gm).propagate(*example_inputs)
+        except Exception as e:  # noqa: BLE001
+            if strict:
+                raise
+            warnings.warn(f"attnfuse.rewrite: shape propagation failed ({e!r}); graph left unchanged")
+            return RewriteResult(gm, Report(errors=[f"shape propagation: {e!r}"]))
+    backup_graph = _copy_graph(gm.graph)
+    try:
+        report = rewrite_graph(gm)
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        warnings.warn(f"attnfuse.rewrite: internal error ({type(e).__name__}: {e}); graph left unchanged")
+        gm.graph = backup_graph
+        gm.recompile()
+        return RewriteResult(gm, Report(errors=[f"{type(e).__name__}: {e}"]))
+    return RewriteResult(gm, report)

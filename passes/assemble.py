@@ -1,0 +1,430 @@
+"""Turning a proven chain into an :class:`AttentionMatch`.
+
+Owns the second half of matching: given the Q·Kᵀ spec, the score items found on
+the way up and the P·V spec found on the way down, it checks the order of score
+changes (scale → softcap → bias/masks), checks P·V contracts the key axis, builds
+the q/k/v/bias views in op order (peeling layout ops and GQA repeats), recognises
+causal masks, and decides how the op's output is viewed back. Raises ``Miss``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import fx
+
+from attnfuse.passes import axes as A
+from attnfuse.passes import consts as C
+from attnfuse.passes.types import AttentionMatch, Miss, Term, View4, location_of
+from attnfuse.passes.views import build_view, peel, size_at
+
+MAX_HEAD_DIM = 256
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def view_tags(tags, xs, out, node):
+    """Tags after a view: batch tags may split into parts and parts merge back; q/k stay whole."""
+    groups = A.view_groups(xs, out)
+    if groups is None:
+        raise Miss("unsupported_op", f"{node.name}: a view of the scores that is not a split or merge", node)
+    new = [None] * len(out)
+    for gi, go in groups:
+        if len(gi) == 1 and len(go) == 1:
+            new[go[0]] = tags[gi[0]]
+        elif len(gi) == 1 and isinstance(tags[gi[0]], tuple) and tags[gi[0]][0] == "b":
+            for j, o in enumerate(go):
+                new[o] = ("split", tags[gi[0]], j, len(go))
+        elif len(go) == 1 and all(isinstance(tags[a], tuple) and tags[a][0] == "split" for a in gi) and \
+                len({tags[a][1] for a in gi}) == 1 and [tags[a][2] for a in gi] == list(range(tags[gi[0]][3])):
+            new[go[0]] = tags[gi[0]][1]
+        else:
+            raise Miss("unsupported_op", f"{node.name}: a view of the scores that mixes query/key axes", node)
+    for o, sz in enumerate(out):
+        if new[o] is None and not A.is_one(sz):
+            raise Miss("unsupported_op", f"{node.name}: a view of the scores the matcher cannot follow", node)
+    return new
+
+
+def tags_through_views(items, stags, tagmap):
+    """Tags of the scores at the softmax input; records each chain node's tags in ``tagmap``."""
+    tags = list(stags)
+    for node, kind, _ in items:
+        if kind == "view":
+            tags = view_tags(tags, A.shape(node.args[0]), A.shape(node), node)
+        if node is not None:
+            tagmap[node] = list(tags)
+    return tags
+
+
+def _view_stage(node, stage, stags0, spec):
+    tags = stage[0] if stage else list(stags0)
+    new = view_tags(tags, A.shape(node.args[0]), A.shape(node), node)
+    if new == list(stags0):
+        return None
+    return (new, A.shape(node))
+
+
+def _score_items(items, spec, stags0=None) -> Dict:
+    """Validate the order of score changes and fold them."""
+    seq = []
+    if spec.bias is not None:
+        seq.append((None, "scale", (spec.alpha,)))
+        if spec.beta != 0:
+            if not isinstance(spec.bias, fx.Node):
+                seq.append((None, "shift", ()))
+            else:
+                seq.append((None, "bias", (spec.bias, spec.beta)))
+    elif spec.alpha != 1.0:
+        seq.append((None, "scale", (spec.alpha,)))
+    seq += items
+    has_softcap = any(k == "softcap" for _, k, _ in seq)
+    stage = None  # (tags, shape) while the scores are viewed differently from Q·Kᵀ's output
+    phase, scale, softcap = 0, 1.0, 0.0
+    tscales, raw_terms, dscales = [], [], []
+    for node, kind, pl in seq:
+        where = node or spec.a
+        if kind == "cast":
+            continue
+        if kind == "view":
+            stage = _view_stage(node, stage, stags0, spec)
+            continue
+        if kind == "shift":
+            if has_softcap and phase == 0:
+                raise Miss("unsupported_op", f"{where.name}: constant added before the softcap", where)
+            continue
+        if kind == "scale":
+            (c,) = pl
+            if phase == 0:
+                scale *= c
+                continue
+            if phase == 2 and softcap == 0.0 and c > 0:
+                for t in raw_terms:
+                    if t[0] == "float":
+                        t[2] *= c
+                    elif t[0] == "fill":
+                        t[2] *= c
+                        if not C.absorbing_fill(t[2]):
+                            raise Miss("mask_fill_value", f"{where.name}: scaling a mask fill by {c}", where)
+                scale *= c
+                continue
+            raise Miss("unsupported_op", f"{where.name}: scale after the softcap", where)
+        if kind == "dscale":
+            if phase != 0:
+                raise Miss("unsupported_op", f"{where.name}: run-time scale after a bias, mask or softcap", where)
+            dscales.append((pl[0], pl[1]))
+            continue
+        if kind == "tscale":
+            if phase != 0:
+                raise Miss("unsupported_op", f"{where.name}: tensor scale after a bias, mask or softcap", where)
+            if stage is not None:
+                raise Miss("unsupported_op", f"{where.name}: tensor scale on reshaped scores", where)
+            tscales.append((where, pl[0], pl[1]))
+            continue
+        if kind == "softcap":
+            if phase != 0:
+                raise Miss("unsupported_op", f"{where.name}: softcap after a bias or mask", where)
+            phase, softcap = 1, pl[0]
+            continue
+        phase = 2
+        if kind == "bias":
+            raw_terms.append(["float", pl[0], float(pl[1]), False, where, stage])
+        elif kind == "keep":
+            raw_terms.append(["keep", pl[0], 0.0, pl[1], where, stage])  # masked where cond == pl[1]
+        elif kind == "fill":
+            raw_terms.append(["fill", pl[0], pl[2], pl[1], where, stage])
+    return {"scale": scale, "softcap": softcap, "tscales": tscales, "terms": raw_terms, "dscales": dscales}
+
+
+def _right_tags(n: fx.Node, stags: List, what: str) -> List:
+    s = A.shape(n)
+    if s is None:
+        raise Miss("unsupported_op", f"{what} {n.name} has no shape metadata", n)
+    r = len(stags)
+    if len(s) > r:
+        raise Miss("unsupported_op", f"{what} {n.name} has more axes than the scores", n)
+    return [None if A.is_one(x) else stags[r - len(s) + j] for j, x in enumerate(s)]
+
+
+def _pv_roles(pspec, p_node, ptags, kview_tags_fn):
+    if pspec.a is p_node and pspec.b is not p_node:
+        lp, lv, v_node = pspec.la, pspec.lb, pspec.b
+    elif pspec.b is p_node and pspec.a is not p_node:
+        lp, lv, v_node = pspec.lb, pspec.la, pspec.a
+    else:
+        raise Miss("pv_contraction", "the probabilities are not exactly one operand of P·V", p_node)
+    lo = pspec.lo
+    tag = dict(zip(lp, ptags))
+    if None in tag and tag[None] is not None or len(lp) != len(ptags):
+        raise Miss("pv_contraction", "a non-unit axis of the probabilities has no index in P·V", p_node)
+    kls = [c for c in lp if c is not None and tag[c] == "k"]
+    qls = [c for c in lp if c is not None and tag[c] == "q"]
+    if len(kls) != 1 or len(qls) != 1:
+        raise Miss("pv_contraction", "P·V does not index the query and key axes once each", p_node)
+    kl, ql = kls[0], qls[0]
+    lp_l, lv_l = [c for c in lp if c is not None], [c for c in lv if c is not None]
+    contracted = [c for c in lp_l if c in lv_l and c not in lo]
+    if contracted != [kl]:
+        raise Miss("pv_contraction", f"P·V contracts {contracted or 'nothing'} of the probabilities, "
+                                     f"not exactly the key axis", p_node)
+    if ql not in lo or ql in lv:
+        raise Miss("pv_contraction", "P·V does not keep the query axis", p_node)
+    for c in lp_l:
+        if c != kl and c not in lo:
+            raise Miss("pv_contraction", "P·V sums over a batch axis of the probabilities", p_node)
+    v_only = [c for c in lv_l if c not in lp_l]
+    if any(c not in lo for c in v_only) or len(v_only) != 1:
+        raise Miss("pv_contraction", "V must have exactly one feature axis besides the key and batch axes",
+                   v_node)
+    vtags = [None if c is None else ("k" if c == kl else tag[c]) if c in lp_l else "dv" for c in lv]
+    otags = [None if c is None else tag[c] if c in lp_l else "dv" for c in lo]
+    return v_node, vtags, otags
+
+
+def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags, pchain, dropout_p, ctx):
+    gm = ctx["gm"]
+    folded = _score_items(items, spec, stags)
+    r = len(stags)
+    batch = [t for t in stags if t not in ("q", "k")]
+    if len(batch) > 2:
+        raise Miss("unsupported_op", f"scores have {len(batch)} batch axes (at most 2: batch, head)", qk)
+    ob = [None] * (2 - len(batch)) + batch
+    feat = roles["feat"]
+    qtags = ["d" if c == feat else roles["tag"].get(c) for c in spec.la]
+    ktags = ["d" if c == feat else roles["tag"].get(c) for c in spec.lb]
+    v_node, vtags, otags = _pv_roles(pspec, p_node, ptags, None)
+    # V must pair with K the same way Q pairs with K (labels; sizes never decide)
+    kl_, vl_ = roles["labels"][1], A.labels(v_node, gm, ctx["memo"])
+    if kl_ is not None and vl_ is not None:
+        for j, t in enumerate(vtags):
+            if isinstance(t, tuple) and t in ktags and A.labels_conflict(kl_[ktags.index(t)], vl_[j]):
+                raise Miss("pv_contraction", f"P·V pairs V axis {j} with an axis that means something else "
+                                             f"(a permute that is not the transpose it resembles?)", v_node)
+    q = peel(build_view(spec.a, qtags, ob + ["q", "d"], "q"), gm, gqa=False)
+    k0 = build_view(spec.b, ktags, ob + ["k", "d"], "k")
+    v0 = build_view(v_node, vtags, ob + ["k", "dv"], "v")
+    k, v = peel(k0, gm, gqa=True), peel(v0, gm, gqa=True)
+    if not A.size_eq(size_at(k, 1), size_at(v, 1)) and not (A.is_one(size_at(k, 1)) or A.is_one(size_at(v, 1))):
+        k, v = peel(k0, gm, gqa=False), peel(v0, gm, gqa=False)
+    q, k, v = _expand(q, k, v, qk, stags, ob)
+    dts = {A.dtype(x.base) for x in (q, k, v)}
+    if len(dts) != 1 or dts.pop() not in FLOATS:
+        raise Miss("unsupported_op", "q, k and v do not share one float dtype (float32/float16/bfloat16)", qk)
+    for name, x in (("D", size_at(q, 3)), ("Dv", size_at(v, 3))):
+        si = A.static_int(x)
+        if si is not None and si > MAX_HEAD_DIM:
+            raise Miss("unsupported_op", f"head dim {name}={si} exceeds {MAX_HEAD_DIM}", qk)
+    # tensor scales fold into q; they must not vary along the key axis
+    q_factors = []
+    for where, f, how in folded["tscales"]:
+        tags = _right_tags(f, stags, "scale")
+        if "k" in tags:
+            raise Miss("key_varying_scale", f"{where.name}: scale {f.name} varies along the key axis", where)
+        q_factors.append((build_view(f, tags, ob + ["q", None], "scale"), how))
+    terms, causal = [], "none"
+    sshape = A.shape(qk)
+    lq, lk = A.static_int(sshape[stags.index("q")]), A.static_int(sshape[stags.index("k")])
+    rem_early = set(chain) | {qk}
+    for kind, n, coef, flag, where, stage in folded["terms"]:
+        pre = None
+        if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
+                and n.args[1] in rem_early and isinstance(n.args[0], fx.Node):
+            n = n.args[0]  # m.expand_as(scores): the term broadcasts anyway
+        if stage is None:
+            tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
+            view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
+        else:  # a term added while the scores were split (B·H -> B, H): broadcast and merge it
+            st_shape = [A.static_int(x) for x in stage[1]]
+            co_shape = [A.static_int(x) for x in sshape]
+            if None in st_shape or None in co_shape:
+                raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes", where)
+            pre = (tuple(st_shape), tuple(co_shape))
+            view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
+        if kind in ("keep", "fill") and causal == "none":
+            ck = _prove_causal(n, flag, pre, gm, sshape, stags, kind)
+            if ck is not None:
+                causal = ck
+                continue
+        if kind == "float":
+            terms.append(Term("float", view, coef, pre=pre))
+        elif kind == "keep":
+            terms.append(Term("keep", view, 0.0, invert=bool(flag), pre=pre))
+        else:
+            terms.append(Term("fill", view, coef, invert=not flag, pre=pre))
+    # output: op (B, H, Lq, Dv) -> P·V layout
+    op_out = ob + ["q", "dv"]
+    squeeze = tuple(i for i in (1, 0) if op_out[i] is None)
+    kept = [t for t in op_out if t is not None]
+    real = [t for t in otags if t is not None]
+    if sorted(map(str, kept)) != sorted(map(str, real)):
+        raise Miss("pv_contraction", "P·V output axes do not match (batch, head, query, feature)", pv)
+    perm = tuple(kept.index(t) for t in real)
+    unsq = tuple(i for i, t in enumerate(otags) if t is None)
+    removed = list(chain) + [qk, sm] + list(pchain) + [pv]
+    _no_mutation_between(removed, pv, ctx)
+    ctx["tags"][pv] = list(otags)
+    shape_fix = _shape_fixes(removed, ctx["tags"], (q, k, v), ob)
+    hq, hk = size_at(q, 1), size_at(k, 1)
+    gqa = ""
+    if not A.size_eq(hq, hk):
+        gqa = f"{k.gqa_from or 'broadcast'} Hq={hq} Hkv={hk}"
+    return AttentionMatch(
+        softmax=sm, qk=qk, pv=pv, q=q, k=k, v=v, scale=float(folded["scale"]), q_factors=q_factors,
+        terms=terms, causal=causal, softcap=float(folded["softcap"]), dropout_p=float(dropout_p),
+        removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
+        location=location_of(sm) or location_of(pv),
+        info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq})
+
+
+def _prove_causal(n, flag, pre, gm, sshape, stags, kind) -> Optional[str]:
+    """"top_left"/"bottom_right" if the keep-mask is that causal mask at every size tried.
+
+    Static shapes: evaluated once, exact. Symbolic shapes: evaluated at the traced sizes
+    and smaller ones; a mask built from sizes (arange comparisons, tril/triu, slices of a
+    tril buffer) is causal at all of them only when it is causal by construction."""
+    r = len(stags)
+    iq, ik = stags.index("q"), stags.index("k")
+    lq, lk = A.static_int(sshape[iq]), A.static_int(sshape[ik])
+    assignments = [None] if lq is not None and lk is not None else C.size_assignments([sshape[iq], sshape[ik]])
+    if not assignments or (pre is not None and assignments != [None]):
+        return None
+    kinds = []
+    for subs in assignments:
+        if subs is None:
+            vq, vk = lq, lk
+        else:
+            eq, ek = A.expr(sshape[iq]).subs(subs), A.expr(sshape[ik]).subs(subs)
+            if not (eq.is_Integer and ek.is_Integer):
+                return None
+            vq, vk = int(eq), int(ek)
+        val = C.const_eval(n, gm, subs)
+        if isinstance(val, torch.Tensor) and pre is not None:
+            val = val.expand(pre[0]).reshape(pre[1])
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
+            return None
+        ck = C.causal_kind(~val if flag else val, vq, vk, iq - r, ik - r)
+        # a finite fill keeps fully masked rows uniform: only exact when no row is fully masked
+        if ck is None or not (kind == "keep" or ck == "top_left" or vk >= vq):
+            return None
+        kinds.append((ck, vq == vk))
+    distinct = {ck for ck, square in kinds if not square}
+    if len(distinct) > 1:
+        return None
+    return distinct.pop() if distinct else "top_left"
+
+
+def _is_mutation(n: fx.Node, gm) -> bool:
+    from attnfuse.passes import ops as O
+    op = O.classify(n, gm)
+    if op is not None and op.inplace:
+        return True
+    if n.op == "call_method" and str(n.target).endswith("_"):
+        return True
+    if n.op == "call_function":
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None and getattr(schema, "is_mutable", False):
+            return True
+        if str(getattr(n.target, "__name__", "")).endswith("_") and not str(n.target).startswith("<"):
+            return True
+    return False
+
+
+def _no_mutation_between(removed, pv, ctx):
+    """The op runs where P·V ran: nothing may mutate a tensor in between (q after Q·Kᵀ ...)."""
+    import bisect
+    order, gm = ctx["order"], ctx["gm"]
+    if "mutations" not in ctx["memo"]:  # positions of every mutating node, computed once per graph
+        ctx["memo"]["mutations"] = sorted((i, n) for n, i in order.items() if _is_mutation(n, gm))
+    muts = ctx["memo"]["mutations"]
+    rem = set(removed)
+    start = min(order[n] for n in removed)
+    j = bisect.bisect_right([i for i, _ in muts], start)
+    for i, n in muts[j:]:
+        if i >= order[pv]:
+            break
+        if n not in rem:
+            raise Miss("unsupported_op", f"{n.name} mutates a tensor between Q·Kᵀ and P·V", n)
+
+
+def _shape_fixes(removed, tagmap, views, ob):
+    """Size queries on removed nodes, redirected by axis meaning to q, k or v.
+
+    Returns ``(user, (node, axis) | 1, how)``: ``how`` is "args" (re-point a
+    ``sym_size``/``size(d)``) or "replace" (a ``shape[i]`` getitem becomes a size).
+    """
+    q, k, v = views
+    fixed = {"q": (q, 2), "k": (k, 2), "d": (q, 3), "dv": (v, 3)}
+
+    def source(t, n, d):
+        if t in fixed:
+            x, i = fixed[t]
+            return (x.base, x.axes[i]) if x.axes[i] is not None else 1
+        if t in ob:
+            i = ob.index(t)
+            for x in views:
+                if x.axes[i] is not None and not A.is_one(A.shape(x.base)[x.axes[i]]):
+                    return x.base, x.axes[i]
+        if A.is_one(A.shape(n)[d]):
+            return 1
+        raise Miss("unsupported_op", f"no input carries the size of axis {d} of {n.name}", n)
+
+    fixes = []
+    rem = set(removed)
+    for n in removed:
+        for u in n.users:
+            if u in rem:
+                continue
+            if A.reads_only_dtype(u, n):
+                raise Miss("scores_other_users", f"{u.name} reads the dtype of {n.name}", u)
+            if A.is_expand_as_of(u, n):
+                if all(w in rem for w in u.users):
+                    continue  # a mask broadcast to the scores' shape; the fused op reads the mask itself
+                raise Miss("scores_other_users", f"{u.name} reads the shape of {n.name}", u)
+            if A.is_like_read(u):
+                raise Miss("probs_other_users", f"{u.name} reads {n.name}", u)
+            if A.is_dtype_read(u):
+                if A.dtype(n) != A.dtype(q.base):
+                    raise Miss("scores_other_users", f"{u.name} reads the dtype of {n.name}", u)
+                fixes.append((u, (q.base, "dtype"), "args"))
+                continue
+            d = A.shape_query(u)
+            queries = [(u, d, "args")] if d is not None else \
+                [(g, g.args[1], "replace") for g in u.users] if A.is_shape_tuple(u) else []
+            for user, dim, how in queries:
+                tags = tagmap.get(n)
+                if tags is None:
+                    raise Miss("unsupported_op", f"{user.name} reads a size of {n.name}", user)
+                dim = A.norm_dim(dim, len(tags))
+                fixes.append((user, source(tags[dim], n, dim), how))
+    return fixes
+
+
+def _expand(q: View4, k: View4, v: View4, qk, stags, ob):
+    """Give q, k, v one batch size and k/v one head count via stride-0 expands."""
+    sshape = A.shape(qk)
+    refs = {}
+    for i in (0, 1):
+        target = 1 if ob[i] is None else sshape[stags.index(ob[i])]
+        if A.is_one(target):
+            continue
+        for x in (q, k, v):
+            if x.axes[i] is not None and A.size_eq(size_at(x, i), target):
+                refs[i] = (x.base, x.axes[i])
+                break
+        if A.is_one(size_at(q, i)) and i not in refs:
+            raise Miss("unsupported_op", "no input carries the broadcast batch/head size", qk)
+
+    def ex(x: View4, idx) -> View4:
+        e = list(x.expand)
+        for i in idx:
+            if i in refs and A.is_one(size_at(x, i)):
+                e[i] = refs[i]
+        return View4(x.base, x.axes, tuple(e), x.gqa_from)
+
+    q = ex(q, (0, 1))
+    k, v = ex(k, (0,)), ex(v, (0,))
+    hk, hv = size_at(k, 1), size_at(v, 1)
+    if A.is_one(hk) and not A.is_one(hv):
+        k = View4(k.base, k.axes, k.expand[:1] + ((v.base, v.axes[1]),) + k.expand[2:], k.gqa_from)
+    elif A.is_one(hv) and not A.is_one(hk):
+        v = View4(v.base, v.axes, v.expand[:1] + ((k.base, k.axes[1]),) + v.expand[2:], v.gqa_from)
+    return q, k, v

@@ -1,0 +1,135 @@
+"""Emitting nodes in the graph's own dialect (torch-level or aten).
+
+Owns :class:`Emitter`: the handful of node constructors the rewriter needs (view
+ops, elementwise helpers for the bias, the seed, the fused op call), each spelled
+for a torch-level graph (dynamo, symbolic_trace) or an aten graph (make_fx, export).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx
+
+from attnfuse.passes import axes as A
+from attnfuse.passes.types import View4
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+def is_aten_graph(graph: fx.Graph) -> bool:
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and
+               n.target.namespace in ("aten", "prims") for n in graph.nodes)
+
+
+class Emitter:
+    """Creates nodes at the graph's current insertion point."""
+
+    def __init__(self, graph: fx.Graph, aten_dialect: bool):
+        self.g, self.aten = graph, aten_dialect
+
+    def _f(self, target, args, kwargs=None):
+        return self.g.call_function(target, tuple(args), kwargs or {})
+
+    def _m(self, name, args, kwargs=None):
+        return self.g.call_method(name, tuple(args), kwargs or {})
+
+    # -- views ---------------------------------------------------------------
+    def permute(self, x, dims):
+        return self._f(aten.permute.default, (x, list(dims))) if self.aten else self._m("permute", (x, *dims))
+
+    def squeeze(self, x, d):
+        return self._f(aten.squeeze.dim, (x, d)) if self.aten else self._m("squeeze", (x, d))
+
+    def unsqueeze(self, x, d):
+        return self._f(aten.unsqueeze.default, (x, d)) if self.aten else self._m("unsqueeze", (x, d))
+
+    def size(self, x, d, symbolic: bool = False):
+        # a static size is baked in only where the graph is specialised to it (dynamo,
+        # make_fx, export); ShapeProp metadata of a symbolic_trace graph is one example
+        v = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, fx.Node) else None
+        s = tuple(v.shape) if isinstance(v, torch.Tensor) else None
+        if s is not None and not symbolic:
+            st = A.static_int(s[d])
+            if st is not None:
+                return st
+        return self._f(aten.sym_size.int, (x, d)) if self.aten else self._m("size", (x, d))
+
+    def expand(self, x, sizes):
+        return self._f(aten.expand.default, (x, list(sizes))) if self.aten else self._m("expand", (x, *sizes))
+
+    def reshape(self, x, sizes):
+        return self._f(aten.reshape.default, (x, list(sizes))) if self.aten else self._m("reshape", (x, *sizes))
+
+    def contiguous(self, x):
+        if self.aten:
+            return self._f(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+        return self._m("contiguous", (x,))
+
+    def cast(self, x, dtype):
+        return self._f(prims.convert_element_type.default, (x, dtype)) if self.aten else self._m("to", (x, dtype))
+
+    # -- elementwise ------------------------------------------------------------
+    def mul(self, a, b):
+        return self._f(aten.mul.Tensor, (a, b)) if self.aten else self._f(operator.mul, (a, b))
+
+    def div(self, a, b):
+        return self._f(aten.div.Tensor, (a, b)) if self.aten else self._f(operator.truediv, (a, b))
+
+    def add(self, a, b):
+        return self._f(aten.add.Tensor, (a, b)) if self.aten else self._f(operator.add, (a, b))
+
+    def logical_not(self, x):
+        return self._f(aten.logical_not.default, (x,)) if self.aten else self._f(torch.logical_not, (x,))
+
+    def logical_and(self, a, b):
+        return self._f(aten.logical_and.default, (a, b)) if self.aten else self._f(torch.logical_and, (a, b))
+
+    def where_neg_inf(self, keep, fb):
+        if self.aten:
+            return self._f(aten.where.ScalarOther, (keep, fb, float("-inf")))
+        return self._f(torch.where, (keep, fb, float("-inf")))
+
+    def scalar(self, fn, a, b):
+        """Python-number arithmetic (a run-time scale)."""
+        return self._f(fn, (a, b))
+
+    def seed(self):
+        if self.aten:
+            return self._f(aten.randint.low, (0, 2 ** 62, []), {"dtype": torch.int64,
+                                                                  "device": torch.device("cpu")})
+        return self._f(torch.randint, (0, 2 ** 62, ()), {"dtype": torch.int64})
+
+    def fused(self, q, k, v, bias, scale, causal, dropout_p, softcap, seed):
+        kw = {"bias": bias, "scale": scale, "causal": causal, "dropout_p": dropout_p,
+              "softcap": softcap, "seed": seed}
+        target = torch.ops.attnfuse.flash_attention
+        call = self._f(target.default if self.aten else target, (q, k, v), kw)
+        return self._f(operator.getitem, (call, 0)), call
+
+    # -- composite ------------------------------------------------------------------
+    def view4(self, v: View4, pre=None):
+        """Emit ``v`` as view ops: squeeze unnamed unit axes, permute, unsqueeze, expand.
+
+        ``pre = (shape, merged)``: first broadcast the base to ``shape`` and reshape it to
+        ``merged`` (a bias given on split batch axes)."""
+        x = v.base
+        if pre is not None:
+            x = self.reshape(self.expand(x, list(pre[0])), list(pre[1]))
+        r = len(pre[1]) if pre is not None else len(A.shape(x))
+        used = [a for a in v.axes if a is not None]
+        for d in sorted(set(range(r)) - set(used), reverse=True):
+            x = self.squeeze(x, d)
+        order = sorted(used)
+        perm = [order.index(a) for a in v.axes if a is not None]
+        if perm != list(range(len(perm))):
+            x = self.permute(x, perm)
+        for i, a in enumerate(v.axes):
+            if a is None:
+                x = self.unsqueeze(x, i)
+        if any(e is not None for e in v.expand):
+            sizes = [-1 if e is None else self.size(e[0], e[1]) for e in v.expand]
+            x = self.expand(x, sizes)
+        return x

@@ -1,0 +1,55 @@
+"""What a rewrite did: fusions and near misses, each with a source location.
+
+Owns :class:`Fusion`, :class:`Report` and a plain-text rendering. (Issue 4 extends
+the rendering; the fields here are the stable data.)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from attnfuse.passes.types import NearMiss
+
+
+@dataclass
+class Fusion:
+    location: Optional[str]
+    scale: str                 # "1.0", "0.125", "0.125 * tensor(s) folded into q"
+    causal: str                # "none" | "top_left" | "bottom_right"
+    bias: str                  # "none" or a description of the terms
+    gqa: str                   # "" or e.g. "expand+reshape Hq=8 Hkv=2"
+    dropout_p: float
+    softcap: float
+    nodes_removed: List[str]
+    node_inserted: str
+    softmax: str = ""
+
+
+@dataclass
+class Report:
+    fusions: List[Fusion] = field(default_factory=list)
+    near_misses: List[NearMiss] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+
+    def extend(self, other: "Report") -> None:
+        self.fusions += other.fusions
+        self.near_misses += other.near_misses
+        self.errors += other.errors
+
+    def to_text(self) -> str:
+        lines = [f"attnfuse: {len(self.fusions)} fused, {len(self.near_misses)} near miss(es)"]
+        for f in self.fusions:
+            extra = [f"scale={f.scale}", f"causal={f.causal}", f"bias={f.bias}"]
+            if f.gqa:
+                extra.append(f"gqa={f.gqa}")
+            if f.dropout_p:
+                extra.append(f"dropout_p={f.dropout_p}")
+            if f.softcap:
+                extra.append(f"softcap={f.softcap}")
+            lines.append(f"  FUSED {f.location or '<unknown>'}: {f.node_inserted} "
+                         f"({', '.join(extra)}) replaces {len(f.nodes_removed)} nodes")
+        for m in self.near_misses:
+            lines.append(f"  NEAR MISS [{m.kind}] {m.location or '<unknown>'} at {m.node}: {m.reason}")
+        for e in self.errors:
+            lines.append(f"  ERROR {e}")
+        return "\n".join(lines)

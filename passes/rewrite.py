@@ -1,0 +1,191 @@
+"""The rewriter: every proven match becomes one ``attnfuse::flash_attention`` call.
+
+Owns :func:`rewrite_graph`: find softmaxes, match each (:mod:`.match`), emit the
+fused call on strided views of q/k/v (no copies, no materialised repeats or bias
+broadcasts), view the output back to the P·V layout, erase the dead nodes, lint
+and recompile. Running it again on its output changes nothing (no softmax is left
+to anchor on). Cost is linear in the graph size (each match walks its own chain).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import List
+
+import torch
+from torch import fx  # noqa: F401
+
+from attnfuse.passes import axes as A
+from attnfuse.passes import ops as O
+from attnfuse.passes.emit import Emitter, is_aten_graph
+from attnfuse.passes.match import match_softmax
+from attnfuse.passes.report import Fusion, Report
+from attnfuse.passes.types import AttentionMatch, NearMiss, View4
+
+_PURE = (O.LAYOUT, O.CAST, O.SCALE, O.ADD, O.MASK, O.COMPARE, O.GETITEM, O.ELEMENTWISE, O.MATMUL,
+         O.SOFTMAX, O.LOG_SOFTMAX)
+
+
+def find_matches(gm: fx.GraphModule):
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    memo: dict = {}
+    matches: List[AttentionMatch] = []
+    misses: List[NearMiss] = []
+    claimed = set()
+    for n in list(graph.nodes):
+        op = O.classify(n, gm)
+        if op is None or op.kind not in (O.SOFTMAX, O.LOG_SOFTMAX):
+            continue
+        res = match_softmax(n, gm, order, memo)
+        if res is None:
+            continue
+        if isinstance(res, NearMiss):
+            misses.append(res)
+        elif any(r in claimed for r in res.removed):
+            misses.append(NearMiss("unsupported_op", "overlaps another attention", res.location, n.name))
+        else:
+            claimed.update(res.removed)
+            matches.append(res)
+    return matches, misses
+
+
+def _describe_bias(m: AttentionMatch) -> str:
+    if not m.terms:
+        return "none"
+    return " + ".join(f"{t.kind}:{t.view.base.name}" for t in m.terms)
+
+
+def _emit(m: AttentionMatch, em: Emitter):
+    q = em.view4(m.q)
+    for fv, how in m.q_factors:
+        f = em.view4(fv)
+        q2 = em.mul(q, f) if how == "mul" else em.div(q, f)
+        q = em.cast(q2, A.dtype(m.q.base)) if A.dtype(fv.base) != A.dtype(m.q.base) else q2
+    k, v = em.view4(m.k), em.view4(m.v)
+    floats, keeps = [], []
+    for t in m.terms:
+        x = em.view4(t.view, t.pre)
+        if t.kind == "float":
+            floats.append(x if t.coef == 1.0 else em.mul(x, t.coef))
+        elif t.kind == "keep":
+            keeps.append(em.logical_not(x) if t.invert else x)
+        else:  # fill: positions where (cond, possibly negated) is True get coef
+            c = em.logical_not(x) if t.invert else x
+            floats.append(em.mul(em.cast(c, torch.float32), t.coef))
+    bias = None
+    for f in floats:
+        bias = f if bias is None else em.add(bias, f)
+    keep = None
+    for kp in keeps:
+        keep = kp if keep is None else em.logical_and(keep, kp)
+    if keep is not None:
+        bias = keep if bias is None else em.where_neg_inf(keep, bias)
+    seed = em.seed() if m.dropout_p > 0 else None
+    scale = m.scale
+    for node, how in m.info.get("scale_nodes", ()):
+        scale = em.scalar(operator.mul if how == "mul" else operator.truediv, scale, node)
+    out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed)
+    for d in m.out_squeeze:
+        out = em.squeeze(out, d)
+    if list(m.out_perm) != list(range(len(m.out_perm))):
+        out = em.contiguous(em.permute(out, m.out_perm))
+    for d in m.info.get("out_unsqueeze", ()):
+        out = em.unsqueeze(out, d)
+    if m.out_dtype is not None and A.dtype(m.q.base) != m.out_dtype:
+        out = em.cast(out, m.out_dtype)
+    return out, call
+
+
+def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
+    """Point a later match at the outputs of earlier rewrites (attention fed by attention)."""
+    def n(x):
+        return rep.get(x, x) if isinstance(x, fx.Node) else x
+
+    def v(view: View4) -> View4:
+        return dataclasses.replace(view, base=n(view.base), expand=tuple(
+            None if e is None else (n(e[0]), e[1]) for e in view.expand))
+
+    info = dict(m.info)
+    info["scale_nodes"] = [(n(x), how) for x, how in info.get("scale_nodes", ())]
+    info["shape_fix"] = [(u, src if src == 1 or not isinstance(src, tuple) else (n(src[0]), src[1]), how)
+                         for u, src, how in info.get("shape_fix", ())]
+    return dataclasses.replace(
+        m, q=v(m.q), k=v(m.k), v=v(m.v), q_factors=[(v(f), how) for f, how in m.q_factors],
+        terms=[dataclasses.replace(t, view=v(t.view)) for t in m.terms], info=info)
+
+
+def _replace_with_const(u: fx.Node, value) -> None:
+    for user in list(u.users):
+        user.args = tuple(value if a is u else a for a in user.args)
+        user.kwargs = {k: (value if a is u else a) for k, a in user.kwargs.items()}
+
+
+def _erase(gm: fx.GraphModule, removed: List[fx.Node]) -> None:
+    graph = gm.graph
+    todo = list(removed)
+    seen = set()
+    while todo:
+        progress = False
+        for n in list(todo):
+            if n.users:
+                continue
+            todo.remove(n)
+            inputs = [a for a in n.all_input_nodes]
+            graph.erase_node(n)
+            seen.add(n)
+            progress = True
+            for a in inputs:
+                if a in seen or a.users or a in todo:
+                    continue
+                op = O.classify(a, gm)
+                if (op is not None and op.kind in _PURE and not op.inplace) or \
+                        A.shape_query(a) is not None or (a.op == "call_method" and a.target == "size"):
+                    todo.append(a)
+        if not progress:
+            break
+
+
+def rewrite_graph(gm: fx.GraphModule) -> Report:
+    """Rewrite ``gm`` in place; returns what was fused and what was not (and why)."""
+    matches, misses = find_matches(gm)
+    report = Report(near_misses=misses)
+    if not matches:
+        return report
+    em = Emitter(gm.graph, is_aten_graph(gm.graph))
+    replaced: dict = {}  # P·V node of an earlier match -> the node now standing for it
+    for m in matches:
+        if replaced:
+            m = _remap(m, replaced)
+        with gm.graph.inserting_before(m.pv):
+            out, call = _emit(m, em)
+        for key in ("val", "example_value", "tensor_meta"):  # same shape and dtype as P·V
+            if key in m.pv.meta and key not in out.meta:
+                out.meta[key] = m.pv.meta[key]
+        m.pv.replace_all_uses_with(out)
+        replaced[m.pv] = out
+        for u, src, how in m.info.get("shape_fix", ()):
+            if how == "args" and src != 1:
+                u.args = (src[0], src[1])
+            else:
+                with gm.graph.inserting_before(u):
+                    new = 1 if src == 1 else em.size(src[0], src[1], symbolic=True)
+                u.replace_all_uses_with(new) if isinstance(new, fx.Node) else _replace_with_const(u, new)
+                gm.graph.erase_node(u)
+        for n in m.removed:
+            for u in list(n.users):
+                if A.is_shape_tuple(u) and not u.users:
+                    gm.graph.erase_node(u)
+        names = [n.name for n in m.removed]
+        for n in m.removed:
+            for u in list(n.users):
+                if A.is_meta_assert(u) or A.is_dead_alias(u):
+                    gm.graph.erase_node(u)
+        _erase(gm, list(reversed(m.removed)))
+        scale = repr(m.scale) + (" * tensor(s) folded into q" if m.q_factors else "") + \
+            (" * run-time scalar(s)" if m.info.get("scale_nodes") else "")
+        report.fusions.append(Fusion(m.location, scale, m.causal, _describe_bias(m), m.gqa, m.dropout_p,
+                                     m.softcap, names, call.name, m.softmax.name))
+    gm.graph.lint()
+    gm.recompile()
+    return report

@@ -1,0 +1,95 @@
+"""The values the matcher returns and the rewriter consumes.
+
+Owns :class:`View4` (a tensor seen as (batch, head, seq, dim) through view ops only),
+:class:`Term` (one bias/mask term), :class:`AttentionMatch` (a proven attention),
+:class:`NearMiss` (why a softmax was not fused) and :func:`location_of`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from torch import fx
+
+
+@dataclass(frozen=True)
+class View4:
+    """``base`` viewed in op order: ``axes[i]`` is the base axis for op axis i, or None
+    for a new unit axis; base axes not named are size 1 (squeezed). ``expand[i]`` is
+    ``(node, axis)`` whose size op axis i is expanded to (a stride-0 view), or None."""
+
+    base: fx.Node
+    axes: Tuple[Optional[int], ...]
+    expand: Tuple[Optional[Tuple[fx.Node, int]], ...] = (None, None, None, None)
+    gqa_from: Optional[str] = None   # how a repeat was undone ("expand+reshape", ...)
+
+
+@dataclass(frozen=True)
+class NearMiss:
+    kind: str
+    reason: str
+    location: Optional[str]
+    node: str
+
+
+@dataclass
+class Term:
+    """One bias/mask term as a 4-D op-order view.
+
+    kind "float": ``coef * view`` is added. kind "keep": a bool view, True = keep
+    (negated first when ``invert``). kind "fill": positions where the (possibly
+    negated) bool view is True get ``coef`` added (an absorbing finite fill).
+    """
+
+    kind: str
+    view: View4
+    coef: float = 1.0
+    invert: bool = False
+    pre: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None  # expand to [0], reshape to [1] first
+
+
+@dataclass
+class AttentionMatch:
+    softmax: fx.Node
+    qk: fx.Node
+    pv: fx.Node
+    q: View4
+    k: View4
+    v: View4
+    scale: float
+    q_factors: List[Tuple[View4, str]]
+    terms: List[Term]
+    causal: str
+    softcap: float
+    dropout_p: float
+    removed: List[fx.Node]
+    out_squeeze: Tuple[int, ...]     # op output axes (unit, added for q) to squeeze, descending
+    out_perm: Tuple[int, ...]        # then permute with these dims to the P·V output layout
+    out_dtype: Any
+    gqa: str = ""
+    location: Optional[str] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+Result = Union[AttentionMatch, NearMiss]
+
+
+class Miss(Exception):
+    """Raised inside the matcher; becomes a :class:`NearMiss`."""
+
+    def __init__(self, kind: str, reason: str, node: Optional[fx.Node] = None):
+        super().__init__(reason)
+        self.kind, self.reason, self.node = kind, reason, node
+
+
+def location_of(node: fx.Node) -> Optional[str]:
+    """"file:line" of the last frame of ``node.meta["stack_trace"]``, or None."""
+    st = node.meta.get("stack_trace") if isinstance(node, fx.Node) else None
+    if not st:
+        return None
+    frames = re.findall(r'File "([^"]+)", line (\d+)', st)
+    if not frames:
+        return None
+    f, line = frames[-1]
+    return f"{f}:{line}"
