@@ -6,9 +6,13 @@ Public surface:
 - :func:`rewrite` — the standalone graph rewrite (see :mod:`attnfuse.rewrite`).
 - ``torch.compile(model, backend="attnfuse")`` — the dynamo backend
   (:mod:`attnfuse.backend`, registered through the ``torch_dynamo_backends`` entry point).
+- :func:`last_report` — the report of the last graph the backend compiled
+  (renderers in :mod:`attnfuse.reporting`).
 """
 from attnfuse.op import flash_attention
+from attnfuse.rewrite import RewriteResult, rewrite
+from attnfuse.backend import last_report
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attention", "__version__"]
+__all__ = ["flash_attention", "rewrite", "RewriteResult", "last_report", "__version__"]

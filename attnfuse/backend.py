@@ -1,18 +1,245 @@
 """The ``torch.compile`` backend named ``"attnfuse"``.
 
-Found by name through the ``torch_dynamo_backends`` entry point. For now it runs
-the graph dynamo hands it unchanged (the rewrite is wired in by a later change).
+Found by name through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="attnfuse")`` works after ``pip install`` without
+importing attnfuse first. For each graph dynamo hands it (a torch-level FX graph,
+before AOTAutograd), the backend runs :func:`attnfuse.rewrite` and passes the
+rewritten graph to an inner compiler. For training, the inner compiler
+(``aot_eager`` / ``inductor``) traces the backward through the fused op's own
+autograd formula; the rewrite never sees aten graphs here.
+
+Options (``torch.compile(model, backend="attnfuse", options={...})``):
+
+- ``inner``: the compiler the rewritten graph goes to: ``"inductor"`` (default),
+  ``"aot_eager"`` or ``"eager"`` (runs the rewritten FX graph as Python; no
+  AOTAutograd, so training uses autograd on the fused op directly).
+- ``strict``: ``False`` (default): an internal error of the pass leaves the graph
+  unchanged, logs a warning and compiles it as if attnfuse were not there.
+  ``True``: the error is raised (use it in tests and CI).
+- ``impl``: ``"auto"`` (default: Triton kernels on CUDA, PyTorch's CPU path
+  otherwise), ``"triton"`` or ``"torch"``: the implementation every fused op in
+  the graph uses.
+- ``report``: a folder (created if missing). For every compiled graph, writes
+  ``graph_NNN.json`` (schema ``attnfuse.report/1``, see
+  :mod:`attnfuse.reporting`) and ``graph_NNN.html`` (self-contained, no network).
+  The environment variable ``ATTNFUSE_REPORT=<folder>`` does the same for every
+  compile that does not set this option.
+
+There is deliberately no minimum-sequence-length option: the rewrite is one pass
+over the whole graph, and under dynamic shapes the sequence length is a symbol, so
+a length threshold could only be enforced as a guard (a recompile per side of the
+threshold) or by un-fusing after the fact; neither is clean, and on CPU the fused
+path is not slower at short lengths.
+
+Logging, through ``logging.getLogger("attnfuse")``: one INFO line per compiled
+graph (fusions, near misses, pass time), one DEBUG line per decision (each fusion
+and each near miss, with its source location). ``attnfuse.last_report()`` returns
+the report of the last graph compiled by this backend.
+
+The backend never makes a compile fail for its own sake: unknown or invalid
+options raise ``ValueError`` (a user error); an internal error of the pass, or the
+inner compiler failing on the rewritten graph, is a ``RuntimeWarning`` (also logged)
+and the graph is compiled exactly as dynamo handed it over (``strict`` raises
+instead). Errors that only show when the compiled code runs are not caught.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+import itertools
+import logging
+import os
+import time
+import warnings
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
+from torch import fx
+
+log = logging.getLogger("attnfuse")
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+IMPLS = ("auto", "triton", "torch")
+OPTIONS = ("inner", "strict", "impl", "report")
+
+_last_report = None
+_collectors: List[list] = []
+_graph_counter = itertools.count(1)
 
 
-def attnfuse_backend(gm: torch.fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
+def last_report():
+    """The :class:`~attnfuse.passes.report.Report` of the last graph this backend compiled
+    (``None`` before the first compile). Its ``context`` attribute holds the
+    before/after graph code and per-fusion details (:class:`attnfuse.reporting.GraphContext`)."""
+    return _last_report
+
+
+@contextlib.contextmanager
+def collect_reports() -> Iterator[list]:
+    """Collect the report of every graph compiled inside the ``with`` block into a list."""
+    reports: list = []
+    _collectors.append(reports)
+    try:
+        yield reports
+    finally:
+        _collectors.remove(reports)
+
+
+def _inner_compiler(name: str) -> Callable:
+    if name == "eager":
+        return lambda gm, example_inputs: gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(name)
+
+
+def _set_impl(gm: fx.GraphModule, impl: str) -> None:
+    """Make every fused-op call in ``gm`` use ``impl``."""
+    ops = (torch.ops.attnfuse.flash_attention, torch.ops.attnfuse.flash_attention.default)
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ops:
+            # A positional impl (the last of 10 arguments) would shadow the keyword.
+            if len(node.args) == 10:
+                node.args = node.args[:9]
+            node.kwargs = {**node.kwargs, "impl": impl}
+            changed = True
+    if changed:
+        gm.recompile()
+
+
+def _copy_graph(g: fx.Graph) -> fx.Graph:
+    new = fx.Graph(owning_module=g.owning_module, tracer_cls=g._tracer_cls)
+    new._codegen = g._codegen
+    out = new.graph_copy(g, {})
+    new.output(out)
+    return new
+
+
+def _parse_options(options: Optional[dict]) -> dict:
+    options = dict(options or {})
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown attnfuse option(s) {sorted(unknown)}; known: {list(OPTIONS)}")
+    inner = options.get("inner", "inductor")
+    if inner not in INNER_COMPILERS:
+        raise ValueError(f"options['inner'] must be one of {INNER_COMPILERS}, got {inner!r}")
+    impl = options.get("impl", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"options['impl'] must be one of {IMPLS}, got {impl!r}")
+    report = options.get("report", os.environ.get("ATTNFUSE_REPORT") or None)
+    return {"inner": inner, "impl": impl, "strict": bool(options.get("strict", False)), "report": report}
+
+
+def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int):
+    """Rewrite ``gm`` in place; returns its report. Restores the graph on an internal error."""
+    from attnfuse import reporting
+    from attnfuse.passes.report import Report
+    from attnfuse.rewrite import rewrite
+
+    try:
+        snapshot = reporting.GraphSnapshot(gm)
+    except Exception as e:  # noqa: BLE001  (reporting must never break a compile)
+        if strict:
+            raise
+        log.warning("attnfuse: could not snapshot graph %d for its report: %r", graph_id, e)
+        snapshot = None
+    start = time.perf_counter()
+    try:
+        backup = _copy_graph(gm.graph)
+    except Exception as e:  # noqa: BLE001  (cannot restore: do not rewrite at all)
+        if strict:
+            raise
+        msg = f"attnfuse: cannot copy graph {graph_id} ({type(e).__name__}: {e}); it is compiled unchanged"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        return Report(errors=[msg]), time.perf_counter() - start, None
+    try:
+        # strict here: the backend does its own restore so that any error (the pass's or
+        # ours, e.g. in _set_impl) leaves the graph exactly as dynamo handed it over.
+        report = rewrite(gm, None, strict=True).report  # dynamo graphs carry example_value meta
+        if impl != "auto":
+            _set_impl(gm, impl)
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        msg = f"attnfuse: internal error while rewriting graph {graph_id} ({type(e).__name__}: {e}); " \
+              "the graph is compiled unchanged"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        gm.graph = backup
+        gm.recompile()
+        report = Report(errors=[f"{type(e).__name__}: {e}"])
+        backup = None
+    elapsed = time.perf_counter() - start
+    try:
+        if snapshot is not None:
+            report.context = reporting.build_context(report, snapshot, gm, elapsed,
+                                                     name=f"graph_{graph_id:03d}")
+    except Exception as e:  # noqa: BLE001  (reporting must never break a compile)
+        if strict:
+            raise
+        log.warning("attnfuse: could not build the report details for graph %d: %r", graph_id, e)
+    return report, elapsed, (backup if report.fusions else None)
+
+
+def _log_report(report: Any, graph_id: int, n_nodes: int, elapsed: float) -> None:
+    log.info("attnfuse: graph %d (%d nodes): %d fused, %d near miss(es)%s in %.1f ms",
+             graph_id, n_nodes, len(report.fusions), len(report.near_misses),
+             f", {len(report.errors)} error(s)" if report.errors else "", elapsed * 1e3)
+    if log.isEnabledFor(logging.DEBUG):
+        for f in report.fusions:
+            log.debug("attnfuse: FUSED %s: %s (scale=%s causal=%s bias=%s gqa=%s dropout_p=%s softcap=%s) "
+                      "replaces %d nodes", f.location or "<unknown>", f.node_inserted, f.scale, f.causal,
+                      f.bias, f.gqa or "none", f.dropout_p, f.softcap, len(f.nodes_removed))
+        for m in report.near_misses:
+            log.debug("attnfuse: NEAR MISS [%s] %s at %s: %s", m.kind, m.location or "<unknown>", m.node,
+                      m.reason)
+
+
+def _write_report(report: Any, folder: str, graph_id: int, strict: bool) -> None:
+    from attnfuse import reporting
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.join(folder, f"graph_{graph_id:03d}")
+        with open(base + ".json", "w", encoding="utf-8") as f:
+            f.write(reporting.to_json(report))
+        reporting.to_html(report, base + ".html")
+        log.info("attnfuse: wrote %s.json and %s.html", base, base)
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        log.warning("attnfuse: could not write the report to %s: %r", folder, e)
+
+
+def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
                      **kwargs: Any) -> Callable:
-    """Return a callable running ``gm`` unchanged."""
-    import attnfuse  # noqa: F401  (registers torch.ops.attnfuse.*)
-
-    return gm.forward
+    """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler."""
+    global _last_report
+    opts = _parse_options(options)
+    graph_id = next(_graph_counter)
+    report, elapsed, backup = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id)
+    _last_report = report
+    for c in _collectors:
+        c.append(report)
+    _log_report(report, graph_id, len(gm.graph.nodes), elapsed)
+    if opts["report"]:
+        _write_report(report, opts["report"], graph_id, opts["strict"])
+    compiler = _inner_compiler(opts["inner"])
+    if backup is None:
+        return compiler(gm, example_inputs)
+    try:
+        return compiler(gm, example_inputs)
+    except Exception as e:  # noqa: BLE001
+        if opts["strict"]:
+            raise
+        # The inner compiler rejected the rewritten graph: compile the graph as dynamo
+        # handed it over instead (a real error in the user's graph will surface again).
+        msg = (f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} "
+               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling it unfused")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        report.errors.append(f"inner compiler: {type(e).__name__}: {e}")
+        gm.graph = backup
+        gm.recompile()
+        return compiler(gm, example_inputs)

@@ -178,10 +178,13 @@ def flash_attention_op(
         out = q.new_zeros(q.shape[:3] + (v.shape[3],))
         return out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
     backend = _backend(impl, q.device)
-    return backend.forward(
+    out, lse = backend.forward(
         q, k, v, _bias_4d(bias), scale=float(scale), causal=causal, dropout_p=float(dropout_p),
         softcap=float(softcap), seed=seed_int,
     )
+    # The fake kernel promises contiguous outputs (Inductor asserts strides against it);
+    # some paths (e.g. PyTorch's CPU SDPA) return other layouts.
+    return out.contiguous(), lse.contiguous()
 
 
 @flash_attention_op.register_fake
@@ -213,7 +216,8 @@ def flash_attention_backward_op(
     """Gradients (dq, dk, dv, dbias); dbias has bias's shape, or is empty unless ``need_dbias``."""
     if _is_empty(q, k):
         dbias = torch.zeros_like(bias) if need_dbias else q.new_empty((0,))
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+        return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape),
+                dbias.contiguous())
     backend = _backend(impl, q.device)
     dq, dk, dv, dbias = backend.backward(
         dout.contiguous(), q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
@@ -223,15 +227,16 @@ def flash_attention_backward_op(
     if dbias is None:
         dbias = q.new_empty((0,))
     else:
-        dbias = dbias.reshape(bias.shape)
-    return dq, dk, dv, dbias
+        dbias = dbias.reshape(bias.shape).contiguous()
+    # contiguous, as the fake kernel promises (Inductor asserts strides against it)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
 
 
 @flash_attention_backward_op.register_fake
 def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed,
                                    impl, need_dbias):
     dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty((0,))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
