@@ -1,0 +1,610 @@
+"""A corpus of real models (Hugging Face transformers, timm, diffusers) with tiny random sizes.
+
+Shared by ``benchmarks/coverage.py`` (the whole corpus) and ``tests/test_real_models.py`` (a few fast
+cases). Every model is built from its config class (no download; ``HF_HUB_OFFLINE=1``), with the
+library's non-fused attention path (``attn_implementation="eager"``, timm's ``set_fused_attn(False)``,
+diffusers' classic ``AttnProcessor``).
+
+A case's ``build(train=False, dropout=0.0)`` returns ``(model, example_inputs, expected_sites)``:
+
+- ``model`` takes positional tensors and returns a tuple of tensors (a thin wrapper turns the
+  libraries' keyword arguments and output objects into that);
+- ``example_inputs`` is a tuple of tensors;
+- ``expected_sites`` is the number of attention computations one forward pass runs, from the
+  config (layers x attention modules per layer), never from attnfuse's report.
+
+``train=True`` puts the model in train mode; ``dropout`` is applied to every dropout probability of
+the config (0.0 makes training deterministic, so gradients can be compared to eager).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from torch import nn
+
+B = 2          # batch
+SEQ = 12       # text sequence length
+VOCAB = 96
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+class TupleModel(nn.Module):
+    """Calls ``model(**dict(zip(names, args)), **extra)`` and returns the named outputs as a tuple."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], outputs: Sequence[str], extra: Optional[dict] = None):
+        super().__init__()
+        self.model = model
+        self.names = tuple(names)
+        self.outputs = tuple(outputs)
+        self.extra = dict(extra or {})
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args)), **self.extra)
+        return tuple(getattr(out, k) if not isinstance(out, (tuple, list)) else out[i]
+                     for i, k in enumerate(self.outputs))
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def input_ids(seq: int = SEQ, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+    # avoid token 0/1/2 (pad/bos/eos in several configs)
+    return torch.randint(3, vocab, (B, seq), generator=_gen(seed))
+
+
+def padding_mask(seq: int = SEQ, pad: Sequence[int] = (0, 3), left: bool = False) -> torch.Tensor:
+    """(B, seq) int mask, 1 = keep; row i has ``pad[i]`` padded positions (right padding unless ``left``)."""
+    m = torch.ones(B, seq, dtype=torch.long)
+    for i, p in enumerate(pad[:B]):
+        if p:
+            if left:
+                m[i, :p] = 0
+            else:
+                m[i, seq - p:] = 0
+    return m
+
+
+_DROPOUT_KEY = re.compile(r"(dropout|pdrop|drop_rate|drop_path|_prob$)")  # drop_path: stochastic depth
+
+
+def set_dropout(config, p: float) -> None:
+    """Set every float dropout probability of a (possibly nested) HF config to ``p``."""
+    for key, val in list(vars(config).items()):
+        if key.startswith("_"):
+            continue
+        if hasattr(val, "to_dict") and hasattr(val, "model_type"):  # a sub-config
+            set_dropout(val, p)
+        elif _DROPOUT_KEY.search(key) and isinstance(val, float) and not isinstance(val, bool):
+            setattr(config, key, p)
+
+
+def _hf(cls, config, train: bool, dropout: float, attn: str = "eager"):
+    set_dropout(config, dropout)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    torch.manual_seed(0)
+    model = cls._from_config(config, attn_implementation=attn) if attn else cls(config)
+    model.train(train)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- cases
+
+@dataclass
+class Case:
+    name: str
+    library: str                      # transformers | timm | diffusers
+    build: Callable                   # (train=False, dropout=0.0) -> (model, inputs, sites)
+    variant: str = ""                 # "causal", "padded", "causal+padded", "cross", ...
+    train: bool = True                # runs in train mode too (coverage --train)
+    attn_dropout: bool = True         # the model applies dropout to its attention probabilities
+    tags: List[str] = field(default_factory=list)
+
+
+CASES: Dict[str, Case] = {}
+
+
+def case(name: str, library: str = "transformers", variant: str = "", train: bool = True,
+         attn_dropout: bool = True):
+    def deco(fn):
+        CASES[name] = Case(name, library, fn, variant, train, attn_dropout=attn_dropout)
+        return fn
+    return deco
+
+
+# ---- decoder-only text models: causal, and causal with a padded batch (attention_mask with zeros)
+
+def _decoder(cls_name: str, cfg_name: str, cfg: dict, layers_key: str = "num_hidden_layers"):
+    def builder(padded: bool):
+        def build(train: bool = False, dropout: float = 0.0):
+            import transformers
+            config = getattr(transformers, cfg_name)(**cfg)
+            model = _hf(getattr(transformers, cls_name), config, train, dropout)
+            ids = input_ids(vocab=config.vocab_size)
+            if padded:
+                # left padding (the usual batching for decoders); padded query rows see only masked
+                # keys, which HF fills with finfo.min (a uniform row, not NaN).
+                inputs = (ids, padding_mask(left=True))
+                names = ("input_ids", "attention_mask")
+            else:
+                inputs, names = (ids,), ("input_ids",)
+            return TupleModel(model, names, ("last_hidden_state",)), inputs, getattr(config, layers_key)
+        return build
+    return builder
+
+
+_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64)
+
+_DECODERS = {
+    "gpt2": ("GPT2Model", "GPT2Config",
+             dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+             "n_layer"),
+    "llama": ("LlamaModel", "LlamaConfig", dict(_SMALL, num_key_value_heads=2), "num_hidden_layers"),
+    "mistral": ("MistralModel", "MistralConfig",
+                dict(_SMALL, num_key_value_heads=2, sliding_window=5), "num_hidden_layers"),
+    "qwen2": ("Qwen2Model", "Qwen2Config", dict(_SMALL, num_key_value_heads=2), "num_hidden_layers"),
+    "gemma": ("GemmaModel", "GemmaConfig", dict(_SMALL, num_key_value_heads=1, head_dim=8), "num_hidden_layers"),
+    "gemma2": ("Gemma2Model", "Gemma2Config",
+               dict(_SMALL, num_key_value_heads=2, head_dim=8, sliding_window=5, attn_logit_softcapping=50.0,
+                    final_logit_softcapping=30.0, query_pre_attn_scalar=8), "num_hidden_layers"),
+    "phi": ("PhiModel", "PhiConfig", dict(_SMALL, partial_rotary_factor=0.5), "num_hidden_layers"),
+    "gpt_neox": ("GPTNeoXModel", "GPTNeoXConfig", dict(_SMALL, rotary_pct=0.5), "num_hidden_layers"),
+    "gptj": ("GPTJModel", "GPTJConfig",
+             dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, bos_token_id=1,
+                  eos_token_id=2), "n_layer"),
+    "opt": ("OPTModel", "OPTConfig",
+            dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, word_embed_proj_dim=32), "num_hidden_layers"),
+    "bloom": ("BloomModel", "BloomConfig", dict(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4), "n_layer"),
+    "falcon": ("FalconModel", "FalconConfig",
+               dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=64), "num_hidden_layers"),
+    "falcon_alibi": ("FalconModel", "FalconConfig",
+                     dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=64, alibi=True), "num_hidden_layers"),
+}
+# Falcon's eager path without ALiBi applies no attention dropout (modeling_falcon.py says so itself).
+_NO_ATTN_DROPOUT = {"falcon"}
+
+for _name, (_cls, _cfg_name, _cfg, _lk) in _DECODERS.items():
+    _b = _decoder(_cls, _cfg_name, _cfg, _lk)
+    _ad = _name not in _NO_ATTN_DROPOUT
+    case(f"{_name}-causal", variant="causal", attn_dropout=_ad)(_b(False))
+    case(f"{_name}-padded", variant="causal+padded", attn_dropout=_ad)(_b(True))
+
+
+# ---- encoders: plain and padded (right padding)
+
+def _encoder(cls_name: str, cfg_name: str, cfg: dict, layers_key: str = "num_hidden_layers"):
+    def builder(padded: bool):
+        def build(train: bool = False, dropout: float = 0.0):
+            import transformers
+            config = getattr(transformers, cfg_name)(**cfg)
+            model = _hf(getattr(transformers, cls_name), config, train, dropout)
+            ids = input_ids(vocab=config.vocab_size)
+            if padded:
+                inputs, names = (ids, padding_mask()), ("input_ids", "attention_mask")
+            else:
+                inputs, names = (ids,), ("input_ids",)
+            return TupleModel(model, names, ("last_hidden_state",)), inputs, getattr(config, layers_key)
+        return build
+    return builder
+
+
+_ENCODERS = {
+    "bert": ("BertModel", "BertConfig", dict(_SMALL), "num_hidden_layers"),
+    "roberta": ("RobertaModel", "RobertaConfig", dict(_SMALL, pad_token_id=1), "num_hidden_layers"),
+    "distilbert": ("DistilBertModel", "DistilBertConfig",
+                   dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64),
+                   "n_layers"),
+}
+
+for _name, (_cls, _cfg_name, _cfg, _lk) in _ENCODERS.items():
+    _b = _encoder(_cls, _cfg_name, _cfg, _lk)
+    case(f"{_name}", variant="")(_b(False))
+    case(f"{_name}-padded", variant="padded")(_b(True))
+
+
+# ---- encoder-decoders: encoder self-attention, decoder causal self-attention, cross-attention
+
+def _t5(padded: bool):
+    def build(train: bool = False, dropout: float = 0.0):
+        import transformers
+        config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                       num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                       relative_attention_max_distance=16, decoder_start_token_id=0)
+        model = _hf(transformers.T5Model, config, train, dropout)
+        ids, dec = input_ids(), input_ids(seq=8, seed=2)
+        if padded:
+            inputs = (ids, padding_mask(), dec)
+            names = ("input_ids", "attention_mask", "decoder_input_ids")
+        else:
+            inputs, names = (ids, dec), ("input_ids", "decoder_input_ids")
+        sites = config.num_layers + 2 * config.num_decoder_layers
+        return TupleModel(model, names, ("last_hidden_state", "encoder_last_hidden_state")), inputs, sites
+    return build
+
+
+case("t5", variant="enc-dec")(_t5(False))
+case("t5-padded", variant="enc-dec+padded")(_t5(True))
+
+
+def _bart(padded: bool):
+    def build(train: bool = False, dropout: float = 0.0):
+        import transformers
+        config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                         encoder_attention_heads=4, decoder_attention_heads=4,
+                                         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+        model = _hf(transformers.BartModel, config, train, dropout)
+        ids, dec = input_ids(), input_ids(seq=8, seed=2)
+        if padded:
+            inputs = (ids, padding_mask(), dec)
+            names = ("input_ids", "attention_mask", "decoder_input_ids")
+        else:
+            inputs, names = (ids, dec), ("input_ids", "decoder_input_ids")
+        sites = config.encoder_layers + 2 * config.decoder_layers
+        return TupleModel(model, names, ("last_hidden_state", "encoder_last_hidden_state")), inputs, sites
+    return build
+
+
+case("bart", variant="enc-dec")(_bart(False))
+case("bart-padded", variant="enc-dec+padded")(_bart(True))
+
+
+@case("whisper", variant="enc-dec (audio)")
+def _whisper(train: bool = False, dropout: float = 0.0):
+    import transformers
+    config = transformers.WhisperConfig(vocab_size=VOCAB, num_mel_bins=16, d_model=32, encoder_layers=2,
+                                        decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                                        encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=8,
+                                        max_target_positions=32, pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=2, decoder_start_token_id=1)
+    model = _hf(transformers.WhisperModel, config, train, dropout)
+    feats = torch.randn(B, config.num_mel_bins, 2 * config.max_source_positions, generator=_gen(3))
+    dec = input_ids(seq=8, seed=2)
+    sites = config.encoder_layers + 2 * config.decoder_layers
+    return (TupleModel(model, ("input_features", "decoder_input_ids"), ("last_hidden_state", "encoder_last_hidden_state")),
+            (feats, dec), sites)
+
+
+# ---- vision (transformers)
+
+def _pixels(size: int = 32, channels: int = 3, seed: int = 4) -> torch.Tensor:
+    return torch.randn(B, channels, size, size, generator=_gen(seed))
+
+
+@case("vit", variant="vision")
+def _vit(train: bool = False, dropout: float = 0.0):
+    import transformers
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4)
+    model = _hf(transformers.ViTModel, config, train, dropout)
+    return TupleModel(model, ("pixel_values",), ("last_hidden_state",)), (_pixels(),), config.num_hidden_layers
+
+
+@case("deit", variant="vision")
+def _deit(train: bool = False, dropout: float = 0.0):
+    import transformers
+    config = transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4)
+    model = _hf(transformers.DeiTModel, config, train, dropout)
+    return TupleModel(model, ("pixel_values",), ("last_hidden_state",)), (_pixels(),), config.num_hidden_layers
+
+
+@case("swin", variant="vision (windows, shift mask, rel. bias)")
+def _swin(train: bool = False, dropout: float = 0.0):
+    import transformers
+    config = transformers.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                     window_size=4, mlp_ratio=2.0)
+    model = _hf(transformers.SwinModel, config, train, dropout)
+    return TupleModel(model, ("pixel_values",), ("last_hidden_state",)), (_pixels(),), sum(config.depths)
+
+
+def _clip(padded: bool):
+    def build(train: bool = False, dropout: float = 0.0):
+        import transformers
+        text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=SEQ, bos_token_id=1, eos_token_id=2)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8)
+        config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        model = _hf(transformers.CLIPModel, config, train, dropout)
+        ids = input_ids()
+        if padded:
+            inputs = (ids, _pixels(), padding_mask())
+            names = ("input_ids", "pixel_values", "attention_mask")
+        else:
+            inputs, names = (ids, _pixels()), ("input_ids", "pixel_values")
+        sites = config.text_config.num_hidden_layers + config.vision_config.num_hidden_layers
+        return TupleModel(model, names, ("text_embeds", "image_embeds")), inputs, sites
+    return build
+
+
+case("clip", variant="text (causal) + vision")(_clip(False))
+case("clip-padded", variant="text (causal+padded) + vision")(_clip(True))
+
+
+# ---- timm
+
+class _Plain(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return (self.model.forward_features(x),)
+
+
+def _timm(model_name: str, sites_of, **kw):
+    def build(train: bool = False, dropout: float = 0.0):
+        import timm
+        import timm.layers
+        timm.layers.set_fused_attn(False)  # read when the attention modules are built
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, drop_rate=dropout,
+                                  attn_drop_rate=dropout, proj_drop_rate=dropout, drop_path_rate=0.0, **kw)
+        model.train(train)
+        assert not any(getattr(m, "fused_attn", False) for m in model.modules()), "timm fused attention still on"
+        return _Plain(model), (_pixels(),), sites_of(kw)
+    return build
+
+
+case("timm-vit", library="timm", variant="vision")(
+    _timm("vit_tiny_patch16_224", lambda kw: kw["depth"], img_size=32, patch_size=8, embed_dim=32, depth=2,
+          num_heads=4))
+case("timm-swin", library="timm", variant="vision (windows, shift mask, rel. bias)")(
+    _timm("swin_tiny_patch4_window7_224", lambda kw: sum(kw["depths"]), img_size=32, patch_size=2,
+          window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4)))
+
+
+# ---- diffusers
+
+class _UNet(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return (self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+
+
+# The classic AttnProcessor applies no dropout to the attention probabilities (only after to_out).
+@case("sd-unet", library="diffusers", variant="self + cross (AttnProcessor)", attn_dropout=False)
+def _unet(train: bool = False, dropout: float = 0.0):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+    torch.manual_seed(0)
+    down = ("CrossAttnDownBlock2D", "DownBlock2D")
+    up = ("UpBlock2D", "CrossAttnUpBlock2D")
+    layers_per_block = 1
+    model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                 layers_per_block=layers_per_block, down_block_types=down, up_block_types=up,
+                                 mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=32,
+                                 attention_head_dim=8, norm_num_groups=16, dropout=dropout)
+    model.set_attn_processor(AttnProcessor())
+    model.train(train)
+    # each transformer block has a self-attention and a cross-attention
+    blocks = (sum(layers_per_block for t in down if t.startswith("CrossAttn"))
+              + 1  # mid block
+              + sum(layers_per_block + 1 for t in up if t.startswith("CrossAttn")))
+    sample = torch.randn(1, 4, 8, 8, generator=_gen(5))
+    ctx = torch.randn(1, 6, 32, generator=_gen(6))
+    return _UNet(model), (sample, torch.tensor([10]), ctx), 2 * blocks
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+def flatten(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flatten(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in flatten(o)]
+    raise TypeError(f"unexpected output type {type(out)}")
+
+
+def errors(ref, got) -> Tuple[float, float]:
+    """(max abs error, max abs error / max abs reference) over all output tensors."""
+    abs_err, rel_err = 0.0, 0.0
+    for r, g in zip(flatten(ref), flatten(got), strict=True):
+        d = (r.detach().double() - g.detach().double()).abs().max().item() if r.numel() else 0.0
+        scale = max(r.detach().double().abs().max().item(), 1e-12) if r.numel() else 1.0
+        abs_err, rel_err = max(abs_err, d), max(rel_err, d / scale)
+    return abs_err, rel_err
+
+
+def loss_of(out) -> torch.Tensor:
+    """A scalar loss with a fixed pseudo-random weighting of every output element (so no gradient is uniform)."""
+    total = 0.0
+    for i, t in enumerate(flatten(out)):
+        w = torch.randn(t.shape, generator=_gen(100 + i), dtype=t.dtype)
+        total = total + (t * w).sum()
+    return total
+
+
+def grads(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def grad_errors(ref: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]) -> Tuple[float, float]:
+    """(max abs, max relative) gradient error; a missing gradient is an infinite error.
+
+    Relative to the tensor's largest reference gradient, floored at 1e-3 of the largest gradient of
+    the model: some gradients are mathematically zero and only rounding noise in eager (e.g. a key
+    projection's bias: adding a constant along the key axis does not change a softmax)."""
+    if set(ref) != set(got):
+        return float("inf"), float("inf")
+    abs_err, rel_err = 0.0, 0.0
+    floor = 1e-3 * max((g.double().abs().max().item() for g in ref.values()), default=1.0)
+    for k in ref:
+        d = (ref[k].double() - got[k].double()).abs().max().item()
+        scale = max(ref[k].double().abs().max().item(), floor, 1e-12)
+        abs_err, rel_err = max(abs_err, d), max(rel_err, d / scale)
+    return abs_err, rel_err
+
+
+FUSED_OP_NAMES = ("attnfuse::flash_attention",)
+
+
+def count_fused(gm: torch.fx.GraphModule) -> int:
+    """Number of ``attnfuse::flash_attention`` calls in a graph (and its submodules' graphs)."""
+    n = 0
+    for mod in gm.modules():
+        g = getattr(mod, "graph", None)
+        if not isinstance(g, torch.fx.Graph):
+            continue
+        for node in g.nodes:
+            if node.op == "call_function":
+                name = getattr(node.target, "name", None)
+                name = name() if callable(name) else name
+                if (name in FUSED_OP_NAMES or node.target is torch.ops.attnfuse.flash_attention
+                        or str(node.target).startswith("attnfuse.flash_attention")):
+                    n += 1
+    return n
+
+
+def softmax_snippet(gm: torch.fx.GraphModule, node_name: Optional[str] = None, before: int = 8,
+                    after: int = 4, limit: int = 1) -> str:
+    """A few lines of the graph's code around the softmax ``node_name`` (or the first ``limit`` softmaxes)."""
+    lines = gm.code.splitlines()
+    hits = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if node_name is not None:
+            if stripped.startswith(f"{node_name} =") or stripped.startswith(f"{node_name}:"):
+                hits.append(i)
+        elif "softmax" in stripped and "=" in stripped:
+            hits.append(i)
+    out = []
+    for i in hits[:limit]:
+        out.extend(lines[max(0, i - before): i + after + 1])
+        out.append("    ...")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------- compiling
+
+TOL = 1e-4        # fp32: max |compiled - eager| / max |eager| over the outputs
+GRAD_TOL = 1e-3   # fp32 gradients: the same, per parameter
+
+
+@dataclass
+class Compiled:
+    """What a compile with one backend gave."""
+    ok: bool = False
+    error: str = ""
+    fused: int = 0                   # fused sites in the forward graph(s)
+    graphs: int = 0                  # graphs compiled (1 = no graph break)
+    out: object = None
+    compile_s: float = 0.0           # first call (compile + run)
+    near_misses: list = field(default_factory=list)   # [(kind, reason, location, snippet)]
+    fusions: list = field(default_factory=list)       # attnfuse Fusion records
+    model: Optional[nn.Module] = None
+
+
+def _clone(inputs):
+    return tuple(t.clone() for t in inputs)
+
+
+def _run(model, inputs, train: bool):
+    if train:
+        return model(*inputs)
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def compile_attnfuse(model: nn.Module, inputs, *, inner: str = "eager", train: bool = False,
+                     impl: str = "torch", strict: bool = False, backward: bool = False) -> Compiled:
+    """``torch.compile`` with the attnfuse backend; counts ``attnfuse::flash_attention`` nodes in every
+    graph handed to the inner compiler and keeps the report's near misses with a graph snippet."""
+    import time
+    import torch._dynamo
+    from attnfuse.backend import attnfuse_backend
+
+    res = Compiled()
+    options = {"inner": inner, "strict": strict, "impl": impl}
+
+    def counting_backend(gm, example_inputs, **kw):
+        compiled = attnfuse_backend(gm, example_inputs, options=options)  # rewrites gm in place
+        res.graphs += 1
+        res.fused += count_fused(gm)
+        from attnfuse.backend import last_report
+        rep = last_report()
+        if rep is not None:
+            res.fusions += list(rep.fusions)
+            for m in rep.near_misses:
+                res.near_misses.append((m.kind, m.reason, m.location, softmax_snippet(gm, m.node)))
+            for e in rep.errors:
+                res.near_misses.append(("error", e, None, ""))
+        return compiled
+
+    torch._dynamo.reset()
+    res.model = torch.compile(model, backend=counting_backend)
+    t0 = time.perf_counter()
+    try:
+        res.out = _run(res.model, _clone(inputs), train)
+        if backward:
+            loss_of(res.out).backward()
+        res.ok = True
+    except Exception as e:  # noqa: BLE001
+        res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    res.compile_s = time.perf_counter() - t0
+    return res
+
+
+_FWD_SDPA = []
+
+
+def _count_sdpa(graph: torch.fx.Graph) -> None:
+    n = 0
+    for node in graph.nodes:
+        if node.op == "call_function":
+            name = str(node.target)
+            if "scaled_dot_product" in name and "backward" not in name:
+                n += 1
+    _FWD_SDPA.append(n)
+
+
+def compile_inductor(model: nn.Module, inputs, *, train: bool = False, backward: bool = False) -> Compiled:
+    """Default ``torch.compile`` (Inductor); counts SDPA nodes in its post-grad graphs (forward ones only:
+    in training the backward graph's ``*_backward`` nodes are not counted)."""
+    import time
+    import torch._dynamo
+    import torch._inductor.config as cfg
+
+    res = Compiled()
+    torch._dynamo.reset()
+    _FWD_SDPA.clear()
+    old = (cfg.post_grad_custom_post_pass, cfg.fx_graph_cache, cfg.pattern_matcher)
+    cfg.post_grad_custom_post_pass = _count_sdpa
+    cfg.fx_graph_cache = False      # the pass must see every graph
+    cfg.pattern_matcher = True      # Inductor's attention fusion lives in its pattern matcher
+    try:
+        res.model = torch.compile(model)
+        t0 = time.perf_counter()
+        try:
+            res.out = _run(res.model, _clone(inputs), train)
+            if backward:
+                loss_of(res.out).backward()
+            res.ok = True
+        except Exception as e:  # noqa: BLE001
+            res.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        res.compile_s = time.perf_counter() - t0
+    finally:
+        cfg.post_grad_custom_post_pass, cfg.fx_graph_cache, cfg.pattern_matcher = old
+    res.fused = sum(_FWD_SDPA)
+    res.graphs = len(_FWD_SDPA)
+    return res
