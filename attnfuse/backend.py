@@ -67,9 +67,9 @@ _graph_counter = itertools.count(1)
 
 
 def last_report():
-    """The :class:`~attnfuse.passes.report.Report` of the last graph this backend compiled
-    (``None`` before the first compile). Its ``context`` attribute holds the
-    before/after graph code and per-fusion details (:class:`attnfuse.reporting.GraphContext`)."""
+    """The :class:`~attnfuse.reporting.GraphReport` of the last graph this backend compiled
+    (``None`` before the first compile): fusions, near misses, errors, and the renderers
+    ``to_text()``, ``to_json()``, ``diff()`` and ``to_html(path)``."""
     return _last_report
 
 
@@ -107,14 +107,6 @@ def _set_impl(gm: fx.GraphModule, impl: str) -> None:
         gm.recompile()
 
 
-def _copy_graph(g: fx.Graph) -> fx.Graph:
-    new = fx.Graph(owning_module=g.owning_module, tracer_cls=g._tracer_cls)
-    new._codegen = g._codegen
-    out = new.graph_copy(g, {})
-    new.output(out)
-    return new
-
-
 def _parse_options(options: Optional[dict]) -> dict:
     options = dict(options or {})
     unknown = set(options) - set(OPTIONS)
@@ -134,29 +126,24 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
     """Rewrite ``gm`` in place; returns its report. Restores the graph on an internal error."""
     from attnfuse import reporting
     from attnfuse.passes.report import Report
-    from attnfuse.rewrite import rewrite
+    from attnfuse.rewrite import copy_graph, rewrite
 
-    try:
-        snapshot = reporting.GraphSnapshot(gm)
-    except Exception as e:  # noqa: BLE001  (reporting must never break a compile)
-        if strict:
-            raise
-        log.warning("attnfuse: could not snapshot graph %d for its report: %r", graph_id, e)
-        snapshot = None
     start = time.perf_counter()
     try:
-        backup = _copy_graph(gm.graph)
+        backup = copy_graph(gm.graph)
     except Exception as e:  # noqa: BLE001  (cannot restore: do not rewrite at all)
         if strict:
             raise
         msg = f"attnfuse: cannot copy graph {graph_id} ({type(e).__name__}: {e}); it is compiled unchanged"
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
-        return Report(errors=[msg]), time.perf_counter() - start, None
+        return reporting.GraphReport(Report(errors=[msg])), time.perf_counter() - start, None
     try:
         # strict here: the backend does its own restore so that any error (the pass's or
         # ours, e.g. in _set_impl) leaves the graph exactly as dynamo handed it over.
-        report = rewrite(gm, None, strict=True).report  # dynamo graphs carry example_value meta
+        # dynamo graphs carry example_value meta, so no shape propagation runs; the example
+        # inputs only give the values of lifted module buffers (e.g. a causal ``tril``)
+        report = rewrite(gm, example_inputs, strict=True).report
         if impl != "auto":
             _set_impl(gm, impl)
     except Exception as e:  # noqa: BLE001
@@ -168,17 +155,11 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
         log.warning(msg)
         gm.graph = backup
         gm.recompile()
-        report = Report(errors=[f"{type(e).__name__}: {e}"])
+        report = reporting.GraphReport(Report(errors=[f"{type(e).__name__}: {e}"]))
         backup = None
     elapsed = time.perf_counter() - start
-    try:
-        if snapshot is not None:
-            report.context = reporting.build_context(report, snapshot, gm, elapsed,
-                                                     name=f"graph_{graph_id:03d}")
-    except Exception as e:  # noqa: BLE001  (reporting must never break a compile)
-        if strict:
-            raise
-        log.warning("attnfuse: could not build the report details for graph %d: %r", graph_id, e)
+    if report.context is not None:
+        report.context.name = f"graph_{graph_id:03d}"
     return report, elapsed, (backup if report.fusions else None)
 
 

@@ -443,3 +443,58 @@ def to_html(report: Any, path: Optional[str] = None, context: Optional[GraphCont
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(page)
     return page
+
+
+# ---------------------------------------------------------------------------
+# The report object users get
+# ---------------------------------------------------------------------------
+
+class GraphReport:
+    """What one rewrite did, with its renderers as methods.
+
+    ``result.report`` (from :func:`attnfuse.rewrite`) and :func:`attnfuse.last_report`
+    are GraphReports. The data lives in the wrapped :class:`attnfuse.passes.report.Report`
+    (``fusions``, ``near_misses``, ``errors``); ``context`` adds what only the caller of
+    the pass knows (graph code before and after, pass time, shapes). Kept here, not in
+    ``passes``, so that ``passes`` never imports ``attnfuse``.
+    """
+
+    def __init__(self, report: Any, context: Optional[GraphContext] = None):
+        self.data = report
+        self.context = context
+
+    @property
+    def fusions(self) -> list:
+        return self.data.fusions
+
+    @property
+    def near_misses(self) -> list:
+        return self.data.near_misses
+
+    @property
+    def errors(self) -> list:
+        return self.data.errors
+
+    def to_text(self) -> str:
+        """A terminal table."""
+        return to_text(self.data, self.context)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (schema ``attnfuse.report/1``, see the module doc)."""
+        return to_dict(self.data, self.context)
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        """JSON, schema ``attnfuse.report/1``."""
+        return to_json(self.data, self.context, indent=indent)
+
+    def diff(self) -> str:
+        """A unified diff of the graph code before and after the rewrite."""
+        return diff(self.data, self.context)
+
+    def to_html(self, path: Optional[str] = None) -> str:
+        """One self-contained HTML page; written to ``path`` if given, and returned."""
+        return to_html(self.data, path, self.context)
+
+    def __repr__(self) -> str:
+        return (f"GraphReport({len(self.fusions)} fused, {len(self.near_misses)} near misses, "
+                f"{len(self.errors)} errors)")

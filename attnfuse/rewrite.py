@@ -11,11 +11,19 @@ Accepts:
 - a plain ``nn.Module`` with ``example_inputs``: it is traced with ``make_fx``
   (aten graph, parameters as attributes) and the traced GraphModule is rewritten.
 
+For a dynamo graph (the torch.compile backend passes its ``example_inputs``), the
+placeholders that dynamo lifted from registered module buffers (``node.meta["grapharg"]``
+source ``<module>._buffers[name]``) are read as constants, so nanoGPT's sliced ``tril``
+buffer is proven causal. This assumes such a buffer is not mutated in place after
+compiling (the assumption inductor's freezing makes); user inputs and parameters are
+never read. Shape propagation still runs only when nodes lack shape metadata.
+
 GraphModules are rewritten in place and also returned. An internal error never
 escapes: the graph comes back unchanged with a warning (``strict=True`` raises).
 """
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -24,14 +32,19 @@ import torch
 from torch import fx
 
 from attnfuse.passes import axes as A
+from attnfuse.passes import consts as C
 from attnfuse.passes.report import Report
+from attnfuse.reporting import GraphReport, GraphSnapshot, build_context
 from attnfuse.passes.rewrite import rewrite_graph
 
 
 @dataclass
 class RewriteResult:
+    """``graph_module``: the rewritten GraphModule; ``report``: a
+    :class:`attnfuse.reporting.GraphReport` (fusions, near misses, errors, and the
+    renderers ``to_text()``, ``to_json()``, ``diff()``, ``to_html(path)``)."""
     graph_module: fx.GraphModule
-    report: Report
+    report: GraphReport
 
     @property
     def fused(self) -> int:
@@ -57,7 +70,8 @@ def _to_graph_module(obj: Any, example_inputs: Optional[Sequence]) -> fx.GraphMo
                     f"got {type(obj).__name__}")
 
 
-def _copy_graph(g: fx.Graph) -> fx.Graph:
+def copy_graph(g: fx.Graph) -> fx.Graph:
+    """A copy of ``g`` to restore on failure (same owning module and code generator)."""
     new = fx.Graph(owning_module=g.owning_module, tracer_cls=g._tracer_cls)
     new._codegen = g._codegen
     out = new.graph_copy(g, {})
@@ -76,15 +90,45 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
             if strict:
                 raise
             warnings.warn(f"attnfuse.rewrite: shape propagation failed ({e!r}); graph left unchanged")
-            return RewriteResult(gm, Report(errors=[f"shape propagation: {e!r}"]))
-    backup_graph = _copy_graph(gm.graph)
+            return RewriteResult(gm, GraphReport(Report(errors=[f"shape propagation: {e!r}"])))
+    snapshot = _snapshot(gm)
+    start = time.perf_counter()
+    backup_graph = copy_graph(gm.graph)
     try:
-        report = rewrite_graph(gm)
+        buffers = C.module_buffer_values(gm, example_inputs)
+        if buffers:
+            setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
+        try:
+            report = rewrite_graph(gm)
+        finally:
+            if buffers:
+                delattr(gm, C.BUFFER_VALUES_ATTR)
     except Exception as e:  # noqa: BLE001
         if strict:
             raise
         warnings.warn(f"attnfuse.rewrite: internal error ({type(e).__name__}: {e}); graph left unchanged")
         gm.graph = backup_graph
         gm.recompile()
-        return RewriteResult(gm, Report(errors=[f"{type(e).__name__}: {e}"]))
-    return RewriteResult(gm, report)
+        return RewriteResult(gm, GraphReport(Report(errors=[f"{type(e).__name__}: {e}"])))
+    return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start))
+
+
+def _snapshot(gm: fx.GraphModule) -> Optional[GraphSnapshot]:
+    """The graph before the rewrite, for the report's diff and subgraphs (None if it fails:
+    reporting never breaks a rewrite)."""
+    try:
+        return GraphSnapshot(gm)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"attnfuse.rewrite: could not snapshot the graph for its report ({e!r})")
+        return None
+
+
+def _graph_report(report: Report, snapshot: Optional[GraphSnapshot], gm: fx.GraphModule,
+                  elapsed: float) -> GraphReport:
+    context = None
+    if snapshot is not None:
+        try:
+            context = build_context(report, snapshot, gm, elapsed)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"attnfuse.rewrite: could not build the report details ({e!r})")
+    return GraphReport(report, context)

@@ -4,7 +4,9 @@ Owns the second half of matching: given the Q·Kᵀ spec, the score items found 
 the way up and the P·V spec found on the way down, it checks the order of score
 changes (scale → softcap → bias/masks), checks P·V contracts the key axis, builds
 the q/k/v/bias views in op order (peeling layout ops and GQA repeats), recognises
-causal masks, and decides how the op's output is viewed back. Raises ``Miss``.
+causal masks (at the graph's sizes, or by dataflow when the mask is built from the
+run-time query/key lengths: :func:`_prove_causal_dataflow`), and decides how the op's
+output is viewed back. Raises ``Miss``.
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ def _view_stage(node, stage, stags0, spec):
 def _score_items(items, spec, stags0=None) -> Dict:
     """Validate the order of score changes and fold them."""
     seq = []
+    if getattr(spec, "alpha_node", None) is not None:  # baddbmm's run-time alpha scales the product only
+        seq.append((None, "dscale", (spec.alpha_node, "mul")))
     if spec.bias is not None:
         seq.append((None, "scale", (spec.alpha,)))
         if spec.beta != 0:
@@ -224,6 +228,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     sshape = A.shape(qk)
     lq, lk = A.static_int(sshape[stags.index("q")]), A.static_int(sshape[stags.index("k")])
     rem_early = set(chain) | {qk}
+    axmap = None
     for kind, n, coef, flag, where, stage in folded["terms"]:
         pre = None
         if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
@@ -241,6 +246,11 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
         if kind in ("keep", "fill") and causal == "none":
             ck = _prove_causal(n, flag, pre, gm, sshape, stags, kind)
+            if ck is None and pre is None:
+                if axmap is None:
+                    axmap = _length_axes(qk, stags, ctx["tags"], (spec.a, qtags, "q"), (spec.b, ktags, "k"),
+                                         (v_node, vtags, "k"), (q, k, v), gm)
+                ck = _prove_causal_dataflow(n, flag, gm, stags, kind, axmap, sshape)
             if ck is not None:
                 causal = ck
                 continue
@@ -287,6 +297,12 @@ def _prove_causal(n, flag, pre, gm, sshape, stags, kind) -> Optional[str]:
     assignments = [None] if lq is not None and lk is not None else C.size_assignments([sshape[iq], sshape[ik]])
     if not assignments or (pre is not None and assignments != [None]):
         return None
+    if assignments != [None]:  # symbolic sizes: also probe at the mask's own thresholds
+        extra = C.probe_sizes(n, gm)
+        if extra is None:
+            return None
+        syms = sorted(set().union(*(a.keys() for a in assignments)), key=str)
+        assignments = assignments + [{s_: c for s_ in syms} for c in extra if c >= 2]
     kinds = []
     for subs in assignments:
         if subs is None:
@@ -307,6 +323,109 @@ def _prove_causal(n, flag, pre, gm, sshape, stags, kind) -> Optional[str]:
             return None
         kinds.append((ck, vq == vk))
     distinct = {ck for ck, square in kinds if not square}
+    if len(distinct) > 1:
+        return None
+    return distinct.pop() if distinct else "top_left"
+
+
+_LINEAR = (torch.nn.functional.linear, torch._C._nn.linear)
+
+
+def _length_axes(qk, stags, tagmap, *seeds_and_views) -> Dict:
+    """``(node, axis) -> "q" | "k" | "qk"``: axes whose size is, in every run, the op's
+    query length Lq, key length Lk, or both (one axis feeding both proves Lq == Lk).
+
+    Found by dataflow only: the scores' own axes, every chain node's tagged axes, the
+    Q·Kᵀ / P·V operands' query/key axes, the peeled q/k/v bases' sequence axes, and the
+    input of a ``Linear`` / ``F.linear`` producing one of those (it keeps leading axes)."""
+    *seeds, views, gm = seeds_and_views
+    out: Dict = {}
+
+    def add(node, axis, t):
+        if not isinstance(node, fx.Node) or axis is None:
+            return
+        r = A.rank(node)
+        if r is None:
+            return
+        key = (node, A.norm_dim(axis, r))
+        old = out.get(key)
+        out[key] = t if old in (None, t) else "qk"
+
+    for i, t in enumerate(stags):
+        if t in ("q", "k"):
+            add(qk, i, t)
+    for node, tags in tagmap.items():
+        if tags is not None:
+            for i, t in enumerate(tags):
+                if t in ("q", "k"):
+                    add(node, i, t)
+    for node, tags, t in seeds:
+        if tags is not None and tags.count(t) == 1:
+            add(node, tags.index(t), t)
+    qv, kv, vv = views
+    add(qv.base, qv.axes[2], "q")
+    add(kv.base, kv.axes[2], "k")
+    add(vv.base, vv.axes[2], "k")
+    todo = list(out.items())
+    while todo:  # up through linear layers: x (…, T, C) -> linear -> (…, T, C')
+        (node, axis), t = todo.pop()
+        src = None
+        if node.op == "call_module" and gm is not None:
+            try:
+                mod = gm.get_submodule(node.target)
+            except AttributeError:
+                mod = None
+            if isinstance(mod, torch.nn.Linear) and node.args:
+                src = node.args[0]
+        elif node.op == "call_function" and node.target in _LINEAR and node.args:
+            src = node.args[0]
+        r = A.rank(node)
+        if isinstance(src, fx.Node) and r is not None and axis < r - 1 and A.rank(src) == r:
+            before = out.get((src, axis))
+            add(src, axis, t)
+            if out[(src, axis)] != before:
+                todo.append(((src, axis), out[(src, axis)]))
+    # an axis proven to be both lengths makes every axis of either length "qk"
+    if "qk" in out.values():
+        out = {key: "qk" for key in out}
+    return out
+
+
+def _prove_causal_dataflow(n, flag, gm, stags, kind, axmap, sshape) -> Optional[str]:
+    """Causality of a keep-mask built from the run-time query/key lengths (symbolic_trace).
+
+    The mask is evaluated with every size query of an axis in ``axmap`` set to the
+    length it provably is in every run (Lq, Lk); no other run-time value may reach it.
+    It is tried at many (Lq, Lk) pairs, including Lq = 1 and Lq > Lk; only Lq == Lk
+    pairs when one axis provably carries both. A mask that is causal at all of them
+    (e.g. ``arange(Lk)[None] > arange(Lq)[:, None]``, ``triu(ones(T, T), 1)``) is
+    causal by construction."""
+    if not axmap:
+        return None
+    r = len(stags)
+    iq, ik = stags.index("q"), stags.index("k")
+    square = "qk" in axmap.values()
+    extra = C.probe_sizes(n, gm)
+    if extra is None:
+        return None
+    pairs = [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8), (13, 13)] + [(c, c) for c in extra]
+    if not square:
+        pairs += [(1, 2), (1, 5), (2, 1), (2, 5), (5, 2), (3, 7), (7, 3), (4, 9), (9, 4)]
+        pairs += [p for c in extra for p in ((c, c + 1), (c + 1, c), (1, c))]
+    tq, tk = A.static_int(sshape[iq]), A.static_int(sshape[ik])
+    if tq is not None and tk is not None and (not square or tq == tk):
+        pairs.append((tq, tk))
+    kinds = []
+    for vq, vk in pairs:
+        sizes = {key: (vq if t in ("q", "qk") else vk) for key, t in axmap.items()}
+        val = C.const_eval(n, gm, None, sizes)
+        if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
+            return None
+        ck = C.causal_kind(~val if flag else val, vq, vk, iq - r, ik - r)
+        if ck is None or not (kind == "keep" or ck == "top_left" or vk >= vq):
+            return None
+        kinds.append((ck, vq == vk))
+    distinct = {ck for ck, sq in kinds if not sq}
     if len(distinct) > 1:
         return None
     return distinct.pop() if distinct else "top_left"

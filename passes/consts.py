@@ -6,11 +6,20 @@ literals, ``get_attr`` buffers, statically known sizes), :func:`scalar_value`
 (prove that a keep-mask is exactly a top-left or bottom-right causal mask, e.g.
 nanoGPT's sliced ``tril`` buffer or an ``arange`` comparison, by evaluating it at
 the graph's static sizes). Nothing is guessed: anything not evaluable is ``None``.
+
+Constants it may read: literals, ``get_attr`` buffers, sizes the graph is specialised
+to, and (dynamo graphs, given the backend's ``example_inputs``) placeholders that dynamo
+lifted from registered module buffers (:func:`is_module_buffer_placeholder`); this
+assumes such a buffer is not mutated in place after compiling (as inductor's freezing
+does). User inputs are never read. ``x.dtype`` reads the traced dtype from metadata (the
+rewrite is specialised to the traced dtypes anyway); ``x.device`` evaluates on the CPU.
+With ``axis_sizes`` a size query of an axis proven (by dataflow) to be the query or key
+length evaluates to a chosen value: how symbolic_trace's run-time masks are proven causal.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import fx
@@ -22,6 +31,68 @@ _MAX_ELEMS = 1 << 26
 _RANDOM = ("rand", "randn", "randint", "dropout", "bernoulli", "normal", "uniform", "multinomial")
 
 
+BUFFER_VALUES_ATTR = "_attnfuse_buffer_values"
+
+
+def is_module_buffer_placeholder(node: fx.Node) -> bool:
+    """True when dynamo lifted this placeholder from a module's registered buffer.
+
+    Decided by the placeholder's dynamo source (``node.meta["grapharg"].source``), never by
+    its name: the source must be ``DictGetItemSource(base=<...>._buffers, index=name)``,
+    which is how torch 2.13/2.14 dynamo (inline_inbuilt_nn_modules) reads ``module.name``
+    for a registered buffer. User inputs (LocalSource) and parameters (``_parameters``)
+    never qualify."""
+    if node.op != "placeholder":
+        return False
+    ga = node.meta.get("grapharg")
+    if ga is not None:
+        src = getattr(ga, "source", None)
+        if src is None or type(src).__name__ != "DictGetItemSource":
+            return False
+        base = getattr(src, "base", None)
+        return getattr(base, "member", None) == "_buffers" and isinstance(getattr(src, "index", None), str)
+    return _lifted_buffer_after_compile(node)
+
+
+def _lifted_buffer_after_compile(node: fx.Node) -> bool:
+    """Dynamo drops ``meta["grapharg"]`` once its backend returns; a graph kept past that
+    still says it three ways, all required: the placeholder's name is the source's
+    (``L['self']._buffers['bias']`` -> ``L_self_buffers_bias_``); dynamo marked it a static
+    input (``tensor_dict['_dynamo_static_input_type']``, set for module parameters and
+    buffers, not for user inputs); and the graph's ``dynamo_flat_name_to_original_fqn``
+    (module parameters and buffers only) names a tensor of that buffer name."""
+    target = str(node.target)
+    if "_buffers_" not in target or not target.startswith("L_") or not target.endswith("_"):
+        return False
+    if "_dynamo_static_input_type" not in (node.meta.get("tensor_dict") or {}):
+        return False
+    gm = node.graph.owning_module
+    fqns = getattr(gm, "meta", {}).get("dynamo_flat_name_to_original_fqn") if gm is not None else None
+    if not isinstance(fqns, dict):
+        return False
+    name = target[target.rindex("_buffers_") + len("_buffers_"):-1]
+    return bool(name) and any(isinstance(f, str) and f.split(".")[-1] == name for f in fqns.values())
+
+
+def module_buffer_values(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, torch.Tensor]:
+    """Concrete values of the placeholders that are lifted module buffers (nanoGPT's ``tril``).
+
+    ``example_inputs`` are what dynamo hands its backend: real tensors for lifted
+    parameters and buffers. Reading a buffer's value assumes it is not mutated in place
+    after compiling (the assumption inductor's freezing makes); user inputs are never read."""
+    out: Dict[fx.Node, torch.Tensor] = {}
+    if example_inputs is None:
+        return out
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(example_inputs):
+        return out
+    for n, x in zip(phs, example_inputs):
+        if is_module_buffer_placeholder(n) and type(x) is torch.Tensor and not x.is_meta \
+                and not x.requires_grad and x.numel() <= _MAX_ELEMS:
+            out[n] = x
+    return out
+
+
 class _NotConst(Exception):
     pass
 
@@ -31,13 +102,31 @@ def _is_random(node: fx.Node) -> bool:
     return any(r in name for r in _RANDOM)
 
 
-def const_eval(node: Any, gm: Optional[torch.nn.Module], subs: Optional[Dict] = None) -> Any:
+_AXES = "__attnfuse_axis_sizes__"  # memo key (never an fx.Node): the axis-size assignment
+
+
+class _Unknown:
+    """A size nobody may read: any use of it makes the evaluation fail (never a silent value)."""
+
+    def _fail(self, *a, **k):
+        raise _NotConst
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __index__ = __int__ = _fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __floordiv__ = __rfloordiv__ = _fail
+    __truediv__ = __rtruediv__ = __mod__ = __rmod__ = __neg__ = __float__ = __hash__ = _fail
+
+
+def const_eval(node: Any, gm: Optional[torch.nn.Module], subs: Optional[Dict] = None,
+               axis_sizes: Optional[Dict] = None) -> Any:
     """The concrete value of ``node`` if it depends only on constants, else None.
 
     ``subs`` maps the graph's size symbols to integers: symbolic sizes are then
-    evaluated at those values (the caller proves a property at several of them)."""
+    evaluated at those values (the caller proves a property at several of them).
+    ``axis_sizes`` maps ``(node, axis)`` to an integer: a size query of that axis
+    (``x.size(d)``, ``x.shape[d]``, ``sym_size``) evaluates to it, whatever the graph's
+    metadata says (a dataflow proof: the caller knows the axis is the query/key length)."""
     try:
-        return _eval(node, gm, {}, [0], subs)
+        return _eval(node, gm, {} if axis_sizes is None else {_AXES: axis_sizes}, [0], subs)
     except _NotConst:
         return None
     except Exception:  # noqa: BLE001 - evaluation of user code may fail in any way
@@ -79,8 +168,18 @@ def _eval(a: Any, gm, memo: Dict, budget, subs=None) -> Any:
         for part in n.target.split("."):
             obj = getattr(obj, part)
         val = obj
+    elif n.op == "placeholder" and n in (getattr(gm, BUFFER_VALUES_ATTR, None) or {}):
+        val = getattr(gm, BUFFER_VALUES_ATTR)[n]  # a lifted module buffer (see module_buffer_values)
     elif n.op == "placeholder" and isinstance(n.meta.get("val", n.meta.get("example_value")), torch.SymInt):
         val = _sym(n.meta.get("val", n.meta.get("example_value")), subs)
+    elif _AXES in memo and _size_source(n) is not None:
+        x, d = _size_source(n)
+        val = _axis_size(x, d, memo[_AXES], subs)
+    elif n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] == "device":
+        val = torch.device("cpu")  # the device never changes a value; evaluate on the CPU
+    elif n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] == "dtype" \
+            and isinstance(A.dtype(n.args[0]), torch.dtype):
+        val = A.dtype(n.args[0])  # from metadata: the rewrite is specialised to the traced dtypes
     elif n.op == "call_method" and n.target == "size":
         s = _specialized_shape(n.args[0])
         if s is None:
@@ -117,6 +216,46 @@ def _eval(a: Any, gm, memo: Dict, budget, subs=None) -> Any:
         raise _NotConst
     memo[n] = val
     return val
+
+
+def _size_source(n: fx.Node):
+    """``(x, d)`` for a size query of axis d of x (d None: the whole shape), else None."""
+    if not isinstance(n.args[0] if n.args else None, fx.Node):
+        return None
+    if n.op == "call_method" and n.target == "size":
+        d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return (n.args[0], d) if d is None or isinstance(d, int) else None
+    if n.op == "call_function" and n.target is getattr and len(n.args) == 2 and n.args[1] == "shape":
+        return n.args[0], None
+    if n.op == "call_function" and "sym_size" in str(n.target) and len(n.args) > 1 and isinstance(n.args[1], int):
+        return n.args[0], n.args[1]
+    return None
+
+
+def _axis_size(x: fx.Node, d, axis_sizes: Dict, subs):
+    r = A.rank(x)
+    if r is None:
+        raise _NotConst
+
+    def one(i):
+        if (x, i) in axis_sizes:
+            return axis_sizes[(x, i)]
+        s = _specialized_shape(x)
+        if s is not None:
+            try:
+                return _sym(s[i], subs)
+            except _NotConst:
+                pass
+        return _Unknown()
+
+    if d is None:
+        return tuple(one(i) for i in range(r))
+    if not -r <= d < r:
+        raise _NotConst
+    v = one(d % r)
+    if isinstance(v, _Unknown):
+        raise _NotConst
+    return v
 
 
 def _specialized_shape(node):
@@ -193,6 +332,62 @@ def size_assignments(sizes) -> Optional[list]:
     for s in syms:
         out.append({**base, s: max(2, base[s] - 1)})
     return out
+
+
+_PROBE_MAX = 4096  # largest size a mask is probed at (a 4096 x 4096 bool mask)
+
+
+def probe_sizes(node: Any, gm) -> Optional[List[int]]:
+    """Sizes to probe a size-built mask at beyond small ones: around every number in its
+    subgraph and every dimension of a buffer it reads (a sliding window ``j > i - W`` or a
+    buffer that stops being triangular at row W looks causal below W only). None when
+    such a number is too large to probe (the caller then proves nothing)."""
+    out, seen, todo = set(), set(), [node]
+    tensors = []
+
+    def num(x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isinf(x) or math.isnan(x):
+            return True
+        c = abs(x)
+        if c >= 2 ** 31:  # "to the end" slice bounds (INT64_MAX): beyond any (L, L) mask
+            return True
+        if c > _PROBE_MAX:
+            return False
+        c = int(math.ceil(c))
+        out.update(v for v in (c - 1, c, c + 1, c + 2) if v >= 1)
+        return True
+
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > 4 * _MAX_NODES:
+            return None
+        if n.op == "get_attr":
+            try:
+                obj = gm
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                tensors.append(obj)
+            except AttributeError:
+                return None
+        elif n.op == "placeholder" and n in (getattr(gm, BUFFER_VALUES_ATTR, None) or {}):
+            tensors.append(getattr(gm, BUFFER_VALUES_ATTR)[n])
+        flat = []
+        fx.node.map_aggregate((n.args, dict(n.kwargs)), flat.append)
+        for a in flat:
+            if isinstance(a, fx.Node):
+                todo.append(a)
+            elif not num(a):
+                return None
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            for d in t.shape:
+                if d > _PROBE_MAX:
+                    return None
+                out.update(v for v in (d - 1, d) if v >= 1)
+    return sorted(out)
 
 
 def is_neg_inf(v: Optional[float]) -> bool:

@@ -304,6 +304,15 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
             continue
         if op.kind == O.DROPOUT:
             p, train = op.get("p"), op.get("train")
+            if train is False and op.sub != "native_dropout":
+                # eval mode: identity whatever p is (dynamo traces nn.Dropout's p as a
+                # run-time scalar under dynamic=True, ``p_tensor.item()``: dead once dropped)
+                if isinstance(p, fx.Node) and p.op == "call_method" and p.target == "item" and \
+                        list(p.users) == [u]:
+                    chain.append(p)
+                chain.append(u)
+                cur = u
+                continue
             if not isinstance(p, (int, float)) or not isinstance(train, bool):
                 raise _Miss("unsupported_op", f"{_name(u)}: dropout with a traced p/train", u)
             if train and p > 0:

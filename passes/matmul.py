@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
+import torch
 from torch import fx
 
 from attnfuse.passes import axes as A
@@ -30,6 +31,13 @@ class MMSpec:
     alpha: float = 1.0
     beta: float = 1.0
     hints: Tuple[Optional[str], Optional[str]] = (None, None)  # (query, key) letters when known
+    alpha_node: Any = None  # baddbmm alpha computed at run time (a SymFloat node): scale = alpha * that
+
+
+def _symbolic_number(n: fx.Node) -> bool:
+    """A node whose value is a Python number (dynamo/make_fx metadata: SymFloat, SymInt)."""
+    v = n.meta.get("val", n.meta.get("example_value"))
+    return isinstance(v, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(v, bool)
 
 
 def _matmul_letters(ra: int, rb: int):
@@ -109,9 +117,14 @@ def mm_spec(node: fx.Node, op: O.Op) -> Optional[MMSpec]:
         return None
     if op.sub == "baddbmm":
         alpha, beta = op.get("alpha", 1), op.get("beta", 1)
-        if not isinstance(alpha, (int, float)) or not isinstance(beta, (int, float)):
+        alpha_node = None
+        if isinstance(alpha, fx.Node) and _symbolic_number(alpha):
+            alpha_node, alpha = alpha, 1.0  # a run-time scale (BLOOM's inv_norm_factor under dynamic shapes)
+        if isinstance(alpha, bool) or isinstance(beta, bool) or \
+                not isinstance(alpha, (int, float)) or not isinstance(beta, (int, float)):
             return None
-        return MMSpec(a, b, *letters, bias=op.get("bias"), alpha=float(alpha), beta=float(beta))
+        return MMSpec(a, b, *letters, bias=op.get("bias"), alpha=float(alpha), beta=float(beta),
+                      alpha_node=alpha_node)
     return MMSpec(a, b, *letters)
 
 

@@ -286,9 +286,6 @@ def test_dynamic_shapes_no_recompile_per_length(monkeypatch, mode):
         assert rec.count(lambda n: n.target in FUSED_OPS, i) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="matcher: under dynamic=True dynamo traces nn.Dropout's p as a "
-                   "SymFloat; an eval-mode dropout (training=False) with a traced p is reported as a near "
-                   "miss instead of being dropped")
 def test_dynamic_eval_dropout_is_fused(monkeypatch):
     model = NanoGPTBlock(dropout=0.1).eval()
     rec = Recorder(monkeypatch)

@@ -429,3 +429,243 @@ def test_not_causal_when_mask_only_looks_causal_at_the_traced_size():
     assert all(fu.causal == "none" for fu in res.report.fusions)
     q2, k2, v2 = qkv(lq=7, lk=7)
     torch.testing.assert_close(gm(q2, k2, v2), Fn(f)(q2, k2, v2))
+
+
+# ---------------------------------------------------------------------------
+# lifted module buffers, dataflow-proven causal masks, dynamic scalars
+# ---------------------------------------------------------------------------
+
+class _NanoGPTAttn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+
+    def forward(self, q, k, v):
+        t = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        return F.softmax(att, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_lifted_tril_buffer_becomes_causal(dynamic):
+    from attnfuse import backend as B
+    m = _NanoGPTAttn()
+    torch._dynamo.reset()
+    f = torch.compile(m, backend="attnfuse", dynamic=dynamic, options={"inner": "eager"})
+    q, k, v = qkv(lq=6, lk=6)
+    torch.testing.assert_close(f(q, k, v), m(q, k, v))
+    fus = B.last_report().fusions
+    assert len(fus) == 1 and fus[0].causal == "top_left" and fus[0].bias == "none"
+    q, k, v = qkv(lq=4, lk=4)
+    torch.testing.assert_close(f(q, k, v), m(q, k, v))
+
+
+def test_lifted_buffer_read_but_user_input_mask_never():
+    from attnfuse.passes import consts as C
+
+    def f(s, q, k, v, m):
+        att = (q @ k.transpose(-2, -1)).masked_fill(m == 0, float("-inf"))
+        att = att.masked_fill(s.bias[:, :, :5, :5] == 0, float("-inf"))
+        return F.softmax(att, dim=-1) @ v
+
+    class M(Fn):
+        def forward(self, q, k, v, m):
+            return self.f(self, q, k, v, m)
+
+    mod = M(f, bias=torch.tril(torch.ones(8, 8)).view(1, 1, 8, 8))
+    q, k, v = qkv()
+    tril = torch.tril(torch.ones(5, 5))  # a user input that happens to be causal stays a mask
+    box = {}
+
+    def backend(gm, ex):  # dynamo drops meta["grapharg"] once its backend returns
+        box["kinds"] = {n.name: C.is_module_buffer_placeholder(n) for n in gm.graph.nodes if n.op == "placeholder"}
+        box["res"] = attnfuse.rewrite(gm, ex, strict=True)
+        assert not hasattr(gm, C.BUFFER_VALUES_ATTR)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(mod, backend=backend, fullgraph=True)(q, k, v, tril)
+    kinds = box["kinds"]
+    assert sum(kinds.values()) == 1 and [k_ for k_, b in kinds.items() if b][0].endswith("bias_"), kinds
+    fus = box["res"].report.fusions
+    assert len(fus) == 1 and fus[0].causal == "top_left" and fus[0].bias != "none"
+    torch.testing.assert_close(out, mod(q, k, v, tril))
+
+
+def _fx(f, *args):
+    gm = torch.fx.symbolic_trace(Fn(f))
+    return gm, attnfuse.rewrite(gm, args, strict=True).report
+
+
+def test_symbolic_trace_arange_masks_proven_causal_by_dataflow():
+    def top_left(s, q, k, v):
+        i = torch.arange(q.size(-2), device=q.device)
+        j = torch.arange(k.size(-2), device=q.device)
+        return F.softmax((q @ k.transpose(-2, -1)).masked_fill(j[None, :] > i[:, None], float("-inf")), -1) @ v
+
+    def bottom_right(s, q, k, v):
+        lq, lk = q.shape[2], k.shape[2]
+        keep = torch.arange(lk).view(1, -1) <= torch.arange(lq).view(-1, 1) + (lk - lq)
+        return F.softmax(torch.where(keep, q @ k.transpose(-2, -1), torch.tensor(float("-inf"))), -1) @ v
+
+    for f, want, (lq, lk) in ((top_left, "top_left", (5, 5)), (bottom_right, "bottom_right", (3, 6))):
+        gm, rep = _fx(f, *qkv(lq=lq, lk=lk))
+        assert [(fu.causal, fu.bias) for fu in rep.fusions] == [(want, "none")], rep.to_text()
+        for lq2, lk2 in ((lq, lk), (2, 7), (4, 4)):  # the graph runs at any size: so must the proof
+            q, k, v = qkv(lq=lq2, lk=lk2)
+            torch.testing.assert_close(gm(q, k, v), Fn(f)(q, k, v))
+
+
+def test_symbolic_trace_triu_of_shared_length_is_causal_but_of_q_length_only_is_not():
+    class SelfAttn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qp, self.kp, self.vp = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            t = x.size(1)
+            q, k, v = self.qp(x), self.kp(x), self.vp(x)
+            future = torch.triu(torch.ones((t, t), dtype=torch.bool, device=x.device), diagonal=1)
+            return F.softmax((q @ k.transpose(-2, -1)).masked_fill(future, float("-inf")), -1) @ v
+
+    torch.manual_seed(0)
+    m = SelfAttn()
+    gm = torch.fx.symbolic_trace(m)
+    x = torch.randn(2, 5, 8)
+    rep = attnfuse.rewrite(gm, (x,), strict=True).report
+    assert [(fu.causal, fu.bias) for fu in rep.fusions] == [("top_left", "none")], rep.to_text()
+    for t in (5, 3, 1):
+        x = torch.randn(2, t, 8)
+        torch.testing.assert_close(gm(x), m(x))
+
+    def q_only(s, q, k, v):  # Lk may differ from Lq (e.g. Lq == 1 broadcasts the 1x1 mask): not causal
+        t = q.size(2)
+        future = torch.triu(torch.ones((t, t), dtype=torch.bool), diagonal=1)
+        return F.softmax((q @ k.transpose(-2, -1)).masked_fill(future, float("-inf")), -1) @ v
+
+    gm, rep = _fx(q_only, *qkv())
+    assert [fu.causal for fu in rep.fusions] == ["none"], rep.to_text()
+    for lq, lk in ((5, 5), (1, 4)):
+        q, k, v = qkv(lq=lq, lk=lk)
+        torch.testing.assert_close(gm(q, k, v), Fn(q_only)(q, k, v))
+
+    def shifted(s, q, k, v):  # equal to tril at L == 5 only
+        n = q.size(2)
+        keep = torch.arange(k.size(2))[None, :] <= torch.arange(n)[:, None] + (n - 5)
+        return F.softmax((q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")), -1) @ v
+
+    gm, rep = _fx(shifted, *qkv())
+    assert [fu.causal for fu in rep.fusions] == ["none"], rep.to_text()
+    q, k, v = qkv(lq=7, lk=7)
+    torch.testing.assert_close(gm(q, k, v), Fn(shifted)(q, k, v))
+
+
+def test_eval_dropout_with_traced_p_under_dynamic_shapes_is_dropped():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, q, k, v):
+            return self.drop(F.softmax(q @ k.transpose(-2, -1) * 0.3, dim=-1)) @ v
+
+    m = M().eval()
+    box = {}
+
+    def capture(gm, ex):
+        box["res"] = attnfuse.rewrite(gm, ex, strict=True)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(m, backend=capture, dynamic=True)
+    q, k, v = qkv(lq=6, lk=6)
+    out = f(q, k, v)
+    rep = box["res"].report
+    assert len(rep.fusions) == 1 and rep.fusions[0].dropout_p == 0.0 and not rep.near_misses, rep.to_text()
+    gm = box["res"].graph_module
+    assert not any(n.op == "call_method" and n.target == "item" for n in gm.graph.nodes)
+    torch.testing.assert_close(out, m(q, k, v))
+    q, k, v = qkv(lq=3, lk=9)
+    torch.testing.assert_close(f(q, k, v), m(q, k, v))
+
+
+def test_baddbmm_symfloat_alpha_becomes_a_runtime_scale():
+    class Bloom(nn.Module):
+        def forward(self, q, kt, v, alibi):
+            s = alibi.baddbmm(batch1=q, batch2=kt, beta=1.0, alpha=1 / math.sqrt(q.size(-1)))
+            return torch.bmm(F.softmax(s, -1), v)
+
+    m = Bloom()
+    box = {}
+
+    def capture(gm, ex):
+        box["res"] = attnfuse.rewrite(gm, ex, strict=True)
+        return gm.forward
+
+    def inputs(n, L, D):
+        g = torch.Generator().manual_seed(L)
+        return (torch.randn(n, L, D, generator=g), torch.randn(n, D, L, generator=g),
+                torch.randn(n, L, D, generator=g), torch.randn(n, 1, L, generator=g))
+
+    torch._dynamo.reset()
+    f = torch.compile(m, backend=capture, dynamic=True)
+    args = inputs(6, 5, 8)
+    torch.testing.assert_close(f(*args), m(*args))
+    rep = box["res"].report
+    assert len(rep.fusions) == 1 and "run-time" in rep.fusions[0].scale, rep.to_text()
+    args = inputs(4, 7, 16)  # another head dim: the scale is read at run time
+    torch.testing.assert_close(f(*args), m(*args))
+
+
+def test_symbolic_trace_fill_with_dtype_read_from_the_scores_is_constant_folded():
+    def gpt2(s, q, k, v):
+        w = q @ k.transpose(-1, -2)
+        mask_value = torch.full([], torch.finfo(torch.float32).min, dtype=w.dtype)
+        return F.softmax(torch.where(s.keep[:, :, :5, :5], w, mask_value.to(w.dtype)), dim=-1) @ v
+
+    keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    keep[..., 2] = False  # a key-padding-like pattern: a bool mask, not causal
+    m = Fn(gpt2, keep=keep)
+    q, k, v = qkv()
+    gm = torch.fx.symbolic_trace(m)
+    rep = attnfuse.rewrite(gm, (q, k, v), strict=True).report
+    assert len(rep.fusions) == 1 and not rep.near_misses, rep.to_text()
+    torch.testing.assert_close(gm(q, k, v), m(q, k, v))
+
+
+def test_sliding_window_masks_are_not_causal_beyond_the_traced_sizes():
+    """Causal at every small size, not past the window W: must stay a mask (probed at W)."""
+    W = 20
+
+    def window(s, q, k, v):
+        i = torch.arange(q.size(-2))[:, None]
+        j = torch.arange(k.size(-2))[None, :]
+        keep = (j <= i) & (j > i - W)
+        return F.softmax((q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")), -1) @ v
+
+    gm, rep = _fx(window, *qkv())
+    assert [fu.causal for fu in rep.fusions] == ["none"], rep.to_text()
+    q, k, v = qkv(b=1, h=1, lq=30, lk=30)
+    torch.testing.assert_close(gm(q, k, v), Fn(window)(q, k, v))
+
+    class Buf(nn.Module):  # a lifted buffer that stops being triangular at row W, under dynamic=True
+        def __init__(self):
+            super().__init__()
+            ones = torch.ones(32, 32)
+            self.register_buffer("bias", (torch.tril(ones) - torch.tril(ones, -W)).view(1, 1, 32, 32))
+
+        def forward(self, q, k, v):
+            t = q.size(-2)
+            att = (q @ k.transpose(-2, -1)).masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            return F.softmax(att, dim=-1) @ v
+
+    from attnfuse import backend as B
+    m = Buf()
+    torch._dynamo.reset()
+    f = torch.compile(m, backend="attnfuse", dynamic=True, options={"inner": "eager"})
+    q, k, v = qkv(lq=6, lk=6)
+    torch.testing.assert_close(f(q, k, v), m(q, k, v))
+    assert [fu.causal for fu in B.last_report().fusions] == ["none"]
+    q, k, v = qkv(b=1, h=1, lq=30, lk=30)
+    torch.testing.assert_close(f(q, k, v), m(q, k, v))

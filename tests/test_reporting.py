@@ -105,19 +105,37 @@ def test_near_miss_in_json_and_text(user_module):
     assert "0 fused, 1 near miss" in text and "evil_model.py:14" in text and m["reason"][:30] in text
 
 
-def test_memory_unknown_without_shapes():
+def test_memory_unknown_without_context():
     class M(nn.Module):
         def forward(self, q, k, v):
             return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
     gm = torch.fx.symbolic_trace(M())
     res = attnfuse.rewrite(gm, _qkv())
     assert len(res.report.fusions) == 1
-    data = reporting.to_dict(res.report)            # no context: the renderer must say "unknown"
+    bare = res.report.data                          # the pass's data alone, no context
+    data = reporting.to_dict(bare)
     f = data["fusions"][0]
     assert f["memory_bytes_per_call"] is None and f["memory_note"].startswith("unknown")
     assert data["totals"]["memory_bytes_per_call"] is None
-    assert "unknown" in reporting.to_text(res.report)
-    assert reporting.diff(res.report) == ""
+    assert "unknown" in reporting.to_text(bare)
+    assert reporting.diff(bare) == ""
+
+
+def test_rewrite_result_report_has_renderers_and_context():
+    class M(nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+    q, k, v = _qkv()
+    res = attnfuse.rewrite(torch.fx.symbolic_trace(M()), (q, k, v))
+    data = json.loads(res.report.to_json())
+    B, H, L, _ = q.shape
+    expected = B * H * L * k.shape[2] * (4 + 4)     # fp32 scores + fp32 probabilities
+    assert data["schema"] == "attnfuse.report/1"
+    assert data["fusions"][0]["memory_bytes_per_call"] == expected
+    d = res.report.diff()
+    assert "-" in d and "softmax" in d and "flash_attention" in d
+    assert "flash_attention" in res.report.to_text()
+    assert res.report.to_html().lstrip().lower().startswith("<!doctype html")
 
 
 def test_diff_shows_removed_softmax_and_inserted_op(user_module):
