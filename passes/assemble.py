@@ -102,6 +102,9 @@ def _score_items(items, spec, stags0=None) -> Dict:
                 scale *= c
                 continue
             if phase == 2 and softcap == 0.0 and c > 0:
+                # (s + b) * c == (c·s) + (c·b): a positive constant after the biases/masks (Falcon's
+                # ALiBi `logits *= inv_norm`) folds into the scale and each bias's coefficient (the
+                # emitted bias is multiplied by c at its own shape). Never across a softcap's tanh.
                 for t in raw_terms:
                     if t[0] == "float":
                         t[2] *= c

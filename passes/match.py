@@ -290,6 +290,20 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
             chain.append(u)
             cur = u
             continue
+        if op.kind == O.LAYOUT and op.sub == "view" and op.get("x") is cur:
+            # a view the axis tracker can follow (same shape, unit axes, batch splits/merges)
+            # keeps every axis's meaning; P·V's contraction is still proven on the new tags
+            new = None
+            if A.shape(cur) is not None and A.shape(u) is not None and len(tags) == len(A.shape(cur)):
+                try:
+                    new = view_tags(tags, A.shape(cur), A.shape(u), u)
+                except _Miss:
+                    new = None
+            if new is not None:
+                tags = new
+                chain.append(u)
+                cur = u
+                continue
         if op.kind == O.LAYOUT and op.sub in ("permute", "transpose", "mT"):
             r = len(tags)
             if op.sub == "permute":

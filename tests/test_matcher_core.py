@@ -669,3 +669,93 @@ def test_sliding_window_masks_are_not_causal_beyond_the_traced_sizes():
     assert [fu.causal for fu in B.last_report().fusions] == ["none"]
     q, k, v = qkv(b=1, h=1, lq=30, lk=30)
     torch.testing.assert_close(f(q, k, v), m(q, k, v))
+
+
+# ---------------------------------------------------------------------------
+# Falcon with ALiBi: (scores + alibi) *= c, an additive mask, probs.view(same shape) @ V
+# ---------------------------------------------------------------------------
+
+class _FalconAlibiLike(nn.Module):
+    """modeling_falcon.py's eager ALiBi path, reduced: Q·Kᵀ viewed to its own shape, the
+    ALiBi bias (stored as (B·H, 1, L)) added *before* the in-place scale, and the
+    probabilities viewed to their own shape before P·V."""
+
+    def __init__(self, b=2, h=4, lq=6, d=8, inplace=True):
+        super().__init__()
+        self.inplace = inplace
+        self.inv_norm_factor = 1.0 / math.sqrt(d)  # a constant, as in Falcon
+        slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)])
+        alibi = slopes[:, None] * torch.arange(lq, dtype=torch.float32)[None]   # (H, L)
+        self.register_buffer("alibi", alibi[None].expand(b, h, lq).reshape(b * h, 1, lq).clone())
+        mask = torch.triu(torch.full((lq, lq), torch.finfo(torch.float32).min), 1)
+        self.register_buffer("mask", mask[None, None].expand(b, 1, lq, lq).clone())
+
+    def forward(self, q, k, v):
+        b, h, lq, d = q.shape
+        scores = (q @ k.transpose(-1, -2)).view(b, h, lq, -1)
+        logits = scores + self.alibi.view(b, h, 1, -1)
+        if self.inplace:
+            logits *= self.inv_norm_factor
+        else:
+            logits = logits * self.inv_norm_factor
+        probs = F.softmax(logits + self.mask, dim=-1, dtype=torch.float32)
+        probs = F.dropout(probs, 0.0, False, False)
+        return probs.view(b, h, lq, -1) @ v
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("dialect", ["dynamo", "make_fx", "symbolic_trace"])
+def test_falcon_alibi_scale_after_bias_and_probs_view(dialect, inplace):
+    q, k, v = qkv(b=2, h=4, lq=6, lk=6, d=8)
+    m = _FalconAlibiLike(inplace=inplace)
+    ref = m(q, k, v)
+    args = (q, k, v)
+    if dialect == "dynamo":
+        gm, args = dynamo_graph(m, args)
+        res = attnfuse.rewrite(gm, strict=True)
+    elif dialect == "make_fx":
+        gm = make_fx(m)(q, k, v)
+        res = attnfuse.rewrite(gm, strict=True)
+    else:
+        gm = torch.fx.symbolic_trace(m)
+        res = attnfuse.rewrite(gm, args, strict=True)
+    gm = res.graph_module
+    assert n_fused(gm) == 1 and not res.report.near_misses, res.report.to_text()
+    assert float(res.report.fusions[0].scale) == pytest.approx(1 / math.sqrt(8))
+    out = gm(*args)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out, ref)
+
+
+NEAR_FALCON = {
+    # the probabilities viewed so that P·V contracts the query axis, not the key axis
+    "pv_contraction": lambda s, q, k, v: F.softmax(q @ k.transpose(-1, -2), -1)
+    .transpose(-1, -2).contiguous().view(q.shape[0], q.shape[1], q.shape[2], -1) @ v,
+    # softcap, then bias, then scale: the scale would have to reach inside the tanh
+    "unsupported_op": lambda s, q, k, v: F.softmax(
+        (torch.tanh((q @ k.transpose(-1, -2)) / 20.0) * 20.0 + s.w) * 0.5, -1).view(q.shape) @ v,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NEAR_FALCON))
+@pytest.mark.parametrize("dialect", ["dynamo", "make_fx", "symbolic_trace"])
+def test_falcon_like_probs_view_and_scale_after_bias_near_misses(kind, dialect):
+    n = 4  # B == H == L == D: sizes cannot tell axes apart
+    q, k, v = (torch.randn(n, n, n, n) for _ in range(3))
+    m = Fn(NEAR_FALCON[kind], w=torch.randn(n, n))
+    ref = m(q, k, v)
+    args = (q, k, v)
+    if dialect == "dynamo":
+        gm, args = dynamo_graph(m, args)
+        ref = gm(*args)
+        ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+        res = attnfuse.rewrite(gm, strict=True)
+    else:
+        gm = torch.fx.symbolic_trace(m) if dialect == "symbolic_trace" else make_fx(m)(q, k, v)
+        res = attnfuse.rewrite(gm, args, strict=True)
+    gm = res.graph_module
+    assert n_fused(gm) == 0
+    assert [x.kind for x in res.report.near_misses] == [kind], res.report.to_text()
+    out = gm(*args)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out, ref)
