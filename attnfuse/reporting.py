@@ -69,6 +69,9 @@ class FusionDetail:
     memory_note: str = "unknown: the graph carried no shape metadata for the scores"
     before: List[str] = field(default_factory=list)
     after: List[str] = field(default_factory=list)
+    # the same subgraphs as (node name, short label) and (source, target) edges, for pictures
+    before_graph: tuple = ((), ())
+    after_graph: tuple = ((), ())
 
 
 @dataclass
@@ -198,6 +201,22 @@ def _subgraph(start: List[str], allowed: set, neighbours) -> List[str]:
     return list(seen)
 
 
+def _label(node: Optional[fx.Node]) -> str:
+    """A short label for a node in a picture: its name and what it calls."""
+    if node is None:
+        return ""
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name}\n{node.op}: {target}"
+
+
+def _picture_graph(names: List[str], inputs, label) -> tuple:
+    """((name, label), ...), ((src, dst), ...) for the nodes ``names`` (edges between them)."""
+    inside = set(names)
+    nodes = tuple((n, label(n)) for n in names)
+    edges = tuple((a, n) for n in names for a in inputs(n) if a in inside)
+    return nodes, edges
+
+
 def build_context(report: Any, before: GraphSnapshot, after_gm: Optional[fx.GraphModule],
                   pass_time_s: Optional[float] = None, name: Optional[str] = None) -> GraphContext:
     """Details of ``report`` from a snapshot of the graph taken before the rewrite and the
@@ -224,12 +243,17 @@ def build_context(report: Any, before: GraphSnapshot, after_gm: Optional[fx.Grap
         removed = _subgraph(list(f.nodes_removed), gone,
                             lambda n: before.inputs.get(n, []) + users.get(n, []))
         d.before = [before.text[n] for n in sorted(removed, key=order.get)]
+        d.before_graph = _picture_graph(sorted(removed, key=order.get), lambda n: before.inputs.get(n, []),
+                                        lambda n: _label(before.nodes.get(n)))
         call = after_nodes.get(f.node_inserted)
         if call is not None:
             inserted = _subgraph([call.name], new | {call.name},
                                  lambda n: [m.name for m in after_nodes[n].all_input_nodes] +
                                  [m.name for m in after_nodes[n].users])
             d.after = [after_nodes[n].format_node() or n for n in after_nodes if n in set(inserted)]
+            d.after_graph = _picture_graph([n for n in after_nodes if n in set(inserted)],
+                                           lambda n: [m.name for m in after_nodes[n].all_input_nodes],
+                                           lambda n: _label(after_nodes.get(n)))
         ctx.fusions.append(d)
     for m in report.near_misses:
         ctx.near_miss_code.append(_code_of(before.nodes.get(m.node), m.location))
@@ -357,6 +381,7 @@ table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;paddin
 pre,code,.node{font-family:ui-monospace,monospace;font-size:12px}
 pre{background:#f6f8fa;padding:.5em;overflow:auto}
 .subgraphs{display:flex;gap:2em} .subgraphs>div{flex:1;min-width:0}
+.svg svg{max-width:100%;height:auto}
 .node{border:1px solid #999;border-radius:4px;padding:2px 6px;margin:0 0 2px 0;white-space:pre-wrap}
 .removed .node{background:#ffecec} .inserted .node{background:#eaffea}
 .fused{color:#1a7f37} .miss{color:#9a6700} .err{color:#cf222e}
@@ -389,6 +414,45 @@ def to_html_many(reports: List[Any], path: Optional[str] = None) -> str:
     return page
 
 
+_SAFE_LABEL = re.compile(r"[^A-Za-z0-9_.:\n -]")
+
+
+def graph_svg(graph: tuple, title: str) -> Optional[str]:
+    """An SVG picture of a subgraph through graphviz's ``dot``, or None where graphviz is not
+    installed or fails. Labels keep only identifier characters, so nothing from user code
+    reaches the SVG unescaped."""
+    import shutil
+    import subprocess
+
+    dot = shutil.which("dot")
+    nodes, edges = graph
+    if dot is None or not nodes:
+        return None
+    ids = {name: f"n{i}" for i, (name, _) in enumerate(nodes)}
+    lines = [f'digraph "{_SAFE_LABEL.sub("_", title)}" {{', "rankdir=TB;", 'node [shape=box, fontname="monospace"];']
+    for name, label in nodes:
+        text = _SAFE_LABEL.sub("_", label).replace("\n", "\\n")
+        lines.append(f'{ids[name]} [label="{text}"];')
+    lines += [f"{ids[a]} -> {ids[b]};" for a, b in edges]
+    lines.append("}")
+    try:
+        done = subprocess.run([dot, "-Tsvg"], input="\n".join(lines), capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    svg = done.stdout
+    if done.returncode != 0 or "<svg" not in svg:
+        return None
+    return svg[svg.index("<svg"):]
+
+
+def _subgraph_html(lines: List[str], graph: tuple, title: str) -> str:
+    """The subgraph as an SVG picture (graphviz, where installed) or as plain HTML boxes."""
+    svg = graph_svg(graph, title)
+    if svg is not None:
+        return f"<div class='svg'>{svg}</div>"
+    return "".join(f"<div class='node'>{html.escape(s, quote=True)}</div>" for s in lines)
+
+
 def to_html(report: Any, path: Optional[str] = None, context: Optional[GraphContext] = None) -> str:
     """One self-contained HTML page (no scripts, no network): summary, per fusion the recognised
     parameters, before/after code and subgraphs, near misses, and the side-by-side graph diff.
@@ -417,10 +481,11 @@ def to_html(report: Any, path: Optional[str] = None, context: Optional[GraphCont
                 ("nodes removed", f"{len(f['nodes_removed'])}: {', '.join(f['nodes_removed'])}"),
                 ("node inserted", f["node_inserted"])]
         out.append("<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows) + "</table>")
+        detail = ctx.fusions[i - 1]
         out.append("<div class='subgraphs'><div class='removed'><h3>Before (removed subgraph)</h3>"
-                   + "".join(f"<div class='node'>{e(s)}</div>" for s in f["before"])
+                   + _subgraph_html(f["before"], detail.before_graph, f"before_{i}")
                    + "</div><div class='inserted'><h3>After (inserted subgraph)</h3>"
-                   + "".join(f"<div class='node'>{e(s)}</div>" for s in f["after"]) + "</div></div>")
+                   + _subgraph_html(f["after"], detail.after_graph, f"after_{i}") + "</div></div>")
     if d["near_misses"]:
         out.append("<h2 class='miss'>Near misses</h2><table><tr><th>location</th><th>code</th><th>kind</th>"
                    "<th>reason</th><th>node</th></tr>")

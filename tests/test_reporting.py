@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 
@@ -181,3 +182,33 @@ def test_html_escapes_near_miss_and_many(user_module, tmp_path):
 def html_escaped(s):
     import html
     return html.escape(s, quote=True)
+
+
+def _fused_result():
+    class M(nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1) @ v
+    return attnfuse.rewrite(torch.fx.symbolic_trace(M()), _qkv())
+
+
+def test_html_subgraphs_plain_without_graphviz(monkeypatch):
+    import shutil
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    page = _fused_result().report.to_html()
+    assert "<svg" not in page and "class='node'" in page and "softmax" in page
+
+
+def test_html_subgraphs_as_svg_through_dot(monkeypatch, tmp_path):
+    """With a ``dot`` on PATH, each subgraph is drawn from a DOT graph of its nodes and edges."""
+    seen = tmp_path / "dot_inputs.txt"
+    fake = tmp_path / "dot"
+    fake.write_text(f"#!/bin/sh\ncat >> {seen}\necho '<?xml version=\"1.0\"?>'\n"
+                    "echo '<svg id=\"fake-dot\"><g></g></svg>'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    page = _fused_result().report.to_html()
+    assert page.count('<svg id="fake-dot">') == 2          # before and after of the one fusion
+    assert "<?xml" not in page
+    dot = seen.read_text()
+    assert dot.count("digraph") == 2 and "->" in dot
+    assert "softmax" in dot and "flash_attention" in dot
