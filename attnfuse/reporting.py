@@ -442,7 +442,8 @@ def graph_svg(graph: tuple, title: str) -> Optional[str]:
     svg = done.stdout
     if done.returncode != 0 or "<svg" not in svg:
         return None
-    return svg[svg.index("<svg"):]
+    # Inline SVG in HTML needs no namespace declarations; dropping them leaves no URL at all.
+    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg[svg.index("<svg"):])
 
 
 def _subgraph_html(lines: List[str], graph: tuple, title: str) -> str:
