@@ -55,6 +55,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx
 
+from attnfuse.passes.axes import meta_val
+
 SCHEMA = "attnfuse.report/1"
 
 
@@ -113,14 +115,7 @@ def code_line_from_location(location: Optional[str]) -> Optional[str]:
         return None
 
 
-def _meta(node: Optional[fx.Node]):
-    if node is None:
-        return None
-    for key in ("val", "example_value"):
-        v = node.meta.get(key)
-        if v is not None:
-            return v
-    return node.meta.get("tensor_meta")
+_meta = meta_val  # the value (fake tensor or TensorMetadata) a node's metadata records
 
 
 def _hint(s: Any) -> Optional[int]:
