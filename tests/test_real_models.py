@@ -13,7 +13,7 @@ import torch
 
 import real_models as R
 
-FAST = ["gpt2-padded", "bert-padded", "llama-padded", "t5-padded", "timm-vit", "sd-unet"]
+FAST = ["gpt2-padded", "bert-padded", "llama-padded", "t5-padded", "falcon_alibi-padded", "timm-vit", "sd-unet"]
 
 
 def _describe(res) -> str:
