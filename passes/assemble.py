@@ -306,21 +306,35 @@ def _prove_causal(n, flag, pre, gm, sshape, stags, kind) -> Optional[str]:
             return None
         syms = sorted(set().union(*(a.keys() for a in assignments)), key=str)
         assignments = assignments + [{s_: c for s_ in syms} for c in extra if c >= 2]
+    def samples():
+        for subs in assignments:
+            if subs is None:
+                vq, vk = lq, lk
+            else:
+                eq, ek = A.expr(sshape[iq]).subs(subs), A.expr(sshape[ik]).subs(subs)
+                if not (eq.is_Integer and ek.is_Integer):
+                    yield None, 0, 0  # a size that does not evaluate: nothing is proven
+                    return
+                vq, vk = int(eq), int(ek)
+            val = C.const_eval(n, gm, subs)
+            if isinstance(val, torch.Tensor) and pre is not None:
+                val = val.expand(pre[0]).reshape(pre[1])
+            yield val, vq, vk
+
+    return _causal_of_samples(samples(), flag, kind, iq - r, ik - r)
+
+
+def _causal_of_samples(samples, flag, kind, q_axis, k_axis) -> Optional[str]:
+    """The causal alignment every sampled mask shows, or None.
+
+    ``samples`` yields (mask value, Lq, Lk); the mask keeps where True (where False if
+    ``flag``). Square samples cannot tell top-left from bottom-right, so only
+    non-square ones decide; all square means top-left."""
     kinds = []
-    for subs in assignments:
-        if subs is None:
-            vq, vk = lq, lk
-        else:
-            eq, ek = A.expr(sshape[iq]).subs(subs), A.expr(sshape[ik]).subs(subs)
-            if not (eq.is_Integer and ek.is_Integer):
-                return None
-            vq, vk = int(eq), int(ek)
-        val = C.const_eval(n, gm, subs)
-        if isinstance(val, torch.Tensor) and pre is not None:
-            val = val.expand(pre[0]).reshape(pre[1])
+    for val, vq, vk in samples:
         if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
             return None
-        ck = C.causal_kind(~val if flag else val, vq, vk, iq - r, ik - r)
+        ck = C.causal_kind(~val if flag else val, vq, vk, q_axis, k_axis)
         # a finite fill keeps fully masked rows uniform: only exact when no row is fully masked
         if ck is None or not (kind == "keep" or ck == "top_left" or vk >= vq):
             return None
@@ -418,20 +432,9 @@ def _prove_causal_dataflow(n, flag, gm, stags, kind, axmap, sshape) -> Optional[
     tq, tk = A.static_int(sshape[iq]), A.static_int(sshape[ik])
     if tq is not None and tk is not None and (not square or tq == tk):
         pairs.append((tq, tk))
-    kinds = []
-    for vq, vk in pairs:
-        sizes = {key: (vq if t in ("q", "qk") else vk) for key, t in axmap.items()}
-        val = C.const_eval(n, gm, None, sizes)
-        if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
-            return None
-        ck = C.causal_kind(~val if flag else val, vq, vk, iq - r, ik - r)
-        if ck is None or not (kind == "keep" or ck == "top_left" or vk >= vq):
-            return None
-        kinds.append((ck, vq == vk))
-    distinct = {ck for ck, sq in kinds if not sq}
-    if len(distinct) > 1:
-        return None
-    return distinct.pop() if distinct else "top_left"
+    samples = ((C.const_eval(n, gm, None, {key: (vq if t in ("q", "qk") else vk) for key, t in axmap.items()}),
+                vq, vk) for vq, vk in pairs)
+    return _causal_of_samples(samples, flag, kind, iq - r, ik - r)
 
 
 def _is_mutation(n: fx.Node, gm) -> bool:
