@@ -1,0 +1,238 @@
+"""Compile overhead of the attnfuse pass (issue 6, section 3).
+
+    python benchmarks/compile_overhead.py [--layers 1,2,4,8,16,32,64] [--reps 5]
+                                          [--dynamic both|static|dynamic]
+                                          [--inductor-layers 8] [--skip-inductor]
+
+Part 1 - the pass against graph size. For each N, ``TinyGPT(n_layer=N, n_embd=64, n_head=4,
+block_size=128)`` (eval, no_grad) is captured once by dynamo with a recording backend
+(``fullgraph=True``; static and/or ``dynamic=True``), then ``attnfuse.rewrite`` is timed on a
+fresh ``copy.deepcopy`` of the GraphModule per repetition (the copy is not timed); the median
+is printed with nodes, fused count, ms/layer and ms/node. A least-squares fit ms = a + b*N
+gives the per-layer slope (for the median and for the min of the reps: the min is
+the less noisy figure on a shared machine); "ratio" is ms/layer at the largest N over ms/layer at the
+smallest (1.0 = perfectly linear; the smallest N carries the fixed cost, so the ratio
+is usually below 1).
+
+Part 2 - the pass against Inductor, for N = --inductor-layers (static shapes):
+  * Inductor total: wall time of the first call of ``torch.compile(model)`` (default
+    inductor backend, ``torch._dynamo.reset()`` first, FX-graph / AOT-autograd caches
+    off). Two figures: the first Inductor compile in this process ("cold", includes
+    one-time lazy initialisation such as pattern registration and the C++ toolchain
+    probe) and a second compile of a fresh model after a reset ("warm", steady state).
+  * attnfuse: the part-1 median for the same N/static, and its share of each.
+  * Inductor's own attention pattern pass, isolated: the SDPA patterns from
+    ``torch._inductor.fx_passes.fuse_attention._get_sfdp_patterns`` are registered into a
+    private ``PatternMatcherPass`` (nothing else in it), a ``joint_custom_pre_pass`` hook
+    grabs the graph Inductor's joint-graph passes receive, and the private pass is timed on
+    copies of that graph (median of --reps). Caveats: it runs at the start of
+    joint_graph_passes, i.e. before remove_noop_ops / early patterns (Inductor's real
+    pass runs a few steps later on a slightly smaller graph); in Inductor the SDPA
+    patterns share one PatternMatcherPass with pad_mm and misc patterns, so the real
+    pass visits nodes once for all of them - this figure is the SDPA patterns alone.
+    One-time pattern registration (~_sfdp_init) is timed separately and excluded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
+
+import attnfuse  # noqa: E402
+from attnfuse.demo import TinyGPT  # noqa: E402
+
+SEQ = 128
+
+
+def make_model(n_layer: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return TinyGPT(n_layer=n_layer, n_embd=64, n_head=4, block_size=SEQ).eval()
+
+
+def example_input() -> torch.Tensor:
+    return torch.randint(0, 512, (1, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def capture(model: torch.nn.Module, dynamic: bool):
+    torch._dynamo.reset()
+    rec = []
+
+    def record(gm, example_inputs):
+        rec.append((gm, list(example_inputs)))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=record, fullgraph=True, dynamic=dynamic)(example_input())
+    assert len(rec) == 1, f"dynamo produced {len(rec)} graphs"
+    return rec[0]
+
+
+def time_pass(gm, example_inputs, reps: int):
+    times, fused = [], None
+    for _ in range(reps):
+        g = copy.deepcopy(gm)
+        gc.collect()  # the copy's garbage is not the pass's
+        start = time.perf_counter()
+        res = attnfuse.rewrite(g, example_inputs)
+        times.append(time.perf_counter() - start)
+        fused = len(res.report.fusions)
+    return statistics.median(times) * 1e3, min(times) * 1e3, fused
+
+
+def linear_fit(xs, ys):
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - (a + b * x)) ** 2 for x, y in zip(xs, ys))
+    r2 = 1 - ss_res / ss_tot if ss_tot else 1.0
+    return a, b, r2
+
+
+def part1(layers, modes, reps):
+    results = {}
+    for dynamic in modes:
+        label = "dynamic=True" if dynamic else "static"
+        print(f"\n== attnfuse.rewrite on dynamo graphs ({label}), median of {reps} ==")
+        print(f"{'layers':>6} {'nodes':>6} {'fused':>5} {'pass ms':>9} {'ms/layer':>9} {'us/node':>8} {'min ms':>8} {'min/layer':>9}")
+        rows = []
+        for n in layers:
+            gm, ex = capture(make_model(n), dynamic)
+            nodes = len(gm.graph.nodes)
+            ms, mn, fused = time_pass(gm, ex, reps)
+            rows.append((n, nodes, fused, ms, mn))
+            print(f"{n:>6} {nodes:>6} {fused:>5} {ms:>9.1f} {ms / n:>9.2f} {ms * 1e3 / nodes:>8.1f} "
+                  f"{mn:>8.1f} {mn / n:>9.2f}", flush=True)
+            if fused != n:
+                print(f"       WARNING: expected {n} fusions, got {fused}")
+        if len(rows) >= 2:
+            first, last = rows[0], rows[-1]
+            for col, name in ((3, "median"), (4, "min")):
+                a, b, r2 = linear_fit([r[0] for r in rows], [r[col] for r in rows])
+                ratio = (last[col] / last[0]) / (first[col] / first[0])
+                print(f"{name:>6} fit: ms = {a:.2f} + {b:.2f} * layers  (R^2 = {r2:.4f}); "
+                      f"ms/layer at {last[0]} layers / at {first[0]} = {ratio:.2f}")
+        results[dynamic] = {r[0]: r for r in rows}
+    return results
+
+
+class SfdpOnly:
+    """Inductor's SDPA patterns alone, in a private PatternMatcherPass."""
+
+    def __init__(self):
+        from torch._inductor import pattern_matcher as pm
+        from torch._inductor.fx_passes import fuse_attention
+
+        self.pass_ = pm.PatternMatcherPass(subsystem="joint_graph_passes")
+
+        @pm.init_once_fakemode
+        def register():
+            for key, kw in fuse_attention._get_sfdp_patterns(None):
+                kw = dict(kw, pass_dicts=self.pass_)
+                pm.gen_register_replacement(key, **kw)
+
+        start = time.perf_counter()
+        register()
+        self.init_s = time.perf_counter() - start
+        self.graphs = []  # (timings, matches) recorded by the hook
+
+    def hook(self, graph: torch.fx.Graph) -> None:
+        # time on copies of the owning GraphModule; never change the live graph
+        gm = graph.owning_module
+        times, count = [], None
+        for _ in range(self.reps):
+            g = copy.deepcopy(gm)
+            start = time.perf_counter()
+            count = self.pass_.apply(g.graph)
+            times.append(time.perf_counter() - start)
+        self.graphs.append((statistics.median(times) * 1e3, count, len(graph.nodes)))
+
+
+def inductor_compile_s(n_layer: int) -> float:
+    torch._dynamo.reset()
+    model = make_model(n_layer)
+    x = example_input()
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled(x)
+    return time.perf_counter() - start
+
+
+def part2(n_layer, reps, pass_ms):
+    inductor_config.fx_graph_cache = False
+    inductor_config.autotune_local_cache = False
+    try:
+        torch._functorch.config.enable_autograd_cache = False
+    except AttributeError:
+        pass
+    print(f"\n== vs Inductor, {n_layer} layers, static shapes ==")
+    cold = inductor_compile_s(n_layer)
+    warm = inductor_compile_s(n_layer)
+    print(f"Inductor compile, first in process (cold) : {cold * 1e3:9.1f} ms")
+    print(f"Inductor compile, after reset (warm)       : {warm * 1e3:9.1f} ms")
+    print(f"attnfuse pass (median)                     : {pass_ms:9.1f} ms")
+    print(f"attnfuse share of cold Inductor compile    : {100 * pass_ms / cold / 1e3:8.2f} %")
+    print(f"attnfuse share of warm Inductor compile    : {100 * pass_ms / warm / 1e3:8.2f} %   (target <= 2 %)")
+    print(f"attnfuse pass + warm Inductor = {100 * pass_ms / (warm * 1e3 + pass_ms):.2f} % of the sum")
+
+    sf = SfdpOnly()
+    sf.reps = reps
+    old = inductor_config.joint_custom_pre_pass
+    inductor_config.joint_custom_pre_pass = sf.hook
+    from torch._dynamo.utils import counters
+    counters.clear()
+    try:
+        inductor_compile_s(n_layer)
+    finally:
+        inductor_config.joint_custom_pre_pass = old
+    real = counters["inductor"]["fuse_attention"]
+    print(f"Inductor SDPA pattern registration (one-time, excluded): {sf.init_s * 1e3:.1f} ms")
+    for ms, count, nodes in sf.graphs:
+        print(f"Inductor SDPA patterns alone on its joint graph ({nodes} nodes): {ms:.1f} ms, "
+              f"{count} match(es)  [median of {reps}]")
+        print(f"attnfuse pass / Inductor SDPA pattern pass = {pass_ms / ms:.2f}x")
+    print(f"Inductor's real pass in that compile: counters['inductor']['fuse_attention'] = {real}")
+    if not sf.graphs:
+        print("Inductor SDPA pattern pass: hook never ran (joint_custom_pre_pass not called)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="1,2,4,8,16,32,64")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dynamic", choices=["both", "static", "dynamic"], default="both")
+    ap.add_argument("--inductor-layers", type=int, default=8)
+    ap.add_argument("--skip-inductor", action="store_true")
+    args = ap.parse_args()
+    layers = sorted({int(s) for s in args.layers.split(",")})
+    modes = {"both": [False, True], "static": [False], "dynamic": [True]}[args.dynamic]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, seq {SEQ}, n_embd 64, n_head 4")
+    t0 = time.perf_counter()
+    res = part1(layers, modes, args.reps)
+    if not args.skip_inductor:
+        n = args.inductor_layers
+        static = res.get(False, {})
+        if n in static:
+            pass_ms = static[n][3]
+        else:
+            gm, ex = capture(make_model(n), False)
+            pass_ms, _, _ = time_pass(gm, ex, args.reps)
+        part2(n, args.reps, pass_ms)
+    print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
