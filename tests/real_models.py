@@ -219,6 +219,19 @@ for _name, (_cls, _cfg_name, _cfg, _lk) in _ENCODERS.items():
 
 # ---- encoder-decoders: encoder self-attention, decoder causal self-attention, cross-attention
 
+def _enc_dec(model, padded: bool, sites: int):
+    """(model, inputs, sites) for an encoder-decoder text model: token ids for both sides,
+    plus an encoder padding mask when ``padded``. ``sites``: encoder self-attention layers +
+    decoder self- and cross-attention layers."""
+    ids, dec = input_ids(), input_ids(seq=8, seed=2)
+    if padded:
+        inputs = (ids, padding_mask(), dec)
+        names = ("input_ids", "attention_mask", "decoder_input_ids")
+    else:
+        inputs, names = (ids, dec), ("input_ids", "decoder_input_ids")
+    return TupleModel(model, names, ("last_hidden_state", "encoder_last_hidden_state")), inputs, sites
+
+
 def _t5(padded: bool):
     def build(train: bool = False, dropout: float = 0.0):
         import transformers
@@ -226,14 +239,7 @@ def _t5(padded: bool):
                                        num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
                                        relative_attention_max_distance=16, decoder_start_token_id=0)
         model = _hf(transformers.T5Model, config, train, dropout)
-        ids, dec = input_ids(), input_ids(seq=8, seed=2)
-        if padded:
-            inputs = (ids, padding_mask(), dec)
-            names = ("input_ids", "attention_mask", "decoder_input_ids")
-        else:
-            inputs, names = (ids, dec), ("input_ids", "decoder_input_ids")
-        sites = config.num_layers + 2 * config.num_decoder_layers
-        return TupleModel(model, names, ("last_hidden_state", "encoder_last_hidden_state")), inputs, sites
+        return _enc_dec(model, padded, config.num_layers + 2 * config.num_decoder_layers)
     return build
 
 
@@ -248,14 +254,7 @@ def _bart(padded: bool):
                                          encoder_attention_heads=4, decoder_attention_heads=4,
                                          encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
         model = _hf(transformers.BartModel, config, train, dropout)
-        ids, dec = input_ids(), input_ids(seq=8, seed=2)
-        if padded:
-            inputs = (ids, padding_mask(), dec)
-            names = ("input_ids", "attention_mask", "decoder_input_ids")
-        else:
-            inputs, names = (ids, dec), ("input_ids", "decoder_input_ids")
-        sites = config.encoder_layers + 2 * config.decoder_layers
-        return TupleModel(model, names, ("last_hidden_state", "encoder_last_hidden_state")), inputs, sites
+        return _enc_dec(model, padded, config.encoder_layers + 2 * config.decoder_layers)
     return build
 
 
