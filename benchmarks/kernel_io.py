@@ -1,22 +1,64 @@
-"""Global-memory traffic of the fused attention kernels, counted in Triton's interpreter.
+"""Global-memory traffic of the fused attention kernels, counted in Triton's interpreter,
+against the minimum, FlashAttention-2's IO model for the same tiles, and unfused attention.
 
-    .venv/bin/python benchmarks/kernel_io.py [--sizes 256,512,1024] [--dim 64]
+    .venv/bin/python benchmarks/kernel_io.py [--sizes 256,512,1024] [--dim 64] [--causal]
+                                             [--decode-sizes 4096,16384] [--decode-lq 1,16]
 
-Every ``tl.load`` / ``tl.store`` executed by the interpreter is intercepted and the bytes
-of its masked-in elements are added up per kernel (each program's loads are counted, as
-a GPU without cache hits would issue them: K/V re-reads by different query blocks
-count; nothing is deduplicated).  The kernels run with the FIRST autotune config of the
-GPU config list for (d, fp16) — the tile sizes decide how often K/V are re-read — not
-with the small interpreter test config.
+Counting: every ``tl.load`` / ``tl.store`` executed by the interpreter is intercepted and
+the bytes of its masked-in elements are added up per kernel (each program's loads are
+counted, as a GPU without cache hits would issue them: K/V re-reads by different query
+blocks count; nothing is deduplicated).  The kernels run with the FIRST autotune config
+of the GPU config list for (d, fp16) — the tile sizes decide how often K/V are re-read —
+not with the small interpreter test config; the decode path runs with its GPU launch
+plan (first split-kernel config, GPU split heuristic).
 
-Printed ratios:
-  * to the minimum: read q, k, v once and write o once (forward); read q, k, v, o, dO
-    once and write dq, dk, dv once (backward);
-  * to unfused attention, which also writes and reads the N×N score and probability
-    matrices: forward S = QKᵀ (write), softmax (read S, write P), P·V (read P);
-    backward dV = Pᵀ dO (read P), dP = dO Vᵀ (write), dS = P∘(dP − δ) (read P, dP;
-    write dS), dQ = dS K and dK = dSᵀ Q (read dS twice).
-Shape: B = H = 1, non-causal, no bias, no dropout, fp16.
+Training shapes: B = H = 1, Lq = Lk = N, d = dv, no bias, no dropout, fp16 (es = 2 bytes),
+causal top-left with ``--causal``.  Columns, per direction and length:
+
+* ``minimum``: read q, k, v once and write o once (forward); read q, k, v, o, dO once
+  and write dq, dk, dv once (backward).
+* ``FA2 model``: what FlashAttention-2 moves with the SAME tiles as our kernels.  Br, Bc
+  below are our BLOCK_M, BLOCK_N: the forward's for the forward, the dK/dV kernel's
+  for the backward.  Tr = ⌈N/Br⌉ query blocks, Tc = ⌈N/Bc⌉ key blocks; "visited" pairs
+  (i, j) are all Tr·Tc pairs, or with causal those whose key block starts at or before
+  the block's last query row (the blocks both FA2 and our kernels skip otherwise);
+  r_i, c_j the row counts of blocks (the last one may be short).
+
+  Forward — FA2 paper, Algorithm 1: each query block reads Q_i once and every visited
+  K_j, V_j; O_i and the row log-sum-exp L_i (fp32) are written once::
+
+      fwd = es·N·d  +  Σ_visited (i,j) es·c_j·(d + dv)  +  es·N·dv  +  4·N
+
+  Backward — FA2 paper, Algorithm 2, as the flash-attn CUDA kernels implement it for
+  sm80/sm90 (non-deterministic mode): a preprocess pass D = rowsum(dO∘O); one kernel
+  whose outer loop is over key blocks (K_j, V_j read once, dK_j, dV_j written once) and
+  whose inner loop reads Q_i, dO_i, L_i, D_i for every visited query block and adds its
+  dQ_i contribution into an fp32 accumulator in global memory with atomicAdd (a read
+  and a write of 4·r_i·d bytes per visited pair); a final pass converts dQ to es::
+
+      bwd = [es·N·dv·2 + 4·N]                                   preprocess: O, dO -> D
+          + es·N·(d + dv)·2                                     K, V read; dK, dV written
+          + Σ_visited (i,j) r_i·(es·(d + dv) + 8 + 8·d)         Q_i, dO_i, L_i, D_i, dQ_i RMW
+          + N·d·(4 + es)                                        dQ fp32 -> es
+
+  This variant is modelled because it is FA2's own algorithm: the alternative with
+  a separate dQ pass over the keys (no atomics, what our kernels do, as Triton's
+  tutorial) is our own design, so measuring against it would be circular.  Our
+  backward trades FA2's fp32 dQ read-modify-write per visited pair (8·d bytes per row)
+  for a second read of K and V per query block in the dQ kernel (es·(d+dv) bytes per
+  key) plus the re-read of Q, dO and the row statistics there.  The target is
+  measured / FA2 ≤ 1.2.
+* ``unfused``: also writes and reads the N×N score and probability matrices: forward
+  S = QKᵀ (write), softmax (read S, write P), P·V (read P); backward dV = Pᵀ dO (read P),
+  dP = dO Vᵀ (write), dS = P∘(dP − δ) (read P, dP; write dS), dQ = dS K and dK = dSᵀ Q
+  (read dS twice).
+
+Decode shapes (``--decode-sizes``): B = 1, Hq = 8, Hkv = 2 (GQA groups of 4), Lq in
+``--decode-lq``, Lk = N, fp16, causal bottom-right.  The flash-decoding path
+(``triton_decode``) and the main forward on the same input are compared with the
+minimum: read q, k, v once, write o once and lse (fp32) once.  The decode path's excess
+is the fp32 scratch of the split partial states (written by the split kernel, read by
+the combine kernel): 2·4·(dv + 2) bytes per row per split.
 """
 from __future__ import annotations
 
@@ -34,6 +76,7 @@ import numpy as np
 import torch
 from triton.runtime import interpreter as _interp
 
+from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
 
 _counts = collections.Counter()
@@ -64,7 +107,7 @@ def _install_counters():
     _interp.GridExecutor.__call__ = call
 
 
-def _use_gpu_configs(dim, dtype):
+def _use_gpu_configs():
     """Run each kernel with the first config of its GPU autotune list."""
     orig = tf._launcher
 
@@ -76,54 +119,170 @@ def _use_gpu_configs(dim, dtype):
     tf._launcher = launcher
 
 
-def _measure(n, d, dtype):
+def _use_gpu_decode_plan(head_dim, dtype, block_m):
+    """The decode path's GPU launch plan: first split config, GPU split heuristic."""
+    cfg = td.decode_split_configs(head_dim, dtype, block_m=block_m)[0]
+    td.INTERPRETER_PLAN = {"BLOCK_N": cfg.kwargs["BLOCK_N"], "align": td.SPLIT_ALIGN,
+                           "min_split": None}
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# FlashAttention-2 IO model (see the module docstring)
+# --------------------------------------------------------------------------------------
+
+def _visited(n_q, n_k, block_q, block_k, causal):
+    """[(rows of query block i, keys of key block j)] for every pair the algorithm visits
+    (top-left causal: key block j is visited iff it starts at or before the last row
+    of query block i)."""
+    pairs = []
+    for i0 in range(0, n_q, block_q):
+        r = min(block_q, n_q - i0)
+        for j0 in range(0, n_k, block_k):
+            if causal and j0 > i0 + r - 1:
+                break
+            pairs.append((r, min(block_k, n_k - j0)))
+    return pairs
+
+
+def fa2_forward_bytes(n, d, dv, es, block_m, block_n, causal=False):
+    kv = sum(c * (d + dv) * es for _, c in _visited(n, n, block_m, block_n, causal))
+    return es * n * d + kv + es * n * dv + 4 * n
+
+
+def fa2_backward_bytes(n, d, dv, es, block_m, block_n, causal=False):
+    pre = es * n * dv * 2 + 4 * n
+    kv = es * n * (d + dv) * 2
+    inner = sum(r * (es * (d + dv) + 8 + 8 * d)
+                for r, _ in _visited(n, n, block_m, block_n, causal))
+    convert = n * d * (4 + es)
+    return pre + kv + inner + convert
+
+
+# --------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------
+
+def _split(cnt):
+    rd = sum(v for (_, kind), v in cnt.items() if kind == "read")
+    wr = sum(v for (_, kind), v in cnt.items() if kind == "write")
+    return rd, wr
+
+
+def _measure(n, d, dtype, causal):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, d, generator=g).to(dtype) for _ in range(3))
     scale = 1 / math.sqrt(d)
+    mode = "top_left" if causal else "none"
     _counts.clear()
     t0 = time.time()
-    out, lse = tf.forward(q, k, v, None, scale=scale, causal="none", dropout_p=0.0,
+    out, lse = tf.forward(q, k, v, None, scale=scale, causal=mode, dropout_p=0.0,
                           softcap=0.0, seed=0)
     fwd = dict(_counts)
     _counts.clear()
-    tf.backward(torch.randn_like(out), q, k, v, None, out, lse, scale=scale, causal="none",
+    tf.backward(torch.randn_like(out), q, k, v, None, out, lse, scale=scale, causal=mode,
                 dropout_p=0.0, softcap=0.0, seed=0, need_dbias=False)
     bwd = dict(_counts)
     return fwd, bwd, time.time() - t0
+
+
+def _training_table(sizes, d, dtype, es, causal):
+    cf = {n: tf.KERNEL_CONFIGS[n][1](d, dtype, False)[0].kwargs for n in tf.KERNEL_CONFIGS}
+    print(f"configs (first of each autotune list, d={d}, fp16): {cf}")
+    fbm, fbn = cf["attn_fwd"]["BLOCK_M"], cf["attn_fwd"]["BLOCK_N"]
+    bbm, bbn = cf["attn_bwd_dkdv"]["BLOCK_M"], cf["attn_bwd_dkdv"]["BLOCK_N"]
+    print(f"FA2 model tiles: forward Br={fbm} Bc={fbn}; backward Br={bbm} Bc={bbn}"
+          f"{'; causal top-left' if causal else ''}")
+    hdr = (f"{'N':>5} {'pass':<4} {'kernel bytes':>13} {'read':>11} {'write':>11} "
+           f"{'minimum':>11} {'FA2 model':>11} {'unfused':>11} {'x min':>6} {'x FA2':>6} "
+           f"{'/ unfused':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    worst = 0.0
+    for n in sizes:
+        fwd, bwd, secs = _measure(n, d, dtype, causal)
+        nd, nn = n * d * es, n * n * es
+        rows = {
+            "fwd": (fwd, 4 * nd, fa2_forward_bytes(n, d, d, es, fbm, fbn, causal),
+                    4 * nd + 4 * nn),
+            "bwd": (bwd, 8 * nd, fa2_backward_bytes(n, d, d, es, bbm, bbn, causal),
+                    7 * nd + 7 * nn),
+        }
+        for name, (cnt, minimum, fa2, unfused) in rows.items():
+            rd, wr = _split(cnt)
+            tot = rd + wr
+            worst = max(worst, tot / fa2)
+            print(f"{n:>5} {name:<4} {tot:>13,} {rd:>11,} {wr:>11,} {minimum:>11,} "
+                  f"{fa2:>11,} {unfused:>11,} {tot / minimum:>6.2f} {tot / fa2:>6.2f} "
+                  f"{tot / unfused:>9.3f}")
+        per = ", ".join(f"{kn} {kind} {v:,}" for (kn, kind), v in sorted({**fwd, **bwd}.items()))
+        print(f"      per kernel/kind: {per}  ({secs:.1f}s in the interpreter)")
+    print(f"worst measured / FA2 model: {worst:.2f} (target <= 1.2)")
+    return worst
+
+
+def _decode_table(sizes, lqs, d, dtype, es):
+    B, Hq, Hkv = 1, 8, 2
+    G = Hq // Hkv
+    print()
+    print(f"decode: B={B} Hq={Hq} Hkv={Hkv} d=dv={d} fp16, causal bottom-right; "
+          f"minimum = q, k, v read once + o, lse written once")
+    hdr = (f"{'Lk':>6} {'Lq':>3} {'BM':>3} {'BN':>4} {'splits':>6} {'decode bytes':>13} "
+           f"{'scratch':>10} {'main fwd bytes':>15} {'minimum':>11} {'decode x min':>12} "
+           f"{'main x min':>10}")
+    print(hdr)
+    print("-" * len(hdr))
+    worst = 0.0
+    for n in sizes:
+        for lq in lqs:
+            g = torch.Generator().manual_seed(1)
+            q = torch.randn(B, Hq, lq, d, generator=g).to(dtype)
+            k = torch.randn(B, Hkv, n, d, generator=g).to(dtype)
+            v = torch.randn(B, Hkv, n, d, generator=g).to(dtype)
+            bm = td.decode_block_m(G * lq, d, dtype)
+            cfg = _use_gpu_decode_plan(d, dtype, bm)
+            rb = math.ceil(G * lq / bm)
+            splits, _ = td.num_splits(n, B * Hkv * rb, packed_rows=G * lq)
+            _counts.clear()
+            out, lse = td.decode_forward(q, k, v, None, scale=d ** -0.5,
+                                         causal="bottom_right", softcap=0.0)
+            dec = dict(_counts)
+            _counts.clear()
+            tf.forward(q, k, v, None, scale=d ** -0.5, causal="bottom_right", dropout_p=0.0,
+                       softcap=0.0, seed=0)
+            main = dict(_counts)
+            minimum = es * (B * Hq * lq * d * 2 + B * Hkv * n * d * 2) + 4 * B * Hq * lq
+            dtot, mtot = sum(_split(dec)), sum(_split(main))
+            # the partial states: all the split kernel writes, all the combine kernel reads
+            scratch = sum(v for (kn, kind), v in dec.items()
+                          if (kn, kind) in {("_attn_decode_split", "write"),
+                                            ("_attn_decode_combine", "read")})
+            worst = max(worst, dtot / minimum)
+            print(f"{n:>6} {lq:>3} {bm:>3} {cfg.kwargs['BLOCK_N']:>4} {splits:>6} "
+                  f"{dtot:>13,} {scratch:>10,} {mtot:>15,} {minimum:>11,} "
+                  f"{dtot / minimum:>12.3f} {mtot / minimum:>10.3f}")
+    print(f"worst decode / minimum: {worst:.3f}")
+    return worst
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--causal", action="store_true", help="top-left causal training shapes")
+    ap.add_argument("--decode-sizes", default="4096,16384",
+                    help="KV lengths for the decode comparison ('' to skip)")
+    ap.add_argument("--decode-lq", default="1,16")
     args = ap.parse_args(argv)
     dtype, es = torch.float16, 2
     d = args.dim
     _install_counters()
-    _use_gpu_configs(d, dtype)
-    cf = {n: tf.KERNEL_CONFIGS[n][1](d, dtype, False)[0].kwargs for n in tf.KERNEL_CONFIGS}
-    print(f"configs (first of each autotune list, d={d}, fp16): {cf}")
-    hdr = (f"{'N':>5} {'pass':<4} {'kernel bytes':>13} {'read':>11} {'write':>11} "
-           f"{'minimum':>11} {'unfused':>11} {'x min':>7} {'/ unfused':>9}")
-    print(hdr)
-    print("-" * len(hdr))
-    for n in [int(x) for x in args.sizes.split(",")]:
-        fwd, bwd, secs = _measure(n, d, dtype)
-        nd, nn = n * d * es, n * n * es
-        rows = {
-            # minimum: q, k, v read + o written
-            "fwd": (fwd, 4 * nd, 4 * nd + 4 * nn),
-            # minimum: q, k, v, o, dO read + dq, dk, dv written
-            "bwd": (bwd, 8 * nd, 7 * nd + 7 * nn),
-        }
-        for name, (cnt, minimum, unfused) in rows.items():
-            rd = sum(v for (kname, kind), v in cnt.items() if kind == "read")
-            wr = sum(v for (kname, kind), v in cnt.items() if kind == "write")
-            tot = rd + wr
-            print(f"{n:>5} {name:<4} {tot:>13,} {rd:>11,} {wr:>11,} {minimum:>11,} "
-                  f"{unfused:>11,} {tot / minimum:>7.2f} {tot / unfused:>9.3f}")
-        per = ", ".join(f"{kn} {kind} {v:,}" for (kn, kind), v in sorted({**fwd, **bwd}.items()))
-        print(f"      per kernel/kind: {per}  ({secs:.1f}s in the interpreter)")
+    _use_gpu_configs()
+    if args.sizes:
+        _training_table([int(x) for x in args.sizes.split(",")], d, dtype, es, args.causal)
+    if args.decode_sizes:
+        _decode_table([int(x) for x in args.decode_sizes.split(",")],
+                      [int(x) for x in args.decode_lq.split(",")], d, dtype, es)
     return 0
 
 

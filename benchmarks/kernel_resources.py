@@ -2,19 +2,32 @@
 (no GPU needed) and report registers, spills and shared memory.
 
     .venv/bin/python benchmarks/kernel_resources.py [--jobs N] [--head-dims 64,128,256]
+                                                    [--kernels attn_fwd,attn_decode_split,...]
+
+Kernels: the main forward, the three backward kernels (``triton_flash.KERNEL_CONFIGS``)
+and the two flash-decoding kernels (``triton_decode.DECODE_KERNEL_CONFIGS``).
 
 Shared memory comes from ``compiled.metadata.shared``; registers and spills from the
 ptxas bundled with Triton (``ptxas -v`` on ``compiled.asm["ptx"]``).  Each kernel is
 compiled with the most expensive constexpr variant its config list serves: the
 "plain" lists (no bias, no dropout) with causal + softcap; the "[heavy]" lists (bias or
-dropout) with causal, float bias, softcap, dropout and the dS output all on.  Exits 1 if any config spills registers or exceeds the
-per-block shared-memory limit (A100: 166912 B, H100: 232448 B).
+dropout) with causal, float bias, softcap, dropout and the dS output all on; window and
+key_mask on wherever a kernel takes them.  The decode split kernel has one list per
+(head dim, dtype, tile height BLOCK_M) for every mask variant, compiled with everything
+on; BLOCK_M is set by the packed row count, not tuned (``triton_decode.decode_block_ms``).
+
+Coverage check: every entry of every config table (``triton_flash._CONFIG_TABLE``,
+``triton_decode._SPLIT_TABLE``, the combine config) must be compiled by the default
+run; the summary prints configs defined vs compiled per kernel.  Exits 1 if a config
+is not compiled, spills registers, or exceeds the per-block shared-memory limit
+(A100: 166912 B, H100: 232448 B).
 
 Do not set TRITON_INTERPRET for this script: it needs the real compiler.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -30,13 +43,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
 
 ARCHS = {80: ("A100", 166912), 90: ("H100", 232448)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-FP32_PTRS = {"Lse", "Delta", "MRow", "LRow", "DS"}
+FP32_PTRS = {"Lse", "Delta", "MRow", "LRow", "DS", "PartM", "PartL", "PartAcc"}
+U8_PTRS = {"KeyMask"}                            # bool key_mask, read as uint8
 FP32_SCALARS = {"qk_scale", "cap_scale", "dropout_p", "sm_scale"}
-INT_SCALARS = {"H", "HKV", "GROUP", "M", "N", "D", "DV"}
+INT_SCALARS = {"H", "HKV", "GROUP", "M", "N", "D", "DV", "R"}
+# every kernel checked: name -> (jit function, config-list function)
+KERNELS = {**tf.KERNEL_CONFIGS, **td.DECODE_KERNEL_CONFIGS}
+# kernels with one config list for every variant (no plain/heavy split)
+SINGLE_LIST = {"attn_decode_split", "attn_decode_combine", "attn_bwd_preprocess"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
@@ -47,6 +66,8 @@ def _signature(fn, dtype_name, constexprs):
             sig[name] = "constexpr"
         elif name in FP32_PTRS:
             sig[name] = "*fp32"
+        elif name in U8_PTRS:
+            sig[name] = "*u8"
         elif name[0].isupper() and name not in INT_SCALARS:   # tensors: Q, K, V, Bias, Out, DO, DK, ...
             sig[name] = f"*{dtype_name}"
         elif name in FP32_SCALARS:
@@ -58,15 +79,24 @@ def _signature(fn, dtype_name, constexprs):
     return sig
 
 
-def _worst_constexprs(fn, head_dim, dtype_name, config, heavy):
+def _worst_constexprs(fn, head_dim, dtype_name, config, heavy, block_m=None):
     # "plain" variant lists: causal + softcap, no bias, no dropout.
     # "heavy" variant lists (bias or dropout): everything on.  The preprocess kernel's
-    # rare recompute path always includes the bias.
-    heavy = heavy or fn.__name__ == "_attn_bwd_preprocess"
+    # rare recompute path always includes the bias; the decode kernels have one list
+    # for every variant, so they get everything on.
+    heavy = heavy or fn.__name__ in ("_attn_bwd_preprocess", "_attn_decode_split")
     cx = dict(HEAD_D=head_dim, HEAD_DV=head_dim, CAUSAL=1, BIAS_KIND=1 if heavy else 0,
-              SOFTCAP=True, DROPOUT=heavy, NEED_DS=heavy, DOT_FP32=False,
-              DOT_PREC=tf._dot_precision(DTYPES[dtype_name], head_dim), **config.kwargs)
-    return {k: v for k, v in cx.items() if k in fn.arg_names}
+              SOFTCAP=True, DROPOUT=heavy, NEED_DS=heavy, WINDOW=True, KEY_MASK=True,
+              DOT_FP32=False, DOT_PREC=tf._dot_precision(DTYPES[dtype_name], head_dim),
+              **config.kwargs)
+    if block_m is not None:
+        cx["BLOCK_M"] = block_m
+    cx = {k: v for k, v in cx.items() if k in fn.arg_names}
+    unset = [a for a in fn.arg_names if a.isupper() and a not in cx and a not in INT_SCALARS
+             and fn.params[fn.arg_names.index(a)].is_constexpr]
+    if unset:
+        raise RuntimeError(f"{fn.__name__}: no worst-case value for constexprs {unset}")
+    return cx
 
 
 def _ptxas(ptx: str, arch: int):
@@ -88,10 +118,11 @@ def _ptxas(ptx: str, arch: int):
 
 
 def _job(args):
-    kname, head_dim, dtype_name, heavy, idx, arch = args
-    fn, configs = tf.KERNEL_CONFIGS[kname]
-    config = configs(head_dim, DTYPES[dtype_name], heavy)[idx]
-    cx = _worst_constexprs(fn, head_dim, dtype_name, config, heavy)
+    kname, head_dim, dtype_name, heavy, idx, block_m, arch = args
+    fn, configs = KERNELS[kname]
+    extra = {} if block_m is None else {"block_m": block_m}
+    config = configs(head_dim, DTYPES[dtype_name], heavy, **extra)[idx]
+    cx = _worst_constexprs(fn, head_dim, dtype_name, config, heavy, block_m)
     src = ASTSource(fn=fn, signature=_signature(fn, dtype_name, cx), constexprs=cx)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -102,9 +133,33 @@ def _job(args):
         err = ""
     except Exception as e:                       # e.g. out of resources at compile time
         shared, regs, spills, err = -1, -1, -1, f"{type(e).__name__}: {str(e)[:200]}"
-    cfg = (f"BM={config.kwargs['BLOCK_M']:<3} BN={config.kwargs['BLOCK_N']:<3} "
-           f"w={config.num_warps} s={config.num_stages}")
+    tiles = " ".join(f"{short}={cx[full]:<3}" for short, full in
+                     (("BM", "BLOCK_M"), ("BN", "BLOCK_N"), ("BR", "BLOCK_R")) if full in cx)
+    cfg = f"{tiles} w={config.num_warps} s={config.num_stages}"
     return kname + (" [heavy]" if heavy else ""), head_dim, dtype_name, cfg, arch, regs, spills, shared, err
+
+
+def _table_entries(kname):
+    """Every (table key, config) a kernel's config table defines: what must be compiled."""
+    if kname in tf._CONFIG_TABLE:
+        return {(key, c) for key, cs in tf._CONFIG_TABLE[kname].items() for c in cs}
+    if kname == "attn_decode_split":
+        return {(key + (bm,), c) for key, per_bm in td._SPLIT_TABLE.items()
+                for bm, cs in per_bm.items() for c in cs}
+    return {("all", "combine")}
+
+
+def _entry(kname, hd, dn, heavy, idx, block_m):
+    """The table entry a job compiles (inverse of the config-list functions)."""
+    if kname == "attn_decode_combine":
+        return ("all", "combine")
+    width = 32 if dn == "fp32" else 16
+    key = (tf._head_dim_class(hd), width)
+    if kname in tf._CONFIG_TABLE:
+        if kname != "attn_bwd_preprocess":
+            key = key + (heavy,)
+        return key, tf._CONFIG_TABLE[kname][key][idx]
+    return key + (block_m,), td._SPLIT_TABLE[key][block_m][idx]
 
 
 def main(argv=None):
@@ -114,16 +169,29 @@ def main(argv=None):
                     help="padded head dims to check (smaller dims share the <=64 configs "
                          "and use fewer resources)")
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
+    ap.add_argument("--kernels", default=",".join(KERNELS),
+                    help=f"comma-separated subset of {', '.join(KERNELS)}")
     args = ap.parse_args(argv)
     head_dims = [int(x) for x in args.head_dims.split(",")]
-    jobs = []
-    for kname, (fn, configs) in tf.KERNEL_CONFIGS.items():
+    kernels = args.kernels.split(",")
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown:
+        ap.error(f"unknown kernels {unknown}; choose from {list(KERNELS)}")
+    jobs, covered = [], collections.defaultdict(set)
+    for kname in kernels:
+        fn, configs = KERNELS[kname]
         for hd in head_dims:
             for dn in args.dtypes.split(","):
-                for heavy in (False, True):
-                    for idx in range(len(configs(hd, DTYPES[dn], heavy))):
-                        for arch in ARCHS:
-                            jobs.append((kname, hd, dn, heavy, idx, arch))
+                # one list for every variant: compiled once, with everything on
+                for heavy in ((False,) if kname in SINGLE_LIST else (False, True)):
+                    block_ms = (td.decode_block_ms(hd, DTYPES[dn])
+                                if kname == "attn_decode_split" else (None,))
+                    for bm in block_ms:
+                        extra = {} if bm is None else {"block_m": bm}
+                        for idx in range(len(configs(hd, DTYPES[dn], heavy, **extra))):
+                            covered[kname].add(_entry(kname, hd, dn, heavy, idx, bm))
+                            for arch in ARCHS:
+                                jobs.append((kname, hd, dn, heavy, idx, bm, arch))
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
         rows = list(ex.map(_job, jobs))
 
@@ -146,8 +214,17 @@ def main(argv=None):
             print(f"sm_{arch} ({name}): {len(sel)} compiled, max registers {max(r[5] for r in sel)}, "
                   f"max spill bytes {max(r[6] for r in sel)}, max shared {max(r[7] for r in sel)} B "
                   f"(limit {limit} B)")
-    print(f"{len(rows)} kernel/config/arch combinations, {bad} failing")
-    return 1 if bad else 0
+    missing = 0
+    for kname in kernels:
+        defined = _table_entries(kname)
+        miss = defined - covered[kname]
+        missing += len(miss)
+        print(f"{kname:<22} {len(defined):>3} table configs defined, "
+              f"{len(defined & covered[kname]):>3} compiled"
+              + (f"  <-- NOT COMPILED: {sorted(miss)}" if miss else ""))
+    print(f"{len(rows)} kernel/config/arch combinations, {bad} failing, "
+          f"{missing} table configs not compiled")
+    return 1 if bad or missing else 0
 
 
 if __name__ == "__main__":
