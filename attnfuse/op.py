@@ -16,7 +16,15 @@ Semantics, for q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)::
 - ``causal``: ``"none"``, ``"top_left"`` (query ``i`` sees keys ``j <= i``, as
   ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``) or
   ``"bottom_right"`` (``j <= i + Lk - Lq``, as flash-attn with a KV cache).
-- A row whose logits are all ``-inf`` gives 0 (eager PyTorch gives NaN) and a
+- ``window`` (int, 0 = off; only with causal): query ``i`` sees key ``j`` only when
+  ``i + off - window < j <= i + off``, ``off`` being the causal offset (0 top-left,
+  ``Lk - Lq`` bottom-right): at most ``window`` keys, itself included (Hugging Face's
+  ``sliding_window``).
+- ``key_mask`` (bool, (B, Lk) or (1, Lk); True = visible): a key-padding mask, the same
+  for every head and query; masked keys act as ``-inf`` logits.  Causal, window and
+  key_mask are structure: no (Lq, Lk) mask is materialised, and key blocks they hide
+  entirely are skipped.
+- A row whose logits are all ``-inf`` (or that sees no key) gives 0 (eager PyTorch gives NaN) and a
   zero gradient. A row of large finite negatives (``finfo.min`` masks) gives the
   same uniform average as eager.
 - Dropout keeps each probability with chance ``1 - dropout_p`` and scales kept
@@ -47,7 +55,7 @@ def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl) -> None:
+def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, key_mask=None) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the argument for bad input."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -97,6 +105,21 @@ def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl) -> None:
         raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, torch.SymInt)) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = no window), got {window!r}")
+    if window > 0 and causal == "none":
+        raise ValueError("window needs causal=True, 'top_left' or 'bottom_right': the window is "
+                         "counted back from the causal diagonal")
+    if key_mask is not None:
+        if not isinstance(key_mask, Tensor):
+            raise TypeError(f"key_mask must be a torch.Tensor or None, got {type(key_mask).__name__}")
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask must be a bool tensor (True = visible key), got {key_mask.dtype}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
+        if key_mask.dim() != 2 or key_mask.shape[0] not in (1, B) or key_mask.shape[1] != Lk:
+            raise ValueError(f"key_mask must have shape (B, Lk) = ({B}, {Lk}) or (1, {Lk}), "
+                             f"got {_shape(key_mask)}")
 
 
 def _causal_str(causal: Union[bool, str]) -> str:
@@ -170,9 +193,11 @@ def flash_attention_op(
     softcap: float = 0.0,
     seed: Optional[Tensor] = None,
     impl: str = "auto",
+    window: int = 0,
+    key_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention; returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32, natural log)."""
-    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl)
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask)
     seed_int = _seed_int(seed, dropout_p)
     if _is_empty(q, k):
         out = q.new_zeros(q.shape[:3] + (v.shape[3],))
@@ -180,7 +205,7 @@ def flash_attention_op(
     backend = _backend(impl, q.device)
     out, lse = backend.forward(
         q, k, v, _bias_4d(bias), scale=float(scale), causal=causal, dropout_p=float(dropout_p),
-        softcap=float(softcap), seed=seed_int,
+        softcap=float(softcap), seed=seed_int, window=int(window), key_mask=key_mask,
     )
     # The fake kernel promises contiguous outputs (Inductor asserts strides against it);
     # some paths (e.g. PyTorch's CPU SDPA) return other layouts.
@@ -189,7 +214,7 @@ def flash_attention_op(
 
 @flash_attention_op.register_fake
 def _flash_attention_fake(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
-                          seed=None, impl="auto"):
+                          seed=None, impl="auto", window=0, key_mask=None):
     B, Hq, Lq, _ = q.shape
     out = q.new_empty((B, Hq, Lq, v.shape[3]))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -212,6 +237,8 @@ def flash_attention_backward_op(
     seed: Optional[Tensor],
     impl: str,
     need_dbias: bool,
+    window: int = 0,
+    key_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias); dbias has bias's shape, or is empty unless ``need_dbias``."""
     if _is_empty(q, k):
@@ -222,7 +249,7 @@ def flash_attention_backward_op(
     dq, dk, dv, dbias = backend.backward(
         dout.contiguous(), q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
         dropout_p=float(dropout_p), softcap=float(softcap), seed=_seed_int(seed, dropout_p),
-        need_dbias=need_dbias,
+        need_dbias=need_dbias, window=int(window), key_mask=key_mask,
     )
     if dbias is None:
         dbias = q.new_empty((0,))
@@ -234,29 +261,30 @@ def flash_attention_backward_op(
 
 @flash_attention_backward_op.register_fake
 def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed,
-                                   impl, need_dbias):
+                                   impl, need_dbias, window=0, key_mask=None):
     dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl = inputs
+    q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, seed)
-    ctx.args = (scale, causal, dropout_p, softcap, impl)
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed, key_mask)
+    ctx.args = (scale, causal, dropout_p, softcap, impl, window)
     ctx.bias_is_float = bias is not None and bias.dtype.is_floating_point
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     # lse is marked non-differentiable: only ``out`` carries a gradient.
-    q, k, v, bias, out, lse, seed = ctx.saved_tensors
-    scale, causal, dropout_p, softcap, impl = ctx.args
+    q, k, v, bias, out, lse, seed, key_mask = ctx.saved_tensors
+    scale, causal, dropout_p, softcap, impl, window = ctx.args
     need_dbias = bool(ctx.bias_is_float and ctx.needs_input_grad[3])
     dq, dk, dv, dbias = flash_attention_backward_op(
-        dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl, need_dbias
+        dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl, need_dbias,
+        window, key_mask,
     )
-    return dq, dk, dv, (dbias if need_dbias else None), None, None, None, None, None, None
+    return (dq, dk, dv, (dbias if need_dbias else None)) + (None,) * 8
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -278,6 +306,8 @@ def flash_attention(
     dropout_p: float = 0.0,
     softcap: float = 0.0,
     impl: str = "auto",
+    window: int = 0,
+    key_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused attention ``dropout(softmax(mask(softcap(scale·q·kᵀ) + bias))) · v``.
 
@@ -296,18 +326,22 @@ def flash_attention(
         impl: ``"triton"`` (our kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"torch"`` (PyTorch ops: fused CPU SDPA where exact, else a blocked
             online softmax), ``"auto"`` (triton on CUDA, torch elsewhere).
+        window: sliding window (needs ``causal``): query i sees at most ``window``
+            keys, ``i + off - window < j <= i + off``; 0 (default) turns it off.
+        key_mask: None or a bool (B, Lk) / (1, Lk) key-padding mask, True = visible.
 
     Returns:
-        (B, Hq, Lq, Dv) in q's dtype. Rows whose logits are all ``-inf`` give 0.
+        (B, Hq, Lq, Dv) in q's dtype. Rows whose logits are all ``-inf``, or that see
+        no key, give 0.
     """
     if scale is None and isinstance(q, Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1])
     causal = _causal_str(causal)
-    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl)
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = torch.ops.attnfuse.flash_attention(
-        q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl
+        q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask
     )
     return out

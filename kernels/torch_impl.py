@@ -7,6 +7,7 @@ v (B, Hkv, Lk, Dv), Hq % Hkv == 0::
 
     logits = softcap(scale * q @ k^T) + bias        (bool bias: False -> -inf)
     logits = causal_mask(logits)                    ("none" | "top_left" | "bottom_right")
+    logits = window_mask(key_mask(logits))          (structure: never an (Lq, Lk) tensor)
     out    = dropout(softmax(logits, -1)) @ v       (keep prob 1 - p, kept scaled 1/(1-p))
     lse    = logsumexp(logits, -1)                  (float32, natural log)
 
@@ -51,10 +52,13 @@ Conventions: rows whose logits are all -inf give out = 0, lse = -inf and zero
 gradients on both paths (eager gives NaN there). Rows of large finite negative logits
 (``finfo.min`` masks) follow eager exactly (a uniform average).
 
-Dropout uses a counter-based hash (splitmix64 finaliser) of
-(seed, linear index ((b*Hq + h)*Lq + i)*Lk + j): the keep mask is a pure function of
-(seed, b, h, i, j), so the backward regenerates the forward's mask block by block and
-the same seed reproduces the same result. (It does not match the Triton kernels' RNG.)
+Structural masks: a ``key_mask`` alone becomes a (B, 1, 1, Lk) broadcast mask of the
+fused path; with a bias or a ``window`` the blocked path runs, masking keys per block and
+visiting only the keys [kmin, kmax) inside the causal/window band of the block's rows
+(O(Lq * (rows + window)) work for a window, not O(Lq * Lk)).
+
+Dropout keep-masks come from :mod:`attnfuse.kernels.torch_dropout` (a pure function of
+(seed, b, h, i, j), so the backward regenerates the forward's mask block by block).
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from .torch_dropout import block_keep, dropout_keep_mask
 
 __all__ = [
     "forward",
@@ -107,14 +113,15 @@ def _compact(bias: Tensor) -> Tensor:
     return bias
 
 
-def _effective_causal(causal: str, lq: int, lk: int) -> str:
-    """The causal mode with no-op and equivalent alignments folded away."""
+def _effective_causal(causal: str, lq: int, lk: int, window: int = 0) -> str:
+    """The causal mode with no-op and equivalent alignments folded away (a window
+    keeps its causal mode: it is counted back from the diagonal)."""
     if causal == "bottom_right":
-        if lq <= 1:  # the only row sees keys j <= lk - 1: all of them
+        if lq <= 1 and not window:  # the only row sees keys j <= lk - 1: all of them
             return "none"
         if lq == lk:
             return "top_left"
-    if causal == "top_left" and lk <= 1:  # key 0 is visible to every row
+    if causal == "top_left" and lk <= 1 and not window:  # key 0 is visible to every row
         return "none"
     return causal
 
@@ -304,60 +311,6 @@ def _fused_backward(dout, q, k, v, bias, out, lse, plan: FusedPlan, scale: float
     return dq, dk, dv
 
 
-# ----------------------------------------------------------------------- dropout RNG
-_M64 = (1 << 64) - 1
-
-
-def _i64(x: int) -> int:
-    x &= _M64
-    return x - (1 << 64) if x >= (1 << 63) else x
-
-
-_GOLDEN = _i64(0x9E3779B97F4A7C15)
-_MIX1 = _i64(0xBF58476D1CE4E5B9)
-_MIX2 = _i64(0x94D049BB133111EB)
-_RNG_BITS = 24
-
-
-def _seed_key(seed: int) -> int:
-    """splitmix64 of the seed, in Python integers: the per-call stream key."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return _i64(z ^ (z >> 31))
-
-
-def _srl(x: Tensor, s: int) -> Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _keep_from_index(idx: Tensor, seed: int, p: float) -> Tensor:
-    """Bool keep-mask, a pure function of (seed, linear index); int64 ops wrap."""
-    z = idx * _GOLDEN + _seed_key(seed)
-    z = (z ^ _srl(z, 30)) * _MIX1
-    z = (z ^ _srl(z, 27)) * _MIX2
-    z = z ^ _srl(z, 31)
-    thr = int(round((1.0 - p) * (1 << _RNG_BITS)))
-    return _srl(z, 64 - _RNG_BITS) < thr
-
-
-def _block_keep(seed, p, b0, b1, hq, lq, lk, i0, i1, kmax, hkv, g) -> Tensor:
-    """Keep-mask of batch items [b0, b1), rows [i0, i1) and keys [0, kmax) as
-    (b1 - b0, Hkv, G, rows, kmax)."""
-    bh = torch.arange(b0 * hq, b1 * hq, dtype=torch.int64).view(b1 - b0, hkv, g, 1, 1)
-    bh = bh * (lq * lk)
-    rows = torch.arange(i0, i1, dtype=torch.int64).view(-1, 1) * lk
-    cols = torch.arange(kmax, dtype=torch.int64).view(1, -1)
-    return _keep_from_index(bh + (rows + cols), seed, p)
-
-
-def dropout_keep_mask(seed: int, dropout_p: float, shape) -> Tensor:
-    """The full (B, Hq, Lq, Lk) bool keep-mask the blocked path uses (for tests)."""
-    b, hq, lq, lk = shape
-    return _block_keep(seed, dropout_p, 0, b, hq, lq, lk, 0, lq, lk, hq, 1).view(b, hq, lq, lk)
-
-
 # ---------------------------------------------------------------------- blocked path
 def _bias5(bias: Optional[Tensor], hkv: int, g: int) -> Optional[Tensor]:
     """4-D bias as a (Bb, Hkv|1, G|1, Lqb, Lkb) view matching the grouped layout."""
@@ -377,18 +330,27 @@ def _chunking(b: int, hq: int, lk: int) -> tuple[int, int]:
     return bc, rows
 
 
-def _blocks(b: int, hq: int, lq: int, lk: int, causal: str):
-    """Yields (b0, b1, i0, i1, kmax): batch items [b0, b1), rows [i0, i1), keys [0, kmax)."""
+def _blocks(b: int, hq: int, lq: int, lk: int, causal: str, window: int):
+    """Yields (b0, b1, i0, i1, kmin, kmax): batch items [b0, b1), rows [i0, i1) and
+    the keys [kmin, kmax) that any of those rows can see (causal and window band)."""
     bc, rows = _chunking(b, hq, lk)
     for b0 in range(0, b, bc):
         for i0 in range(0, lq, rows):
             i1 = min(lq, i0 + rows)
-            yield b0, min(b, b0 + bc), i0, i1, _kmax(causal, i1, lq, lk)
+            kmin = _kmin(causal, window, i0, lq, lk)
+            yield b0, min(b, b0 + bc), i0, i1, kmin, max(kmin, _kmax(causal, i1, lq, lk))
 
 
 def _bslice(t: Optional[Tensor], b0: int, b1: int) -> Optional[Tensor]:
     """Batch items [b0, b1) of t, or t itself where its batch dim broadcasts."""
     return t if t is None or t.shape[0] == 1 else t[b0:b1]
+
+
+def _kmin(causal: str, window: int, i0: int, lq: int, lk: int) -> int:
+    """Keys below kmin lie outside the window of every row >= i0."""
+    if not window:
+        return 0
+    return max(0, min(lk, i0 + _causal_offset(causal, lq, lk) - window + 1))
 
 
 def _kmax(causal: str, i1: int, lq: int, lk: int) -> int:
@@ -398,19 +360,21 @@ def _kmax(causal: str, i1: int, lq: int, lk: int) -> int:
     return max(0, min(lk, i1 + _causal_offset(causal, lq, lk)))
 
 
-def _block_probs(q5, kc, bias5, *, i0, i1, kmax, scale, softcap, causal, lq, lk,
-                 want_softcap_grad=False):
-    """Softmax probabilities (pre-dropout) of rows [i0, i1) over keys [0, kmax).
+def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap, causal,
+                 window, lq, lk, want_softcap_grad=False):
+    """Softmax probabilities (pre-dropout) of rows [i0, i1) over keys [kmin, kmax).
 
-    Returns (p (B, Hkv, G*n, kmax), lse (B, Hkv, G, n), softcap_grad or None)."""
+    Returns (p (B, Hkv, G*n, kw), lse (B, Hkv, G, n), softcap_grad or None), where
+    kw = kmax - kmin."""
     b, hkv, g, _, d = q5.shape
     n = i1 - i0
+    kw = kmax - kmin
     cdt = kc.dtype
     qb = q5[:, :, :, i0:i1].to(cdt).reshape(b, hkv, g * n, d)
     # the scale (and 1/softcap) is applied to the (rows x D) queries, not the scores
     qb = qb * (scale / softcap if softcap > 0 else scale)
-    s = torch.matmul(qb, kc[:, :, :kmax].transpose(-1, -2))  # (B, Hkv, G*n, kmax)
-    s5 = s.view(b, hkv, g, n, kmax)
+    s = torch.matmul(qb, kc[:, :, kmin:kmax].transpose(-1, -2))  # (B, Hkv, G*n, kw)
+    s5 = s.view(b, hkv, g, n, kw)
     dcap = None
     if softcap > 0:
         s.tanh_()
@@ -422,21 +386,25 @@ def _block_probs(q5, kc, bias5, *, i0, i1, kmax, scale, softcap, causal, lq, lk,
         if bs.shape[3] > 1:
             bs = bs[:, :, :, i0:i1]
         if bs.shape[4] > 1:
-            bs = bs[..., :kmax]
+            bs = bs[..., kmin:kmax]
         if bs.dtype == torch.bool:
             s5.masked_fill_(bs.logical_not(), _NEG_INF)
         else:
             s5.add_(bs)
+    if key_mask is not None:  # (B|1, Lk) key padding, broadcast over heads and rows
+        s5.masked_fill_(key_mask[:, None, None, None, kmin:kmax].logical_not(), _NEG_INF)
     if causal != "none":
         off = _causal_offset(causal, lq, lk)
+        i = torch.arange(i0, i1).view(-1, 1)
+        j = torch.arange(kmin, kmax).view(1, -1)
         if kmax > i0 + off + 1:  # some (row, key) in the block is above the diagonal
-            i = torch.arange(i0, i1).view(-1, 1)
-            j = torch.arange(kmax).view(1, -1)
             s5.masked_fill_(j > i + off, _NEG_INF)
+        if window and i1 - 1 + off - window >= kmin:  # some key is left of a row's window
+            s5.masked_fill_(j <= i + off - window, _NEG_INF)
     m, arg = s.max(-1, keepdim=True)
     p = torch.softmax(s, dim=-1)
     del s, s5
-    # lse = m + log(sum exp(s - m)) = m - log(p[argmax]); p[argmax] >= 1/kmax, so the
+    # lse = m + log(sum exp(s - m)) = m - log(p[argmax]); p[argmax] >= 1/kw, so the
     # log is well conditioned, and rows of huge finite logits stay exact in p
     lse = m - torch.log(p.gather(-1, arg))
     dead = m == _NEG_INF  # rows masked entirely: softmax gives NaN there
@@ -446,12 +414,13 @@ def _block_probs(q5, kc, bias5, *, i0, i1, kmax, scale, softcap, causal, lq, lk,
     return p, lse.view(b, hkv, g, n), dcap
 
 
-def _blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed):
+def _blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed, window=0,
+                     key_mask=None):
     b, hq, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    causal = _effective_causal(causal, lq, lk)
+    causal = _effective_causal(causal, lq, lk, window)
     out = torch.empty((b, hq, lq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     out5, lse5 = out.unflatten(1, (hkv, g)), lse.unflatten(1, (hkv, g))
@@ -460,31 +429,32 @@ def _blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed):
     vc = v.to(cdt).contiguous()
     bias5 = _bias5(_compact(bias) if bias is not None else None, hkv, g)
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmax in _blocks(b, hq, lq, lk, causal):
+    for b0, b1, i0, i1, kmin, kmax in _blocks(b, hq, lq, lk, causal, window):
         n, nb = i1 - i0, b1 - b0
-        if kmax == 0:  # every row of the block is fully masked
+        if kmax == kmin:  # every row of the block is fully masked
             out5[b0:b1, :, :, i0:i1] = 0
             lse5[b0:b1, :, :, i0:i1] = _NEG_INF
             continue
-        p, lse_b, _ = _block_probs(q5[b0:b1], kc[b0:b1], _bslice(bias5, b0, b1), i0=i0,
-                                   i1=i1, kmax=kmax, scale=scale, softcap=softcap,
-                                   causal=causal, lq=lq, lk=lk)
+        p, lse_b, _ = _block_probs(q5[b0:b1], kc[b0:b1], _bslice(bias5, b0, b1),
+                                   _bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
+                                   kmax=kmax, scale=scale, softcap=softcap, causal=causal,
+                                   window=window, lq=lq, lk=lk)
         if dropout_p > 0:
-            keep = _block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmax, hkv, g)
-            p.view(nb, hkv, g, n, kmax).mul_(keep).mul_(drop_scale)
-        o = torch.matmul(p, vc[b0:b1, :, :kmax])  # (nb, Hkv, G*n, Dv)
+            keep = block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmin, kmax, hkv, g)
+            p.view(nb, hkv, g, n, kmax - kmin).mul_(keep).mul_(drop_scale)
+        o = torch.matmul(p, vc[b0:b1, :, kmin:kmax])  # (nb, Hkv, G*n, Dv)
         out5[b0:b1, :, :, i0:i1] = o.view(nb, hkv, g, n, dv)
         lse5[b0:b1, :, :, i0:i1] = lse_b
     return out, lse
 
 
 def _blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, softcap, seed,
-                      need_dbias):
+                      need_dbias, window=0, key_mask=None):
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
     cdt = _compute_dtype(q.dtype)
-    causal = _effective_causal(causal, lq, lk)
+    causal = _effective_causal(causal, lq, lk, window)
     q5 = q.unflatten(1, (hkv, g))
     do5 = dout.unflatten(1, (hkv, g))
     # delta = rowsum(P * dP) = rowsum(dout * out): O(L * Dv) from a full-precision out;
@@ -505,25 +475,27 @@ def _blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, sof
     dvv = torch.zeros((b, hkv, lk, dv), dtype=cdt, device=q.device)
     dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if grad_bias else None
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmax in _blocks(b, hq, lq, lk, causal):
+    for b0, b1, i0, i1, kmin, kmax in _blocks(b, hq, lq, lk, causal, window):
         n, nb = i1 - i0, b1 - b0
-        if kmax == 0:
+        kw = kmax - kmin
+        if kw == 0:
             dq5[b0:b1, :, :, i0:i1] = 0
             continue
-        p, _, dcap = _block_probs(q5[b0:b1], kc[b0:b1], _bslice(bias5, b0, b1), i0=i0,
-                                  i1=i1, kmax=kmax, scale=scale, softcap=softcap,
-                                  causal=causal, lq=lq, lk=lk, want_softcap_grad=True)
-        kb, vb = kc[b0:b1, :, :kmax], vc[b0:b1, :, :kmax]
+        p, _, dcap = _block_probs(q5[b0:b1], kc[b0:b1], _bslice(bias5, b0, b1),
+                                  _bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
+                                  kmax=kmax, scale=scale, softcap=softcap, causal=causal,
+                                  window=window, lq=lq, lk=lk, want_softcap_grad=True)
+        kb, vb = kc[b0:b1, :, kmin:kmax], vc[b0:b1, :, kmin:kmax]
         dob = do5[b0:b1, :, :, i0:i1].to(cdt).reshape(nb, hkv, g * n, dv)
-        dp = torch.matmul(dob, vb.transpose(-1, -2))  # (nb, Hkv, G*n, kmax)
+        dp = torch.matmul(dob, vb.transpose(-1, -2))  # (nb, Hkv, G*n, kw)
         if dropout_p > 0:
-            keep = _block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmax, hkv, g)
-            mk = keep.to(cdt).mul_(drop_scale).view(nb, hkv, g * n, kmax)
+            keep = block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmin, kmax, hkv, g)
+            mk = keep.to(cdt).mul_(drop_scale).view(nb, hkv, g * n, kw)
             dp.mul_(mk)
             pd = p * mk
         else:
             pd = p
-        dvv[b0:b1, :, :kmax] += torch.matmul(pd.transpose(-1, -2), dob)
+        dvv[b0:b1, :, kmin:kmax] += torch.matmul(pd.transpose(-1, -2), dob)
         del pd
         if delta_all is not None:
             delta = delta_all[b0:b1, :, :, i0:i1].reshape(nb, hkv, g * n, 1)
@@ -531,33 +503,43 @@ def _blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, sof
             delta = (p * dp).sum(-1, keepdim=True)
         ds = dp.sub_(delta).mul_(p)  # d loss / d final logits
         if grad_bias:
-            _accumulate_dbias(dbias, ds.view(nb, hq, n, kmax), b0, b1, i0, i1, kmax)
+            _accumulate_dbias(dbias, ds.view(nb, hq, n, kw), b0, b1, i0, i1, kmin, kmax)
         if dcap is not None:
             ds.mul_(dcap)
         qb = q5[b0:b1, :, :, i0:i1].to(cdt).reshape(nb, hkv, g * n, d)
         dqb = torch.matmul(ds, kb).mul_(scale)
         dq5[b0:b1, :, :, i0:i1] = dqb.view(nb, hkv, g, n, d)
-        dk[b0:b1, :, :kmax] += torch.matmul(ds.transpose(-1, -2), qb).mul_(scale)
+        dk[b0:b1, :, kmin:kmax] += torch.matmul(ds.transpose(-1, -2), qb).mul_(scale)
     dbias_out = dbias.to(bias.dtype) if grad_bias else None
     return dq, dk.to(k.dtype), dvv.to(v.dtype), dbias_out
 
 
 def _accumulate_dbias(dbias: Tensor, ds: Tensor, b0: int, b1: int, i0: int, i1: int,
-                      kmax: int) -> None:
-    """Add a block's logit gradient (nb, Hq, n, kmax) into dbias, reduced to its shape."""
+                      kmin: int, kmax: int) -> None:
+    """Add a block's logit gradient (nb, Hq, n, kmax - kmin) into dbias, reduced to its shape."""
     dims = [i for i in range(4) if dbias.shape[i] == 1 and ds.shape[i] != 1]
     red = ds.sum(dims, keepdim=True) if dims else ds
     tgt = _bslice(dbias, b0, b1)
     if dbias.shape[2] > 1:
         tgt = tgt[:, :, i0:i1]
     if dbias.shape[3] > 1:
-        tgt = tgt[..., :kmax]
+        tgt = tgt[..., kmin:kmax]
     tgt += red
 
 
 # --------------------------------------------------------------------------- entries
+def _fold_key_mask(bias: Optional[Tensor], key_mask: Optional[Tensor],
+                   window: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(bias, key_mask): a key_mask alone (no bias, no window) becomes a (B|1, 1, 1, Lk)
+    bool bias view, which the fused SDPA path takes as a broadcast (B, 1, 1, Lk) mask."""
+    if key_mask is not None and bias is None and not window:
+        return key_mask[:, None, None, :], None
+    return bias, key_mask
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
-            causal: str, dropout_p: float, softcap: float, seed: int) -> tuple[Tensor, Tensor]:
+            causal: str, dropout_p: float, softcap: float, seed: int, window: int = 0,
+            key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse): out (B, Hq, Lq, Dv) in q's dtype; lse (B, Hq, Lq) float32, the
     natural log-sum-exp of the final logits (-inf for rows masked entirely)."""
     b, hq, lq, _ = q.shape
@@ -566,18 +548,21 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
         out = torch.zeros((b, hq, lq, dv), dtype=q.dtype, device=q.device)
         lse = torch.full((b, hq, lq), _NEG_INF, dtype=torch.float32, device=q.device)
         return out, lse
-    plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
-                           softcap=softcap)
-    if plan is not None:
-        return _fused_forward(q, k, v, bias, plan, float(scale))
+    bias, key_mask = _fold_key_mask(bias, key_mask, window)
+    if key_mask is None and not window:
+        plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
+                               softcap=softcap)
+        if plan is not None:
+            return _fused_forward(q, k, v, bias, plan, float(scale))
     return _blocked_forward(q, k, v, bias, scale=float(scale), causal=causal,
                             dropout_p=float(dropout_p), softcap=float(softcap),
-                            seed=int(seed))
+                            seed=int(seed), window=int(window), key_mask=key_mask)
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
              out: Tensor, lse: Tensor, *, scale: float, causal: str, dropout_p: float,
-             softcap: float, seed: int, need_dbias: bool):
+             softcap: float, seed: int, need_dbias: bool, window: int = 0,
+             key_mask: Optional[Tensor] = None):
     """(dq, dk, dv, dbias): shapes and dtypes of q, k, v; dbias has the 4-D shape and
     dtype of ``bias`` (summed over its size-1 dims), None unless ``need_dbias`` (and
     None for a bool bias, which has no gradient)."""
@@ -587,12 +572,18 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     if min(b, hq, lq, lk) == 0:
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if grad_bias else None
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias)
-    if uses_fused_sdpa_backward(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
-                                softcap=softcap, need_dbias=need_dbias):
+    folded, key_mask = _fold_key_mask(bias, key_mask, window)
+    if folded is not bias:  # the key_mask became a bool bias, which has no gradient
+        bias, need_dbias = folded, False
+    structural = key_mask is not None or window
+    if not structural and uses_fused_sdpa_backward(
+            q, k, v, bias, lse, causal=causal, dropout_p=dropout_p, softcap=softcap,
+            need_dbias=need_dbias):
         plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
                                softcap=softcap)
         dq, dk, dv = _fused_backward(dout, q, k, v, bias, out, lse, plan, float(scale))
         return dq, dk, dv, None
     return _blocked_backward(dout, q, k, v, bias, out, scale=float(scale), causal=causal,
                              dropout_p=float(dropout_p), softcap=float(softcap),
-                             seed=int(seed), need_dbias=need_dbias)
+                             seed=int(seed), need_dbias=need_dbias, window=int(window),
+                             key_mask=key_mask)

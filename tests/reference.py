@@ -25,14 +25,26 @@ def causal_keep(lq: int, lk: int, align: str, device=None) -> torch.Tensor:
     raise ValueError(align)
 
 
+def window_keep(lq: int, lk: int, align: str, window: int, device=None) -> torch.Tensor:
+    """Bool (lq, lk): the causal mask of ``align`` narrowed to the last ``window`` keys
+    of each row (Hugging Face's sliding window: j > i + off - window)."""
+    off = lk - lq if align == "bottom_right" else 0
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return causal_keep(lq, lk, align, device) & (j > i + off - window)
+
+
 def attention_reference(q, k, v, bias=None, *, scale=None, causal="none",
                         softcap=0.0, dropout_mask=None, dropout_p=0.0,
-                        dtype=torch.float64):
+                        dtype=torch.float64, window=0, key_mask=None, dead_rows="nan"):
     """softmax(mask(softcap(scale * q k^T) + bias)) [dropout] @ v in ``dtype``.
 
-    ``causal`` is "none", "top_left" or "bottom_right". ``dropout_mask`` is a bool
+    ``causal`` is "none", "top_left" or "bottom_right"; ``window`` (> 0) narrows it to
+    a sliding window; ``key_mask`` is a bool (B|1, Lk) key-padding mask (True =
+    visible). All masks are dense -inf fills here. ``dropout_mask`` is a bool
     keep-mask broadcastable to (B, Hq, Lq, Lk); kept probabilities are scaled by
-    1 / (1 - dropout_p). Rows masked entirely with -inf give NaN, as eager does.
+    1 / (1 - dropout_p). Rows masked entirely with -inf give NaN, as eager does, or with
+    ``dead_rows="zero"`` 0 and zero gradients (the op's documented convention).
     """
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     hq, hkv = q.shape[1], k.shape[1]
@@ -50,9 +62,20 @@ def attention_reference(q, k, v, bias=None, *, scale=None, causal="none",
         else:
             s = s + bias.to(dtype)
     if causal != "none":
-        keep = causal_keep(q.shape[2], k.shape[2], causal, device=q.device)
+        if window:
+            keep = window_keep(q.shape[2], k.shape[2], causal, window, device=q.device)
+        else:
+            keep = causal_keep(q.shape[2], k.shape[2], causal, device=q.device)
         s = s.masked_fill(~keep, float("-inf"))
+    if key_mask is not None:
+        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    dead = None
+    if dead_rows == "zero":
+        dead = torch.isneginf(s).all(-1, keepdim=True)
+        s = s.masked_fill(dead, 0.0)
     p = torch.softmax(s, dim=-1)
+    if dead is not None:
+        p = p.masked_fill(dead, 0.0)
     if dropout_mask is not None:
         p = p * dropout_mask.to(dtype) / (1.0 - dropout_p)
     return p @ v
