@@ -138,11 +138,14 @@ def _lastdim_contig(x: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------ fused path
 class FusedPlan(NamedTuple):
-    """How the fused SDPA call is made: ``is_causal`` and whether GQA query groups are
-    merged into the row axis ((B, Hkv, G*Lq, D) views, non-causal only)."""
+    """How the fused SDPA call is made: ``is_causal``; whether GQA query groups are
+    merged into the row axis ((B, Hkv, G*Lq, D) views, non-causal only); whether K and V
+    are repeated to the query heads instead (causal GQA: an O(Lk * D) copy per head,
+    small next to the attention itself; dK/dV are summed back over each group)."""
 
     is_causal: bool
     merge_groups: bool
+    repeat_kv: bool = False
 
 
 def _merged_view(x: Tensor, hkv: int, g: int) -> Optional[Tensor]:
@@ -195,8 +198,8 @@ def fused_sdpa_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *,
     if hq == hkv:
         return FusedPlan(is_causal, False)
     # GQA / MQA: fold each kv head's query group into the row axis, without copies.
-    if is_causal:
-        return None  # the row index would no longer be the query position
+    if is_causal:  # folding would break the row index = query position; repeat K/V
+        return FusedPlan(True, False, True)
     g = hq // hkv
     if _merged_view(q, hkv, g) is None:
         return None
@@ -276,6 +279,8 @@ def _fused_forward(q, k, v, bias, plan: FusedPlan, scale: float):
         qq = _merged_view(qq, hkv, g)
         if mask is not None:
             mask = _merged_bias(mask, hkv, g, lq)
+    if plan.repeat_kv:
+        kk, vv = kk.repeat_interleave(hq // hkv, 1), vv.repeat_interleave(hq // hkv, 1)
     out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
         qq, kk, vv, 0.0, plan.is_causal, attn_mask=mask, scale=scale)
     if plan.merge_groups:
@@ -304,10 +309,15 @@ def _fused_backward(dout, q, k, v, bias, out, lse, plan: FusedPlan, scale: float
         lse = lse.reshape(b, hkv, g * lq)
         if mask is not None:
             mask = _merged_bias(mask, hkv, g, lq)
+    if plan.repeat_kv:
+        kk, vv = kk.repeat_interleave(hq // hkv, 1), vv.repeat_interleave(hq // hkv, 1)
     dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dd, qq, kk, vv, oo, lse, 0.0, plan.is_causal, attn_mask=mask, scale=scale)
     if plan.merge_groups:
         dq = dq.reshape(b, hq, lq, d)
+    if plan.repeat_kv:  # each kv head's gradient is the sum over its query group
+        dk = dk.unflatten(1, (hkv, hq // hkv)).sum(2)
+        dv = dv.unflatten(1, (hkv, hq // hkv)).sum(2)
     return dq, dk, dv
 
 

@@ -218,7 +218,7 @@ def _decide(hq=4, hkv=4, lq=33, lk=33, d=16, dv=16, dtype=F32, bias=None,
     (dict(dv=24), False),
     (dict(layout="blhd"), True), (dict(layout="lastdim"), True),
     (dict(hkv=2), True), (dict(hkv=1), True),               # GQA/MQA merged into rows
-    (dict(hkv=2, causal="top_left"), False),
+    (dict(hkv=2, causal="top_left"), True),                 # causal GQA: K/V repeated
     (dict(hkv=2, layout="blhd"), False),                     # merging would copy q
     (dict(hkv=1, lq=1, causal="bottom_right"), True),       # MQA decode
     (dict(bias=torch.zeros(1, 1, 1, 33)), True),
@@ -326,7 +326,7 @@ def test_gqa_mqa(path, hkv, causal, monkeypatch, path_spy):
     _force(monkeypatch, path)
     q, k, v = make_qkv(2, 4, hkv, 37, 50, 16, 16, F32)
     check(q, k, v, causal=causal, spy=path_spy,
-          expect_fused=path == "fused" and causal == "none")
+          expect_fused=path == "fused" and causal != "bottom_right")  # Lq != Lk here
 
 
 @pytest.mark.parametrize("path", ["fused", "blocked"])
