@@ -1,12 +1,15 @@
 """CPU benchmark: impl="torch" forward vs eager matmul-softmax-matmul.
 
-Cases: B=1, H=8, D=64, float32, L in {1024, 2048, 4096}, causal and not. Three
-implementations per case:
+Cases: B=1, H=8, D=64, float32, L in {1024, 2048, 4096}, and the masks of ``--masks``:
+``none``; ``causal``; ``pad`` (causal with the last 40 % of the keys padded: a key_mask,
+as a padded batch row of a causal LM); ``window`` (causal with a sliding window of
+``--window`` keys, as Mistral). Three implementations per case:
 
-- ``eager``:   ``softmax((q @ k^T) * scale [masked_fill causal]) @ v`` as models write it
-               (the causal bool mask is built beforehand, like a model's buffer);
+- ``eager``:   ``softmax((q @ k^T) * scale [masked_fill mask]) @ v`` as models write it
+               (the dense (L, L) bool mask is built beforehand, like a model's buffer);
 - ``torch``:   ``attnfuse.kernels.torch_impl.forward`` as the op calls it (fused
-               PyTorch SDPA where exact; these cases all take that path);
+               PyTorch SDPA where exact: none, causal, pad; ``window`` runs the
+               banded path, that kernel per block of rows over the band's keys);
 - ``blocked``: the same with the fused path switched off (``USE_FUSED_SDPA = False``):
                the blocked loop that runs for softcap, dropout, bottom-right causal, ...
 
@@ -18,7 +21,7 @@ allocation of the call, PyTorch's own kernels included. Time is the median over
 better). Nothing asserts on these numbers.
 
     python benchmarks/op_cpu.py [--reps 5] [--lengths 1024 2048 4096] [--entry op]
-                                [--threads N]
+                                [--threads N] [--masks none causal pad window] [--window 256]
 """
 from __future__ import annotations
 
@@ -50,7 +53,11 @@ def _reset_peak() -> bool:
         return False
 
 
-def _child(impl: str, length: int, causal: bool, reps: int, entry: str, threads: int) -> dict:
+MASKS = ("none", "causal", "pad", "window")
+
+
+def _child(impl: str, length: int, mask: str, reps: int, entry: str, threads: int,
+           window: int) -> dict:
     import torch
 
     if threads > 0:
@@ -60,8 +67,18 @@ def _child(impl: str, length: int, causal: bool, reps: int, entry: str, threads:
     q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
     scale = D ** -0.5
     path = impl
+    causal = mask != "none"
+    key_mask = None
+    if mask == "pad":
+        key_mask = torch.ones(B, length, dtype=torch.bool)
+        key_mask[:, int(0.6 * length):] = False
+    win = window if mask == "window" else 0
     if impl == "eager":
         keep = torch.ones(length, length, dtype=torch.bool).tril() if causal else None
+        if win:
+            keep = keep & torch.ones(length, length, dtype=torch.bool).triu(1 - win)
+        if key_mask is not None:
+            keep = keep & key_mask[:, None, None, :]
 
         def fn():
             s = (q @ k.transpose(-1, -2)) * scale
@@ -78,13 +95,23 @@ def _child(impl: str, length: int, causal: bool, reps: int, entry: str, threads:
             import attnfuse
 
             def fn():
-                return attnfuse.flash_attention(q, k, v, causal=mode, impl="torch")
+                return attnfuse.flash_attention(q, k, v, causal=mode, impl="torch", window=win,
+                                                key_mask=key_mask)
         else:
             def fn():
                 return T.forward(q, k, v, None, scale=scale, causal=mode, dropout_p=0.0,
-                                 softcap=0.0, seed=0)[0]
-        path = "fused" if T.uses_fused_sdpa(q, k, v, None, causal=mode, dropout_p=0.0,
-                                            softcap=0.0) else "blocked"
+                                 softcap=0.0, seed=0, window=win, key_mask=key_mask)[0]
+        from attnfuse.kernels import torch_banded as TB
+
+        as_bias = key_mask[:, None, None, :] if key_mask is not None else None
+        if not win and T.uses_fused_sdpa(q, k, v, as_bias, causal=mode, dropout_p=0.0,
+                                         softcap=0.0):
+            path = "fused"
+        elif TB.banded_applicable(q, k, v, None, causal=mode, window=win, dropout_p=0.0,
+                                  softcap=0.0):
+            path = "banded"
+        else:
+            path = "blocked"
     # peak memory of one (first) call
     base = _status_kib("VmRSS")
     ok = _reset_peak()
@@ -96,14 +123,15 @@ def _child(impl: str, length: int, causal: bool, reps: int, entry: str, threads:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"impl": impl, "L": length, "causal": causal, "path": path,
+    return {"impl": impl, "L": length, "mask": mask, "path": path,
             "ms": 1e3 * statistics.median(times), "peak_mib": peak / 1024,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def _run_case(impl, length, causal, reps, entry, threads) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, str(length), str(int(causal)),
-           "--reps", str(reps), "--entry", entry, "--threads", str(threads)]
+def _run_case(impl, length, mask, reps, entry, threads, window) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, str(length), mask,
+           "--reps", str(reps), "--entry", entry, "--threads", str(threads),
+           "--window", str(window)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -116,39 +144,43 @@ def main(argv=None) -> None:
                     help="call torch_impl.forward directly or attnfuse.flash_attention")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads in each case (0: torch's default)")
-    ap.add_argument("--child", nargs=3, metavar=("IMPL", "L", "CAUSAL"), help=argparse.SUPPRESS)
+    ap.add_argument("--masks", nargs="+", choices=MASKS, default=["none", "causal"])
+    ap.add_argument("--window", type=int, default=256, help="window of the 'window' masks")
+    ap.add_argument("--child", nargs=3, metavar=("IMPL", "L", "MASK"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        impl, length, causal = args.child
-        print(json.dumps(_child(impl, int(length), bool(int(causal)), args.reps, args.entry,
-                                args.threads)))
+        impl, length, mask = args.child
+        print(json.dumps(_child(impl, int(length), mask, args.reps, args.entry, args.threads,
+                                args.window)))
         return
 
     rows = []
     info = None
     for length in args.lengths:
-        for causal in (False, True):
-            r = {impl: _run_case(impl, length, causal, args.reps, args.entry, args.threads)
+        for mask in args.masks:
+            r = {impl: _run_case(impl, length, mask, args.reps, args.entry, args.threads,
+                                 args.window)
                  for impl in IMPLS}
             info = r["eager"]
-            rows.append((length, causal, r))
-            print(f"  done L={length} causal={causal}", file=sys.stderr, flush=True)
+            rows.append((length, mask, r))
+            print(f"  done L={length} mask={mask}", file=sys.stderr, flush=True)
 
     print(f"CPU forward, B={B} H={H} D={D} float32, torch {info['torch']}, "
           f"{info['threads']} threads, median of {args.reps}; peak = RSS high-water "
-          f"mark of one call above the RSS before it; entry={args.entry}")
-    hdr = ("|    L | causal | eager ms | torch ms (path) | blocked ms | time eager/torch "
+          f"mark of one call above the RSS before it; entry={args.entry}; "
+          f"window={args.window}")
+    hdr = ("|    L | mask   | eager ms | torch ms (path) | blocked ms | time eager/torch "
            "| time eager/blocked | eager MiB | torch MiB | blocked MiB | mem eager/torch "
            "| mem eager/blocked |")
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-    for length, causal, r in rows:
+    for length, mask, r in rows:
         e, t, b = r["eager"], r["torch"], r["blocked"]
 
         def ratio(x, y):
             return f"{x / y:.1f}x" if y > 0 else "inf"
 
-        print(f"| {length:4d} | {str(causal):6s} | {e['ms']:8.1f} | "
+        print(f"| {length:4d} | {mask:6s} | {e['ms']:8.1f} | "
               f"{t['ms']:7.1f} ({t['path']}) | {b['ms']:10.1f} | {ratio(e['ms'], t['ms']):>16s} | "
               f"{ratio(e['ms'], b['ms']):>18s} | {e['peak_mib']:9.1f} | {t['peak_mib']:9.1f} | "
               f"{b['peak_mib']:11.1f} | {ratio(e['peak_mib'], t['peak_mib']):>15s} | "

@@ -564,6 +564,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
                                softcap=softcap)
         if plan is not None:
             return _fused_forward(q, k, v, bias, plan, float(scale))
+    from . import torch_banded  # imports this module: loaded on first use
+
+    if torch_banded.banded_applicable(q, k, v, bias, causal=causal, window=window,
+                                      dropout_p=dropout_p, softcap=softcap):
+        return torch_banded.banded_forward(q, k, v, scale=float(scale), causal=causal,
+                                           window=int(window), key_mask=key_mask)
     return _blocked_forward(q, k, v, bias, scale=float(scale), causal=causal,
                             dropout_p=float(dropout_p), softcap=float(softcap),
                             seed=int(seed), window=int(window), key_mask=key_mask)
@@ -592,6 +598,14 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
                                softcap=softcap)
         dq, dk, dv = _fused_backward(dout, q, k, v, bias, out, lse, plan, float(scale))
+        return dq, dk, dv, None
+    from . import torch_banded
+
+    if torch_banded.banded_applicable(q, k, v, bias, causal=causal, window=window,
+                                      dropout_p=dropout_p, softcap=softcap):
+        dq, dk, dv = torch_banded.banded_backward(
+            dout, q, k, v, out, lse, scale=float(scale), causal=causal, window=int(window),
+            key_mask=key_mask)
         return dq, dk, dv, None
     return _blocked_backward(dout, q, k, v, bias, out, scale=float(scale), causal=causal,
                              dropout_p=float(dropout_p), softcap=float(softcap),

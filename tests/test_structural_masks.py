@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnfuse
+from attnfuse.kernels import torch_banded as TB
 from attnfuse.kernels import torch_impl as T
 from tests.reference import attention_reference
 
@@ -66,12 +67,25 @@ def _check(q, k, v, *, bias=None, causal="none", window=0, key_mask=None, tol=2e
     return out, dead
 
 
+@pytest.mark.parametrize("path", ["banded", "blocked"])
 @pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
 @pytest.mark.parametrize("window", [1, 5, 17, 64])
 @pytest.mark.parametrize("lq,lk", [(29, 29), (13, 29), (29, 13)])
-def test_window(causal, window, lq, lk):
+def test_window(path, causal, window, lq, lk, monkeypatch):
+    """Both CPU paths: the banded fused kernel per row block, and the blocked loop."""
+    monkeypatch.setattr(T, "USE_FUSED_SDPA", path == "banded")
     q, k, v = _inputs(lq=lq, lk=lk)
+    assert TB.banded_applicable(q, k, v, None, causal=causal, window=window, dropout_p=0.0,
+                                softcap=0.0) == (path == "banded")
     _check(q, k, v, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_window_with_key_mask_banded(left):
+    q, k, v = _inputs(lq=31, lk=31)
+    assert TB.banded_applicable(q, k, v, None, causal="top_left", window=9, dropout_p=0.0,
+                                softcap=0.0)
+    _check(q, k, v, causal="top_left", window=9, key_mask=_padding(2, 31, left=left))
 
 
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])

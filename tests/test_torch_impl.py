@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnfuse.kernels import torch_banded as TB
 from attnfuse.kernels import torch_impl as T
 from tests.reference import attention_reference, causal_keep
 
@@ -39,17 +40,20 @@ def small_blocks(monkeypatch):
 
 @pytest.fixture
 def path_spy(monkeypatch):
-    """Records which implementation ran: 'fused' or 'blocked', forward and backward."""
+    """Records which implementation ran: 'fused', 'banded' or 'blocked', forward and backward."""
     ran = {"fwd": [], "bwd": []}
 
-    def wrap(name, kind, tag):
-        fn = getattr(T, name)
+    def wrap(name, kind, tag, module=T):
+        fn = getattr(module, name)
 
         def spy(*a, **kw):
             ran[kind].append(tag)
             return fn(*a, **kw)
 
-        monkeypatch.setattr(T, name, spy)
+        monkeypatch.setattr(module, name, spy)
+
+    wrap("banded_forward", "fwd", "banded", TB)
+    wrap("banded_backward", "bwd", "banded", TB)
 
     wrap("_fused_forward", "fwd", "fused")
     wrap("_blocked_forward", "fwd", "blocked")
@@ -181,11 +185,13 @@ def check(q, k, v, bias=None, *, causal="none", softcap=0.0, scale=None, dropout
     if not need_dbias:
         assert grads[3] is None
     if spy is not None:
-        assert spy["fwd"] == ["fused" if fused else "blocked"]
+        banded = TB.banded_applicable(q, k, v, bias, causal=causal, window=0,
+                                      dropout_p=dropout_p, softcap=softcap)
+        assert spy["fwd"] == ["fused" if fused else "banded" if banded else "blocked"]
         fused_bwd = T.uses_fused_sdpa_backward(q, k, v, bias, lse, causal=causal,
                                                dropout_p=dropout_p, softcap=softcap,
                                                need_dbias=need_dbias)
-        assert spy["bwd"] == ["fused" if fused_bwd else "blocked"]
+        assert spy["bwd"] == ["fused" if fused_bwd else "banded" if banded else "blocked"]
         spy["fwd"].clear()
         spy["bwd"].clear()
     return out, lse, grads
