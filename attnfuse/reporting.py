@@ -21,7 +21,13 @@ JSON schema ``attnfuse.report/1`` (:func:`to_json`; one object)::
         softmax         str             name of the softmax node that anchored the match
         scale           str             the scale as recognised ("0.125", "... folded into q", ...)
         causal          str             "none" | "top_left" | "bottom_right"
-        bias            str             "none" or the bias/mask terms
+        window          int             sliding window passed with causal; 0 = none
+        key_mask        str             "" or the graph node(s) passed as key_mask (B, Lk); "~" = negated
+        structure       str             "causal=…, window=…, key_mask=…" or "none": masks the op gets as
+                                        structure (no (Lq, Lk) tensor read)
+        masks           list[str]       per mask term: the structure it became, or why it stayed a tensor
+        empty_row_fixup bool            rows that see no key get eager's finite-fill uniform average
+        bias            str             "none" or the bias/mask terms still passed as a tensor
         gqa             str             "" or how K/V repeats were undone
         dropout_p       float
         softcap         float
@@ -279,7 +285,10 @@ def to_dict(report: Any, context: Optional[GraphContext] = None) -> dict:
     for f, d in zip(report.fusions, ctx.fusions):
         fusions.append({
             "location": f.location, "code": d.code, "module": d.module,
-            "softmax": getattr(f, "softmax", ""), "scale": f.scale, "causal": f.causal, "bias": f.bias,
+            "softmax": getattr(f, "softmax", ""), "scale": f.scale, "causal": f.causal,
+            "window": int(getattr(f, "window", 0)), "key_mask": getattr(f, "key_mask", ""),
+            "structure": _structure(f), "masks": list(getattr(f, "masks", [])),
+            "empty_row_fixup": bool(getattr(f, "empty_row_fixup", False)), "bias": f.bias,
             "gqa": f.gqa, "dropout_p": float(f.dropout_p), "softcap": float(f.softcap),
             "dtype": d.dtype, "probs_dtype": d.probs_dtype, "scores_shape": d.scores_shape,
             "memory_bytes_per_call": d.memory_bytes_per_call, "memory_note": d.memory_note,
@@ -299,6 +308,11 @@ def to_dict(report: Any, context: Optional[GraphContext] = None) -> dict:
                         for m, c in zip(report.near_misses, ctx.near_miss_code)],
         "errors": list(report.errors),
     }
+
+
+def _structure(f: Any) -> str:
+    s = getattr(f, "structure", None)
+    return s if isinstance(s, str) else ("none" if f.causal == "none" else f"causal={f.causal}")
 
 
 def to_json(report: Any, context: Optional[GraphContext] = None, indent: Optional[int] = 2) -> str:
@@ -338,7 +352,14 @@ def to_text(report: Any, context: Optional[GraphContext] = None) -> str:
     if d["fusions"]:
         rows = []
         for f in d["fusions"]:
-            rec = [f"scale={f['scale']}", f"causal={f['causal']}", f"bias={f['bias']}"]
+            rec = [f"scale={f['scale']}", f"causal={f['causal']}"]
+            if f["window"]:
+                rec.append(f"window={f['window']}")
+            if f["key_mask"]:
+                rec.append(f"key_mask={f['key_mask']}")
+            rec.append(f"bias={f['bias']}")
+            if f["empty_row_fixup"]:
+                rec.append("empty-row fix-up")
             if f["gqa"]:
                 rec.append(f"gqa={f['gqa']}")
             if f["dropout_p"]:
@@ -469,7 +490,10 @@ def to_html(report: Any, path: Optional[str] = None, context: Optional[GraphCont
         out.append(f"<h2 class='fused'>Fusion {i}: {e(f['location'] or '<unknown location>')}</h2>")
         out.append(f"<pre>{e(f['code'] or '')}</pre>")
         rows = [("module", f["module"]), ("softmax node", f["softmax"]), ("scale", f["scale"]),
-                ("causal", f["causal"]), ("bias", f["bias"]), ("GQA", f["gqa"] or "none"),
+                ("causal", f["causal"]), ("window", f["window"] or "none"),
+                ("key_mask", f["key_mask"] or "none"), ("bias", f["bias"]),
+                ("masks", "; ".join(f["masks"]) or "none"),
+                ("empty-row fix-up", "yes" if f["empty_row_fixup"] else "no"), ("GQA", f["gqa"] or "none"),
                 ("dropout_p", f["dropout_p"]), ("softcap", f["softcap"]), ("dtype (scores / probs)",
                 f"{f['dtype']} / {f['probs_dtype']}"), ("scores shape", f["scores_shape"]),
                 ("memory per call no longer materialised",

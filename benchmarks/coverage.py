@@ -10,7 +10,11 @@ sites fused by attnfuse (``attnfuse::flash_attention`` nodes in the graphs hande
 compiler), sites fused by Inductor (SDPA nodes in its post-grad forward graphs, counted by a
 ``post_grad_custom_post_pass``; not its counter, which double-counts in training), max abs and
 relative (to the largest reference value) error against eager for both, whether each compiled, the
-compile time (first call), and for every unfused site the near-miss reason from attnfuse's report.
+compile time (first call), how each fused site receives its masks (``masks`` column: ``causal`` /
+``causal-br`` (bottom-right) / ``wN`` (sliding window N) / ``keymask`` passed as structure, ``bias`` for a
+tensor still read by the kernel, ``fix`` where rows that see no key get eager's finite-fill average;
+``-`` for no mask), and for every unfused site the near-miss reason from attnfuse's report; with a
+mask kept as a tensor, the report's reason too.
 
 ``--train``: every case that supports it also runs in train mode with dropout 0 (deterministic), with
 a backward pass whose parameter gradients are compared with eager's; and once with dropout 0.1, which
@@ -39,6 +43,34 @@ import real_models as R  # noqa: E402
 
 def _fmt_err(x) -> str:
     return "-" if x is None else f"{x:.1e}"
+
+
+def mask_kind(f) -> str:
+    """How one fusion gets its masks: e.g. "causal+keymask+fix", "causal+w5", "bias", "-"."""
+    parts = []
+    if f.causal != "none":
+        parts.append("causal" if f.causal == "top_left" else "causal-br")
+    if getattr(f, "window", 0):
+        parts.append(f"w{f.window}")
+    if getattr(f, "key_mask", ""):
+        parts.append("keymask")
+    if f.bias != "none":
+        parts.append("bias")
+    if getattr(f, "empty_row_fixup", False):
+        parts.append("fix")
+    return "+".join(parts) or "-"
+
+
+def _mask_summary(fusions) -> dict:
+    kinds: dict = {}
+    for f in fusions:
+        k = mask_kind(f)
+        kinds[k] = kinds.get(k, 0) + 1
+    n_bias = sum(1 for f in fusions if f.bias != "none")
+    n_struct = sum(1 for f in fusions if f.bias == "none" and mask_kind(f) != "-")
+    kept = sorted({n for f in fusions for n in getattr(f, "masks", []) if "kept as a tensor" in n})
+    return {"masks": " ".join(f"{k}:{n}" for k, n in sorted(kinds.items())), "n_structure": n_struct,
+            "n_bias": n_bias, "n_plain": len(fusions) - n_struct - n_bias, "bias_kept": kept}
 
 
 def run_case(case: R.Case, args) -> list:
@@ -73,6 +105,7 @@ def run_case(case: R.Case, args) -> list:
                    attnfuse_graphs=a.graphs, attnfuse_compile_s=round(a.compile_s, 2),
                    near_misses=[{"kind": k, "reason": r, "location": loc, "snippet": s}
                                 for k, r, loc, s in a.near_misses])
+        row.update(_mask_summary(a.fusions))
         if a.ok and dropout == 0.0:
             row["attnfuse_abs"], row["attnfuse_rel"] = R.errors(ref, a.out)
             if backward:
@@ -114,7 +147,7 @@ def _passes(row) -> bool:
 
 
 HEADER = (f"{'case':<20} {'mode':<13} {'sites':>5} {'attnf':>5} {'ind':>4}  {'af err(rel)':>11} {'ind err(rel)':>12}"
-          f"  {'af grad':>8} {'ind grad':>8}  {'af s':>5} {'ind s':>5}  status")
+          f"  {'af grad':>8} {'ind grad':>8}  {'af s':>5} {'ind s':>5}  {'masks':<24} status")
 
 
 def _print_row(row) -> None:
@@ -135,8 +168,10 @@ def _print_row(row) -> None:
     print(f"{row['case']:<20} {row['mode']:<13} {row['sites']:>5} {row.get('attnfuse_fused', '-'):>5} "
           f"{'-' if ind is None else ind:>4}  {_fmt_err(row.get('attnfuse_rel')):>11} {_fmt_err(ind_err):>12}  "
           f"{_fmt_err(row.get('attnfuse_grad_rel')):>8} {_fmt_err(row.get('inductor_grad_rel')):>8}  "
-          f"{row.get('attnfuse_compile_s', 0):>5.1f} {row.get('inductor_compile_s', 0) or 0:>5.1f}  {status}",
-          flush=True)
+          f"{row.get('attnfuse_compile_s', 0):>5.1f} {row.get('inductor_compile_s', 0) or 0:>5.1f}  "
+          f"{row.get('masks', ''):<24} {status}", flush=True)
+    for note in row.get("bias_kept", []):
+        print(f"    mask {note}", flush=True)
     for nm in row.get("near_misses", []):
         print(f"    near miss [{nm['kind']}] {nm['location']}: {nm['reason']}", flush=True)
         if _SNIPPETS and nm["snippet"]:
@@ -180,6 +215,9 @@ def main(argv=None) -> int:
     print(f"attnfuse: {af}/{sites} sites fused; {sum(1 for r in built if r.get('attnfuse_fused') == r['sites'])}"
           f"/{len(built)} rows fully fused; compile failures: {sum(1 for r in built if not r.get('attnfuse_ok'))}; "
           f"numerical mismatches: {sum(1 for r in built if r.get('attnfuse_ok') and (r.get('attnfuse_rel', 0) > R.TOL or r.get('attnfuse_grad_rel', 0) > R.GRAD_TOL))}")
+    n_struct, n_bias, n_plain = (sum(r.get(k, 0) for r in built) for k in ("n_structure", "n_bias", "n_plain"))
+    print(f"attnfuse masks: {n_struct} fused sites get their masks as structure only (causal/window/key_mask), "
+          f"{n_bias} read a bias tensor, {n_plain} have no mask")
     over = [r["case"] + "/" + r["mode"] for r in built if r.get("attnfuse_fused", 0) > r["sites"]]
     if over:
         print(f"  MORE fused than sites (check the ground truth!): {over}")

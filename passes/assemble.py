@@ -3,21 +3,21 @@
 Owns the second half of matching: given the Q·Kᵀ spec, the score items found on
 the way up and the P·V spec found on the way down, it checks the order of score
 changes (scale → softcap → bias/masks), checks P·V contracts the key axis, builds
-the q/k/v/bias views in op order (peeling layout ops and GQA repeats), recognises
-causal masks (at the graph's sizes, or by dataflow when the mask is built from the
-run-time query/key lengths: :func:`_prove_causal_dataflow`), and decides how the op's
-output is viewed back. Raises ``Miss``.
+the q/k/v/bias views in op order (peeling layout ops and GQA repeats), hands the
+mask terms to :mod:`.structure` (which turns what it proves into causal / window /
+key_mask), and decides how the op's output is viewed back. Raises ``Miss``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import fx
 
 from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
-from attnfuse.passes.types import AttentionMatch, Miss, Term, View4, location_of
+from attnfuse.passes import structure as S
+from attnfuse.passes.types import AttentionMatch, Miss, View4, location_of
 from attnfuse.passes.views import build_view, peel, size_at
 
 MAX_HEAD_DIM = 256
@@ -227,11 +227,9 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         if "k" in tags:
             raise Miss("key_varying_scale", f"{where.name}: scale {f.name} varies along the key axis", where)
         q_factors.append((build_view(f, tags, ob + ["q", None], "scale"), how))
-    terms, causal = [], "none"
     sshape = A.shape(qk)
-    lq, lk = A.static_int(sshape[stags.index("q")]), A.static_int(sshape[stags.index("k")])
     rem_early = set(chain) | {qk}
-    axmap = None
+    raw = []
     for kind, n, coef, flag, where, stage in folded["terms"]:
         pre = None
         if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
@@ -247,22 +245,18 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
                 raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes", where)
             pre = (tuple(st_shape), tuple(co_shape))
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
-        if kind in ("keep", "fill") and causal == "none":
-            ck = _prove_causal(n, flag, pre, gm, sshape, stags, kind)
-            if ck is None and pre is None:
-                if axmap is None:
-                    axmap = _length_axes(qk, stags, ctx["tags"], (spec.a, qtags, "q"), (spec.b, ktags, "k"),
-                                         (v_node, vtags, "k"), (q, k, v), gm)
-                ck = _prove_causal_dataflow(n, flag, gm, stags, kind, axmap, sshape)
-            if ck is not None:
-                causal = ck
-                continue
-        if kind == "float":
-            terms.append(Term("float", view, coef, pre=pre))
-        elif kind == "keep":
-            terms.append(Term("keep", view, 0.0, invert=bool(flag), pre=pre))
-        else:
-            terms.append(Term("fill", view, coef, invert=not flag, pre=pre))
+        raw.append(S.RawTerm(kind, n, coef, flag, view, pre))
+    axmap: Dict = {}
+
+    def axmap_fn():
+        if "v" not in axmap:
+            axmap["v"] = S.length_axes(qk, stags, ctx["tags"], (spec.a, qtags, "q"), (spec.b, ktags, "k"),
+                                       (v_node, vtags, "k"), (q, k, v), gm)
+        return axmap["v"]
+
+    ms = S.choose(raw, gm, sshape, stags, ob, axmap_fn, softcap=float(folded["softcap"]),
+                  dropout_p=float(dropout_p), memo=ctx["memo"])
+    terms, causal = ms.terms, ms.causal
     # output: op (B, H, Lq, Dv) -> P·V layout
     op_out = ob + ["q", "dv"]
     squeeze = tuple(i for i in (1, 0) if op_out[i] is None)
@@ -283,158 +277,11 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     return AttentionMatch(
         softmax=sm, qk=qk, pv=pv, q=q, k=k, v=v, scale=float(folded["scale"]), q_factors=q_factors,
         terms=terms, causal=causal, softcap=float(folded["softcap"]), dropout_p=float(dropout_p),
+        window=ms.window, key_masks=ms.key_masks, fixup=ms.fixup, mask_notes=ms.notes,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
         location=location_of(sm) or location_of(pv),
-        info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq})
-
-
-def _prove_causal(n, flag, pre, gm, sshape, stags, kind) -> Optional[str]:
-    """"top_left"/"bottom_right" if the keep-mask is that causal mask at every size tried.
-
-    Static shapes: evaluated once, exact. Symbolic shapes: evaluated at the traced sizes
-    and smaller ones; a mask built from sizes (arange comparisons, tril/triu, slices of a
-    tril buffer) is causal at all of them only when it is causal by construction."""
-    r = len(stags)
-    iq, ik = stags.index("q"), stags.index("k")
-    lq, lk = A.static_int(sshape[iq]), A.static_int(sshape[ik])
-    assignments = [None] if lq is not None and lk is not None else C.size_assignments([sshape[iq], sshape[ik]])
-    if not assignments or (pre is not None and assignments != [None]):
-        return None
-    if assignments != [None]:  # symbolic sizes: also probe at the mask's own thresholds
-        extra = C.probe_sizes(n, gm)
-        if extra is None:
-            return None
-        syms = sorted(set().union(*(a.keys() for a in assignments)), key=str)
-        assignments = assignments + [{s_: c for s_ in syms} for c in extra if c >= 2]
-    def samples():
-        for subs in assignments:
-            if subs is None:
-                vq, vk = lq, lk
-            else:
-                eq, ek = A.expr(sshape[iq]).subs(subs), A.expr(sshape[ik]).subs(subs)
-                if not (eq.is_Integer and ek.is_Integer):
-                    yield None, 0, 0  # a size that does not evaluate: nothing is proven
-                    return
-                vq, vk = int(eq), int(ek)
-            val = C.const_eval(n, gm, subs)
-            if isinstance(val, torch.Tensor) and pre is not None:
-                val = val.expand(pre[0]).reshape(pre[1])
-            yield val, vq, vk
-
-    return _causal_of_samples(samples(), flag, kind, iq - r, ik - r)
-
-
-def _causal_of_samples(samples, flag, kind, q_axis, k_axis) -> Optional[str]:
-    """The causal alignment every sampled mask shows, or None.
-
-    ``samples`` yields (mask value, Lq, Lk); the mask keeps where True (where False if
-    ``flag``). Square samples cannot tell top-left from bottom-right, so only
-    non-square ones decide; all square means top-left."""
-    kinds = []
-    for val, vq, vk in samples:
-        if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
-            return None
-        ck = C.causal_kind(~val if flag else val, vq, vk, q_axis, k_axis)
-        # a finite fill keeps fully masked rows uniform: only exact when no row is fully masked
-        if ck is None or not (kind == "keep" or ck == "top_left" or vk >= vq):
-            return None
-        kinds.append((ck, vq == vk))
-    distinct = {ck for ck, square in kinds if not square}
-    if len(distinct) > 1:
-        return None
-    return distinct.pop() if distinct else "top_left"
-
-
-_LINEAR = (torch.nn.functional.linear, torch._C._nn.linear)
-
-
-def _length_axes(qk, stags, tagmap, *seeds_and_views) -> Dict:
-    """``(node, axis) -> "q" | "k" | "qk"``: axes whose size is, in every run, the op's
-    query length Lq, key length Lk, or both (one axis feeding both proves Lq == Lk).
-
-    Found by dataflow only: the scores' own axes, every chain node's tagged axes, the
-    Q·Kᵀ / P·V operands' query/key axes, the peeled q/k/v bases' sequence axes, and the
-    input of a ``Linear`` / ``F.linear`` producing one of those (it keeps leading axes)."""
-    *seeds, views, gm = seeds_and_views
-    out: Dict = {}
-
-    def add(node, axis, t):
-        if not isinstance(node, fx.Node) or axis is None:
-            return
-        r = A.rank(node)
-        if r is None:
-            return
-        key = (node, A.norm_dim(axis, r))
-        old = out.get(key)
-        out[key] = t if old in (None, t) else "qk"
-
-    for i, t in enumerate(stags):
-        if t in ("q", "k"):
-            add(qk, i, t)
-    for node, tags in tagmap.items():
-        if tags is not None:
-            for i, t in enumerate(tags):
-                if t in ("q", "k"):
-                    add(node, i, t)
-    for node, tags, t in seeds:
-        if tags is not None and tags.count(t) == 1:
-            add(node, tags.index(t), t)
-    qv, kv, vv = views
-    add(qv.base, qv.axes[2], "q")
-    add(kv.base, kv.axes[2], "k")
-    add(vv.base, vv.axes[2], "k")
-    todo = list(out.items())
-    while todo:  # up through linear layers: x (…, T, C) -> linear -> (…, T, C')
-        (node, axis), t = todo.pop()
-        src = None
-        if node.op == "call_module" and gm is not None:
-            try:
-                mod = gm.get_submodule(node.target)
-            except AttributeError:
-                mod = None
-            if isinstance(mod, torch.nn.Linear) and node.args:
-                src = node.args[0]
-        elif node.op == "call_function" and node.target in _LINEAR and node.args:
-            src = node.args[0]
-        r = A.rank(node)
-        if isinstance(src, fx.Node) and r is not None and axis < r - 1 and A.rank(src) == r:
-            before = out.get((src, axis))
-            add(src, axis, t)
-            if out[(src, axis)] != before:
-                todo.append(((src, axis), out[(src, axis)]))
-    # an axis proven to be both lengths makes every axis of either length "qk"
-    if "qk" in out.values():
-        out = {key: "qk" for key in out}
-    return out
-
-
-def _prove_causal_dataflow(n, flag, gm, stags, kind, axmap, sshape) -> Optional[str]:
-    """Causality of a keep-mask built from the run-time query/key lengths (symbolic_trace).
-
-    The mask is evaluated with every size query of an axis in ``axmap`` set to the
-    length it provably is in every run (Lq, Lk); no other run-time value may reach it.
-    It is tried at many (Lq, Lk) pairs, including Lq = 1 and Lq > Lk; only Lq == Lk
-    pairs when one axis provably carries both. A mask that is causal at all of them
-    (e.g. ``arange(Lk)[None] > arange(Lq)[:, None]``, ``triu(ones(T, T), 1)``) is
-    causal by construction."""
-    if not axmap:
-        return None
-    r = len(stags)
-    iq, ik = stags.index("q"), stags.index("k")
-    square = "qk" in axmap.values()
-    extra = C.probe_sizes(n, gm)
-    if extra is None:
-        return None
-    pairs = [(1, 1), (2, 2), (3, 3), (5, 5), (8, 8), (13, 13)] + [(c, c) for c in extra]
-    if not square:
-        pairs += [(1, 2), (1, 5), (2, 1), (2, 5), (5, 2), (3, 7), (7, 3), (4, 9), (9, 4)]
-        pairs += [p for c in extra for p in ((c, c + 1), (c + 1, c), (1, c))]
-    tq, tk = A.static_int(sshape[iq]), A.static_int(sshape[ik])
-    if tq is not None and tk is not None and (not square or tq == tk):
-        pairs.append((tq, tk))
-    samples = ((C.const_eval(n, gm, None, {key: (vq if t in ("q", "qk") else vk) for key, t in axmap.items()}),
-                vq, vk) for vq, vk in pairs)
-    return _causal_of_samples(samples, flag, kind, iq - r, ik - r)
+        info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq,
+              "mask_roots": ms.roots})
 
 
 def _is_mutation(n: fx.Node, gm) -> bool:

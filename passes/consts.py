@@ -2,10 +2,10 @@
 
 Owns :func:`const_eval` (evaluate a node whose value depends only on constants:
 literals, ``get_attr`` buffers, statically known sizes), :func:`scalar_value`
-(a Python number for a scale or fill value, when provable) and :func:`causal_kind`
-(prove that a keep-mask is exactly a top-left or bottom-right causal mask, e.g.
-nanoGPT's sliced ``tril`` buffer or an ``arange`` comparison, by evaluating it at
-the graph's static sizes). Nothing is guessed: anything not evaluable is ``None``.
+(a Python number for a scale or fill value, when provable), and the sizes a
+size-built mask is probed at (:func:`size_assignments`, :func:`probe_sizes`; the
+proofs that such a mask is a causal band live in :mod:`.bands`). Nothing is
+guessed: anything not evaluable is ``None``.
 
 Constants it may read: literals, ``get_attr`` buffers, sizes the graph is specialised
 to, and (dynamo graphs, given the backend's ``example_inputs``) placeholders that dynamo
@@ -280,36 +280,6 @@ def scalar_value(a: Any, gm) -> Optional[float]:
             return float(v)
         if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point():
             return float(v.reshape(()).item())
-    return None
-
-
-def causal_kind(keep: torch.Tensor, lq: int, lk: int, q_axis: int, k_axis: int) -> Optional[str]:
-    """"top_left" / "bottom_right" when bool ``keep`` is exactly that causal mask.
-
-    ``keep`` is right-aligned with the scores; ``q_axis``/``k_axis`` are the score
-    axes (negative, from the right). Every other axis of ``keep`` must be size 1.
-    """
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-        return None
-    r = keep.dim()
-    if r < max(-q_axis, -k_axis):
-        return None
-    for d in range(r):
-        if d - r not in (q_axis, k_axis) and keep.shape[d] != 1:
-            return None
-    if keep.shape[q_axis] != lq or keep.shape[k_axis] != lk:
-        return None
-    idx = [0] * r
-    idx[q_axis] = slice(None)
-    idx[k_axis] = slice(None)
-    m2 = keep[tuple(idx)]
-    if (q_axis % r) > (k_axis % r):
-        m2 = m2.t()
-    ones = torch.ones(lq, lk, dtype=torch.bool)
-    if torch.equal(m2, ones.tril()):
-        return "top_left"
-    if torch.equal(m2, ones.tril(lk - lq)):
-        return "bottom_right"
     return None
 
 

@@ -102,12 +102,57 @@ class Emitter:
                                                                   "device": torch.device("cpu")})
         return self._f(torch.randint, (0, 2 ** 62, ()), {"dtype": torch.int64})
 
-    def fused(self, q, k, v, bias, scale, causal, dropout_p, softcap, seed):
+    def fused(self, q, k, v, bias, scale, causal, dropout_p, softcap, seed, window=0, key_mask=None):
         kw = {"bias": bias, "scale": scale, "causal": causal, "dropout_p": dropout_p,
               "softcap": softcap, "seed": seed}
+        if window:  # the structural arguments only when used: graphs without them read as before
+            kw["window"] = int(window)
+        if key_mask is not None:
+            kw["key_mask"] = key_mask
         target = torch.ops.attnfuse.flash_attention
         call = self._f(target.default if self.aten else target, (q, k, v), kw)
         return self._f(operator.getitem, (call, 0)), call
+
+    def item(self, x, i):
+        return self._f(operator.getitem, (x, i))
+
+    # -- the empty-row fix-up (see passes/structure.py) ----------------------------
+    def is_neg_inf(self, x):
+        if self.aten:
+            return self._f(aten.eq.Scalar, (x, float("-inf")))
+        return self._f(torch.eq, (x, float("-inf")))
+
+    def mean_keys(self, x):
+        """Mean over axis 2 (keys), kept as a unit axis."""
+        if self.aten:
+            return self._f(aten.mean.dim, (x, [2], True))
+        return self._m("mean", (x, 2), {"keepdim": True})
+
+    def sub(self, a, b):
+        return self._f(aten.sub.Tensor, (a, b)) if self.aten else self._f(operator.sub, (a, b))
+
+    def matmul(self, a, b):
+        return self._f(aten.matmul.default, (a, b)) if self.aten else self._f(torch.matmul, (a, b))
+
+    def transpose_last(self, x):
+        return self._f(aten.transpose.int, (x, -2, -1)) if self.aten else self._m("transpose", (x, -2, -1))
+
+    def detach(self, x):
+        return self._f(aten.detach.default, (x,)) if self.aten else self._m("detach", (x,))
+
+    def where(self, c, a, b):
+        return self._f(aten.where.self, (c, a, b)) if self.aten else self._f(torch.where, (c, a, b))
+
+    def repeat_heads(self, x, reps):
+        """``repeat_interleave`` on the head axis (query head h reads kv head h // reps)."""
+        if self.aten:
+            return self._f(aten.repeat_interleave.self_int, (x, reps, 1))
+        return self._f(torch.repeat_interleave, (x, reps), {"dim": 1})
+
+    def floordiv(self, a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return a // b
+        return self._f(operator.floordiv, (a, b))
 
     # -- composite ------------------------------------------------------------------
     def view4(self, v: View4, pre=None):

@@ -23,6 +23,22 @@ class Fusion:
     nodes_removed: List[str]
     node_inserted: str
     softmax: str = ""
+    window: int = 0            # sliding window with causal; 0 = none
+    key_mask: str = ""         # "" or the graph node(s) passed as key_mask (B, Lk), "~" = negated
+    masks: List[str] = field(default_factory=list)   # per mask term: its structure, or why it stayed a tensor
+    empty_row_fixup: bool = False  # rows that see no key get eager's finite-fill uniform average
+
+    @property
+    def structure(self) -> str:
+        """"causal=…, window=…, key_mask=…" (what the op gets as structure), or "none"."""
+        parts = []
+        if self.causal != "none":
+            parts.append(f"causal={self.causal}")
+        if self.window:
+            parts.append(f"window={self.window}")
+        if self.key_mask:
+            parts.append(f"key_mask={self.key_mask}")
+        return ", ".join(parts) or "none"
 
 
 @dataclass
@@ -46,8 +62,16 @@ class Report:
                 extra.append(f"dropout_p={f.dropout_p}")
             if f.softcap:
                 extra.append(f"softcap={f.softcap}")
+            if f.window:
+                extra.append(f"window={f.window}")
+            if f.key_mask:
+                extra.append(f"key_mask={f.key_mask}")
+            if f.empty_row_fixup:
+                extra.append("empty-row fix-up")
             lines.append(f"  FUSED {f.location or '<unknown>'}: {f.node_inserted} "
                          f"({', '.join(extra)}) replaces {len(f.nodes_removed)} nodes")
+            for note in f.masks:
+                lines.append(f"    mask {note}")
         for m in self.near_misses:
             lines.append(f"  NEAR MISS [{m.kind}] {m.location or '<unknown>'} at {m.node}: {m.reason}")
         for e in self.errors:

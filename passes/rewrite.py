@@ -21,6 +21,7 @@ from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
 from attnfuse.passes.report import Fusion, Report
 from attnfuse.passes.types import AttentionMatch, NearMiss, View4
+from attnfuse.passes.views import size_at
 
 _PURE = (O.LAYOUT, O.CAST, O.SCALE, O.ADD, O.MASK, O.COMPARE, O.GETITEM, O.ELEMENTWISE, O.MATMUL,
          O.SOFTMAX, O.LOG_SOFTMAX)
@@ -85,7 +86,14 @@ def _emit(m: AttentionMatch, em: Emitter):
     scale = m.scale
     for node, how in m.info.get("scale_nodes", ()):
         scale = em.scalar(operator.mul if how == "mul" else operator.truediv, scale, node)
-    out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed)
+    key_mask = None
+    for kv_, neg in m.key_masks:  # (B or 1, 1, 1, Lk) -> (B or 1, Lk)
+        x = em.squeeze(em.squeeze(em.view4(kv_), 2), 1)
+        x = em.logical_not(x) if neg else x
+        key_mask = x if key_mask is None else em.logical_and(key_mask, x)
+    out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask)
+    if m.fixup:
+        out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
@@ -95,6 +103,31 @@ def _emit(m: AttentionMatch, em: Emitter):
     if m.out_dtype is not None and A.dtype(m.q.base) != m.out_dtype:
         out = em.cast(out, m.out_dtype)
     return out, call
+
+
+def _empty_row_fixup(em: Emitter, m: AttentionMatch, q, k, v, call, out, scale):
+    """Rows that see no key, under a finite fill (Hugging Face's ``finfo.min``), are in eager a
+    uniform softmax over all Lk keys: ``s + fill`` rounds to ``fill`` for ``|s| < 2**103``
+    (fp32). The op gives them 0 and ``lse = -inf``; this puts back eager's value and gradient:
+
+        out_i = mean_j v_j + (f_i - f_i.detach()),  f_i = scale · q_i · M,
+        M = Kᵀ (V - mean V).detach() / Lk
+
+    f is 0 in the forward; its gradient is the softmax Jacobian at a uniform row
+    (dq_i = scale · dout_i · Mᵀ, dk_j = scale/Lk · (dout_i · (v_j - v̄)) q_i), which is what
+    eager's autograd gives those rows. O(B·H·L·D·Dv) work: no (Lq, Lk) tensor."""
+    lse = em.item(call, 1)
+    empty = em.unsqueeze(em.is_neg_inf(lse), 3)                     # (B, Hq, Lq, 1)
+    vbar = em.mean_keys(v)                                          # (B, Hkv, 1, Dv)
+    lk = A.static_int(size_at(m.k, 2)) if m.k.axes[2] is not None else 1
+    if lk is None:
+        lk = em.size(m.k.base, m.k.axes[2], symbolic=True)
+    kv_m = em.div(em.matmul(em.transpose_last(k), em.detach(em.sub(v, vbar))), lk)   # (B, Hkv, D, Dv)
+    reps = em.floordiv(em.size(q, 1, symbolic=True), em.size(k, 1, symbolic=True))
+    vbar, kv_m = em.repeat_heads(vbar, reps), em.repeat_heads(kv_m, reps)
+    f = em.mul(em.matmul(q, kv_m), scale)                           # (B, Hq, Lq, Dv)
+    fix = em.add(vbar, em.sub(f, em.detach(f)))
+    return em.where(empty, fix, out)
 
 
 def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
@@ -112,7 +145,8 @@ def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
                          for u, src, how in info.get("shape_fix", ())]
     return dataclasses.replace(
         m, q=v(m.q), k=v(m.k), v=v(m.v), q_factors=[(v(f), how) for f, how in m.q_factors],
-        terms=[dataclasses.replace(t, view=v(t.view)) for t in m.terms], info=info)
+        terms=[dataclasses.replace(t, view=v(t.view)) for t in m.terms], info=info,
+        key_masks=[(v(kv_), neg) for kv_, neg in m.key_masks])
 
 
 def _replace_with_const(u: fx.Node, value) -> None:
@@ -146,6 +180,52 @@ def _erase(gm: fx.GraphModule, removed: List[fx.Node]) -> None:
             break
 
 
+_PURE_METHODS = {"to", "expand", "expand_as", "new_ones", "new_zeros", "new_full", "unsqueeze", "view", "reshape",
+                 "__and__", "__or__", "__invert__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+                 "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "bool", "float",
+                 "long", "int", "type", "size", "contiguous", "clone", "cumsum", "diff", "__getitem__", "__sub__",
+                 "__add__"}
+_PURE_TORCH = (torch.arange, torch.zeros, torch.ones, torch.full, torch.where, torch.logical_and, torch.logical_or,
+               torch.logical_not, torch.bitwise_and, torch.bitwise_or, torch.bitwise_not, torch.eq, torch.ne,
+               torch.lt, torch.le, torch.gt, torch.ge, torch.diff, torch.cumsum)
+_PURE_OPERATORS = (operator.and_, operator.or_, operator.invert, operator.not_, operator.eq, operator.ne,
+                   operator.lt, operator.le, operator.gt, operator.ge, operator.add, operator.sub, operator.mul,
+                   operator.neg, operator.getitem, operator.floordiv)
+
+
+def _is_pure_mask_node(n: fx.Node) -> bool:
+    """A node that builds a mask and has no effect besides its value (never in place, never random)."""
+    if n.op == "call_method":
+        return n.target in _PURE_METHODS
+    if n.op != "call_function":
+        return False
+    if n.target in _PURE_OPERATORS or n.target in _PURE_TORCH:
+        return True
+    schema = getattr(n.target, "_schema", None)
+    if isinstance(n.target, torch._ops.OpOverload) and schema is not None:
+        return not schema.is_mutable and torch.Tag.nondeterministic_seeded not in n.target.tags
+    return False
+
+
+def _mask_ancestors(roots: List[fx.Node]) -> set:
+    """The pure nodes a replaced mask is built from (up to the graph's inputs)."""
+    cand, todo = set(), list(roots)
+    while todo and len(cand) < 4096:
+        n = todo.pop()
+        if n in cand or not _is_pure_mask_node(n):
+            continue
+        cand.add(n)
+        todo += n.all_input_nodes
+    return cand
+
+
+def _erase_dead_mask_nodes(gm: fx.GraphModule, cand: set) -> None:
+    """Erase the (Lq, Lk) mask a structure replaced and what only it read, once unused."""
+    for n in reversed(list(gm.graph.nodes)):  # users before their inputs
+        if n in cand and not n.users:
+            gm.graph.erase_node(n)
+
+
 def rewrite_graph(gm: fx.GraphModule) -> Report:
     """Rewrite ``gm`` in place; returns what was fused and what was not (and why)."""
     matches, misses = find_matches(gm)
@@ -154,6 +234,7 @@ def rewrite_graph(gm: fx.GraphModule) -> Report:
         return report
     em = Emitter(gm.graph, is_aten_graph(gm.graph))
     replaced: dict = {}  # P·V node of an earlier match -> the node now standing for it
+    dead_masks: set = set()  # nodes of masks that became structure: erased once nothing reads them
     for m in matches:
         if replaced:
             m = _remap(m, replaced)
@@ -181,11 +262,15 @@ def rewrite_graph(gm: fx.GraphModule) -> Report:
             for u in list(n.users):
                 if A.is_meta_assert(u) or A.is_dead_alias(u):
                     gm.graph.erase_node(u)
+        dead_masks |= _mask_ancestors(list(m.info.get("mask_roots", ())))
         _erase(gm, list(reversed(m.removed)))
         scale = repr(m.scale) + (" * tensor(s) folded into q" if m.q_factors else "") + \
             (" * run-time scalar(s)" if m.info.get("scale_nodes") else "")
+        key_mask = "&".join(("~" if neg else "") + kv_.base.name for kv_, neg in m.key_masks)
         report.fusions.append(Fusion(m.location, scale, m.causal, _describe_bias(m), m.gqa, m.dropout_p,
-                                     m.softcap, names, call.name, m.softmax.name))
+                                     m.softcap, names, call.name, m.softmax.name, window=m.window,
+                                     key_mask=key_mask, masks=list(m.mask_notes), empty_row_fixup=m.fixup))
+    _erase_dead_mask_nodes(gm, dead_masks)
     gm.graph.lint()
     gm.recompile()
     return report

@@ -70,6 +70,10 @@ class AttentionMatch:
     gqa: str = ""
     location: Optional[str] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    window: int = 0                  # sliding window (with causal); 0 = none
+    key_masks: List[Tuple[View4, bool]] = field(default_factory=list)  # (B, 1, 1, Lk) bool views, negate
+    fixup: bool = False              # rows that see no key get eager's finite-fill uniform average
+    mask_notes: List[str] = field(default_factory=list)  # per mask term: the structure, or why a tensor
 
 
 Result = Union[AttentionMatch, NearMiss]

@@ -1299,8 +1299,10 @@ def _gpt2_inputs():
     return x_input() + (attention_mask,)
 
 
-@model("hf_gpt2", _gpt2_inputs, causal="top_left", bias_ok=True, dropout_p=0.1, dialects=NO_FX,
-       note="HF GPT2Attention._attn: where(causal_mask, w, mask_value) + additive attention_mask")
+@model("hf_gpt2", _gpt2_inputs, dropout_p=0.1, dialects=NO_FX,
+       note="HF GPT2Attention._attn: where(causal_mask, w, mask_value) + additive attention_mask. The causal "
+            "mask's fill is finite (finfo.min) and another term is added: a row both mask entirely is, in eager, "
+            "uniform over the keys that only one of them masks, which no structure reproduces: kept as a bias")
 class GPT2Attention(nn.Module):
     def __init__(self, embed_dim=C_EMB, num_heads=H, max_positions=8, attn_pdrop=0.1):
         super().__init__()

@@ -634,8 +634,9 @@ def test_symbolic_trace_fill_with_dtype_read_from_the_scores_is_constant_folded(
     torch.testing.assert_close(gm(q, k, v), m(q, k, v))
 
 
-def test_sliding_window_masks_are_not_causal_beyond_the_traced_sizes():
-    """Causal at every small size, not past the window W: must stay a mask (probed at W)."""
+def test_sliding_window_masks_are_windows_not_plain_causal():
+    """Causal at every small size, a band of width W past it: never plain causal (the proof
+    probes at sizes around W); proven a window of width W at every size tried."""
     W = 20
 
     def window(s, q, k, v):
@@ -645,7 +646,7 @@ def test_sliding_window_masks_are_not_causal_beyond_the_traced_sizes():
         return F.softmax((q @ k.transpose(-2, -1)).masked_fill(~keep, float("-inf")), -1) @ v
 
     gm, rep = _fx(window, *qkv())
-    assert [fu.causal for fu in rep.fusions] == ["none"], rep.to_text()
+    assert [(fu.causal, fu.window, fu.bias) for fu in rep.fusions] == [("top_left", W, "none")], rep.to_text()
     q, k, v = qkv(b=1, h=1, lq=30, lk=30)
     torch.testing.assert_close(gm(q, k, v), Fn(window)(q, k, v))
 
@@ -666,7 +667,7 @@ def test_sliding_window_masks_are_not_causal_beyond_the_traced_sizes():
     f = torch.compile(m, backend="attnfuse", dynamic=True, options={"inner": "eager"})
     q, k, v = qkv(lq=6, lk=6)
     torch.testing.assert_close(f(q, k, v), m(q, k, v))
-    assert [fu.causal for fu in B.last_report().fusions] == ["none"]
+    assert [(fu.causal, fu.window) for fu in B.last_report().fusions] == [("top_left", W)]
     q, k, v = qkv(b=1, h=1, lq=30, lk=30)
     torch.testing.assert_close(f(q, k, v), m(q, k, v))
 

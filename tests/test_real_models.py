@@ -71,3 +71,48 @@ def test_real_model_train_dropout_fused():
     assert sorted({f.dropout_p for f in res.fusions}) == [0.1]
     assert all(torch.isfinite(t).all() for t in R.flatten(res.out))
     assert all(torch.isfinite(g).all() for g in R.grads(model).values())
+
+
+# How each model's masks reach the op: structure (no (Lq, Lk) tensor) wherever it is provably exact.
+STRUCTURE = {
+    "gpt2-causal": {"causal"},
+    "llama-padded": {"causal+keymask+fix"},                 # left padding: pad rows see no key
+    "mistral-padded": {"causal+w5+keymask+fix"},            # sliding_window=5
+    "bert-padded": {"keymask+fix"},                         # right padding, encoder
+    "gemma2-causal": {"causal", "causal+w5"},               # global and sliding layers, with softcap
+}
+
+
+def _mask_kind(f) -> str:
+    parts = [p for p, on in (("causal", f.causal == "top_left"), ("causal-br", f.causal == "bottom_right"),
+                             (f"w{f.window}", bool(f.window)), ("keymask", bool(f.key_mask)),
+                             ("bias", f.bias != "none"), ("fix", f.empty_row_fixup)) if on]
+    return "+".join(parts) or "-"
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURE))
+def test_real_model_masks_become_structure(name):
+    """Hugging Face's eager masks (index comparisons, padding gathered at [batch, kv]) are passed as
+    causal / window / key_mask, with no bias tensor; outputs (padded rows included) equal eager's."""
+    torch.manual_seed(0)
+    model, inputs, sites = R.CASES[name].build()
+    ref = R._run(model, R._clone(inputs), train=False)
+    res = R.compile_attnfuse(model, inputs, inner="eager", strict=True)
+    assert res.ok, res.error
+    assert res.fused == sites, _describe(res)
+    kinds = {_mask_kind(f) for f in res.fusions}
+    assert kinds == STRUCTURE[name], f"{name}: {kinds}; notes: {[f.masks for f in res.fusions]}"
+    _, rel_err = R.errors(ref, res.out)
+    assert rel_err <= R.TOL, f"{name}: relative error {rel_err:.3g}"
+
+
+def test_real_model_gemma2_padded_keeps_the_bias_and_says_why():
+    """Softcap + left padding: the empty-row fix-up cannot reproduce eager's softcap gradient, so the
+    mask stays a bias; the report says why."""
+    model, inputs, sites = R.CASES["gemma2-padded"].build()
+    ref = R._run(model, R._clone(inputs), train=False)
+    res = R.compile_attnfuse(model, inputs, inner="eager", strict=True)
+    assert res.ok and res.fused == sites, _describe(res)
+    assert all(f.bias != "none" for f in res.fusions)
+    assert all(any("softcap" in n for n in f.masks) for f in res.fusions), [f.masks for f in res.fusions]
+    assert R.errors(ref, res.out)[1] <= R.TOL
