@@ -249,7 +249,7 @@ def _decode_table(sizes, lqs, d, dtype, es):
             dec = dict(_counts)
             _counts.clear()
             tf.forward(q, k, v, None, scale=d ** -0.5, causal="bottom_right", dropout_p=0.0,
-                       softcap=0.0, seed=0)
+                       softcap=0.0, seed=0, decode=False)  # the main kernel, not decode
             main = dict(_counts)
             minimum = es * (B * Hq * lq * d * 2 + B * Hkv * n * d * 2) + 4 * B * Hq * lq
             dtot, mtot = sum(_split(dec)), sum(_split(main))

@@ -16,13 +16,21 @@ The bias is added AFTER softcap, so ``dBias = dS``; the raw score ``scale·q·k�
 ``dS·(1 − tanh²)`` when softcap is on; ``dQ = scale·dS_raw K``, ``dK = scale·dS_rawᵀ Q``.
 
 Fully masked rows (lse = -inf) get P = 0, hence zero gradients.
+
+Structure (causal, window, key_mask) is handled as in the forward (``triton_fwd``):
+the dQ kernel and the preprocess recompute visit only the key blocks of the band of
+their query block (:func:`triton_fwd._key_range`), the dK/dV kernel only the query
+blocks whose band reaches its key block (:func:`triton_fwd._query_range`); only edge
+tiles pay for the element mask (:func:`triton_fwd._tile_is_edge`); a key block whose
+keys are all masked visits no query block in the dK/dV kernel (its dK, dV stay 0).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .triton_fwd import _dot, _dropout_keep, _scores, _to_log2
+from .triton_fwd import (_band_keep, _dot, _dropout_keep, _key_mask_block, _key_range,
+                         _logits, _query_range, _tile_is_edge, _to_log2)
 
 # lse (log2 units) below -HUGE_LSE2 has lost log2(l) to rounding (lse2 = m + log2(l)
 # with |m| huge, e.g. rows biased by finfo.min everywhere): those rows get their
@@ -36,17 +44,19 @@ HUGE_LSE2 = tl.constexpr(4096.0)
 
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias,
+    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias, KeyMask,
     stride_oz, stride_oh, stride_om, stride_od,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_bz, stride_bh, stride_bm, stride_bn,
+    stride_mz, stride_mn,
     H, GROUP, M, N, D, DV,
-    qk_scale, cap_scale, causal_shift,
+    qk_scale, cap_scale, causal_shift, window,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -79,19 +89,28 @@ def _attn_bwd_preprocess(
                     mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
         k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
         b_base = Bias + off_z.to(tl.int64) * stride_bz + off_h.to(tl.int64) * stride_bh
+        km_base = KeyMask + off_z.to(tl.int64) * stride_mz
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        hi = N
-        if CAUSAL:
-            hi = tl.maximum(tl.minimum(N, (start_m + 1) * BLOCK_M + causal_shift), 0)
-        for start_n in range(0, hi, BLOCK_N):
+        m_first = start_m * BLOCK_M
+        m_last = tl.minimum(m_first + BLOCK_M, M) - 1
+        lo, hi = _key_range(m_first, m_last, N, causal_shift, window, BLOCK_N,
+                            CAUSAL, WINDOW)
+        for start_n in range(lo, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=(offs_n[None, :] < N) & (offs_d[:, None] < D), other=0.0)
             qk = _dot(q, kT, DOT_FP32, DOT_PREC)
             b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            s, t = _scores(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale,
-                           causal_shift, CAUSAL, BIAS_KIND, SOFTCAP)
+            s, t = _logits(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale,
+                           BIAS_KIND, SOFTCAP)
+            # rare path: the full element mask on every tile
+            if KEY_MASK:
+                km, n_visible = _key_mask_block(km_base + offs_n * stride_mn, offs_n, N)
+            else:
+                km = offs_n < N
+            s = tl.where(_band_keep(offs_m, offs_n, km, causal_shift, window, CAUSAL, WINDOW),
+                         s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -113,26 +132,30 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Bias, DO, DK, DV_, MRow, LRow, Delta,
+    Q, K, V, Bias, KeyMask, DO, DK, DV_, MRow, LRow, Delta,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
+    stride_mz, stride_mn,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dkz, stride_dkh, stride_dkn, stride_dkd,
     stride_dvz, stride_dvh, stride_dvn, stride_dvd,
     H, HKV, GROUP, M, N, D, DV,
-    sm_scale, qk_scale, cap_scale, causal_shift, dropout_p, seed,
+    sm_scale, qk_scale, cap_scale, causal_shift, window, dropout_p, seed,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     start_n = tl.program_id(0)
     off_zk = tl.program_id(1)
     off_z = off_zk // HKV
     off_hk = off_zk % HKV
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_first = start_n * BLOCK_N
+    n_last = tl.minimum(n_first + BLOCK_N, N) - 1      # last real key of the block
+    offs_n = n_first + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
@@ -149,10 +172,20 @@ def _attn_bwd_dkdv(
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
 
-    # Causal block skipping: query rows i < start_key - shift never see this key block.
-    lo = 0
-    if CAUSAL:
-        lo = (tl.maximum(start_n * BLOCK_N - causal_shift, 0) // BLOCK_M) * BLOCK_M
+    # Causal/window block skipping: only the query blocks [lo, hi) whose band reaches
+    # this key block are visited (rows before the causal diagonal of n_first, and with a
+    # window rows whose window has slid past n_last, never see it).
+    lo, hi = _query_range(n_first, n_last, M, causal_shift, window, BLOCK_M, CAUSAL, WINDOW)
+    if KEY_MASK:
+        # The key mask is the same for every query row: loaded once.  A key block whose
+        # keys are all masked visits no query block (its dK, dV stay 0).
+        km, n_visible = _key_mask_block(KeyMask + off_z.to(tl.int64) * stride_mz
+                                        + offs_n * stride_mn, offs_n, N)
+        hi = tl.where(n_visible > 0, hi, lo)
+        km_partial = n_visible < BLOCK_N
+    else:
+        km = offs_n < N
+        km_partial = False
 
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -160,7 +193,7 @@ def _attn_bwd_dkdv(
         do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         b_base = Bias + off_z.to(tl.int64) * stride_bz + off_h.to(tl.int64) * stride_bh
         row_base = (off_z * H + off_h).to(tl.int64) * M
-        for start_m in range(lo, M, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                         mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
@@ -173,13 +206,19 @@ def _attn_bwd_dkdv(
 
             qk = _dot(q, tl.trans(k), DOT_FP32, DOT_PREC)             # (BLOCK_M, BLOCK_N)
             b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-            s, t = _scores(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale,
-                           causal_shift, CAUSAL, BIAS_KIND, SOFTCAP)
+            s, t = _logits(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale,
+                           BIAS_KIND, SOFTCAP)
+            # the element mask on edge tiles only (see triton_fwd._tile_is_edge)
+            edge = _tile_is_edge(start_m, tl.minimum(start_m + BLOCK_M, M) - 1, n_first, N,
+                                 causal_shift, window, BLOCK_N, CAUSAL, WINDOW) | km_partial
+            if edge:
+                s = tl.where(_band_keep(offs_m, offs_n, km, causal_shift, window,
+                                        CAUSAL, WINDOW), s, float("-inf"))
             # subtract the max first, then log2(l): exact even when |max| is huge
             p = tl.exp2((s - mrow[:, None]) - lrow[:, None])
             dp = _dot(do, tl.trans(v), DOT_FP32, DOT_PREC).to(tl.float32)
             if DROPOUT:
-                keep = _dropout_keep(seed, off_z, off_h, offs_m, start_n * BLOCK_N, dropout_p,
+                keep = _dropout_keep(seed, off_z, off_h, offs_m, n_first, dropout_p,
                                      BLOCK_M, BLOCK_N)
                 pd = tl.where(keep, p * inv_keep, 0.0)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -206,18 +245,20 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Bias, DO, DQ, DS, MRow, LRow, Delta,
+    Q, K, V, Bias, KeyMask, DO, DQ, DS, MRow, LRow, Delta,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
+    stride_mz, stride_mn,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, M, N, D, DV,
-    sm_scale, qk_scale, cap_scale, causal_shift, dropout_p, seed,
+    sm_scale, qk_scale, cap_scale, causal_shift, window, dropout_p, seed,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, NEED_DS: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -226,7 +267,9 @@ def _attn_bwd_dq(
     off_z = off_zh // H
     off_h = off_zh % H
     off_hk = off_h // GROUP
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_first = start_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, M) - 1
+    offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
@@ -243,36 +286,57 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + row, mask=offs_m < M, other=0.0)
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-    b_base = Bias + off_z.to(tl.int64) * stride_bz + off_h.to(tl.int64) * stride_bh
-    ds_base = DS + off_zh.to(tl.int64) * M * N     # DS: contiguous (B, Hq, M, N) fp32
+    b_base = (Bias + off_z.to(tl.int64) * stride_bz + off_h.to(tl.int64) * stride_bh
+              + offs_m[:, None] * stride_bm)      # this block's bias rows
+    km_base = KeyMask + off_z.to(tl.int64) * stride_mz
+    # DS: contiguous (B, Hq, M, N) fp32; this block's rows
+    ds_base = DS + off_zh.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
 
-    hi = N
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(N, (start_m + 1) * BLOCK_M + causal_shift), 0)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
+    # the forward's loop (see _attn_fwd): key blocks [lo, hi) of the band, counted from
+    # lo, the element mask on edge tiles only; tiles never visited keep dS = 0
+    lo, hi = _key_range(m_first, m_last, N, causal_shift, window, BLOCK_N, CAUSAL, WINDOW)
+    k_base += lo * stride_kn
+    v_base += lo * stride_vn
+    b_base += lo * stride_bn
+    km_base += lo * stride_mn
+    ds_base += lo
+    n_rel = N - lo
+    shift_rel = causal_shift - lo
+    for rel_n in range(0, hi - lo, BLOCK_N):
+        offs_n = rel_n + offs_n0        # key index - lo
+        edge = _tile_is_edge(m_first, m_last, rel_n, n_rel, shift_rel, window,
+                             BLOCK_N, CAUSAL, WINDOW)
+        if KEY_MASK:
+            km, n_visible = _key_mask_block(km_base + offs_n * stride_mn, offs_n, n_rel)
+            edge = edge | (n_visible < BLOCK_N)
+        else:
+            km = offs_n < n_rel
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+                    mask=(offs_n[:, None] < n_rel) & (offs_d[None, :] < D), other=0.0)
         vT = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=(offs_n[None, :] < N) & (offs_dv[:, None] < DV), other=0.0)
+                     mask=(offs_n[None, :] < n_rel) & (offs_dv[:, None] < DV), other=0.0)
         qk = _dot(q, tl.trans(k), DOT_FP32, DOT_PREC)
-        b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        s, t = _scores(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale,
-                       causal_shift, CAUSAL, BIAS_KIND, SOFTCAP)
+        b_ptrs = b_base + offs_n[None, :] * stride_bn
+        s, t = _logits(qk, offs_m, offs_n, M, n_rel, b_ptrs, qk_scale, cap_scale,
+                       BIAS_KIND, SOFTCAP)
+        if edge:
+            s = tl.where(_band_keep(offs_m, offs_n, km, shift_rel, window, CAUSAL, WINDOW),
+                         s, float("-inf"))
         p = tl.exp2((s - mrow[:, None]) - lrow[:, None])
         dp = _dot(do, vT, DOT_FP32, DOT_PREC).to(tl.float32)
         if DROPOUT:
-            keep = _dropout_keep(seed, off_z, off_h, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, off_z, off_h, offs_m, lo + rel_n, dropout_p,
+                                 BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         if NEED_DS:
             # dBias = dS (bias is added after softcap).  Simplest correct scheme: write
             # the full (B, Hq, Lq, Lk) fp32 dS; the launcher sums the broadcast dims.
-            tl.store(ds_base + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], ds,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+            tl.store(ds_base + offs_n[None, :], ds,
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_rel))
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(k.dtype), k, DOT_FP32, DOT_PREC)

@@ -9,20 +9,31 @@ needs ``TRITON_INTERPRET=1`` in the environment BEFORE this module (and the kern
 modules) are imported; there one fixed small config is used, because a multi-config
 autotune fails in the interpreter ("0 active drivers").
 
-Edge rows: a row whose logits are all ``-inf`` gives ``out = 0``, ``lse = -inf`` and
-zero gradients (eager gives NaN); a row whose logits are all large finite negatives
-(``finfo.min`` bias) gives the uniform average, as eager softmax does.  See
-``triton_fwd`` for details.
+Structural masks: ``window`` (with causal) and ``key_mask`` ((B|1, Lk) bool, True =
+visible) reach the kernels as the constexprs ``WINDOW`` / ``KEY_MASK`` (the names the
+decode kernel uses) plus a runtime window and a uint8 view of the key mask whose batch
+stride is 0 when it broadcasts; no (Lq, Lk) mask is built.
+
+Short queries against long keys (:func:`triton_decode.decode_applicable`: no dropout,
+Lq <= 16, Lk >= 256) take the flash-decoding path in :func:`forward`; the backward is
+the same for both (the decode path returns the same lse).
+
+Edge rows: a row whose logits are all ``-inf``, or that sees no key, gives
+``out = 0``, ``lse = -inf`` and zero gradients (eager gives NaN); a row whose logits are
+all large finite negatives (``finfo.min`` bias) gives the uniform average, as eager
+softmax does.  See ``triton_fwd`` for details.
 """
 from __future__ import annotations
 
 import functools
-import math
-import os
+from typing import Optional
 
 import torch
 import triton
 
+# module reference (not ``from .triton_decode import ...``): triton_decode imports this
+# module too, and only its functions are used here, at call time
+from . import triton_decode as _td
 from .triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .triton_fwd import _attn_fwd
 
@@ -60,29 +71,31 @@ def _is_fp32(dtype) -> bool:
 # dropout stream per tile: many more live registers, so smaller tiles).  Every entry
 # compiles for sm_80 and sm_90 with no register spills and shared memory within the
 # A100/H100 per-block limits, checked offline by benchmarks/kernel_resources.py with the
-# most expensive constexprs of its variant (causal + softcap [+ bias + dropout + dS]).
+# most expensive constexprs of its variant (causal + window + key_mask + softcap
+# [+ bias + dropout + dS]).  Adding window/key_mask made eight entries spill by 8-96 B;
+# they moved to 8 warps or to a tile of the same BLOCK_M (or BLOCK_N for dK/dV).
 # The preprocess kernel has one list (its rare recompute path always includes the bias).
 # --------------------------------------------------------------------------------------
 
 _CONFIG_TABLE = {
     "attn_fwd": {
         (64, 16, False): [(128, 64, 4, 3), (128, 64, 8, 3)],
-        (64, 16, True): [(128, 32, 8, 2), (64, 32, 4, 3)],
-        (128, 16, False): [(128, 64, 8, 3), (128, 32, 8, 2)],
+        (64, 16, True): [(128, 32, 8, 2), (64, 32, 8, 3)],
+        (128, 16, False): [(128, 32, 8, 3), (64, 64, 8, 3)],
         (128, 16, True): [(64, 16, 4, 2), (32, 16, 4, 1)],
-        (256, 16, False): [(32, 32, 4, 2), (32, 16, 4, 1)],
-        (256, 16, True): [(32, 16, 4, 2), (32, 16, 4, 1)],
+        (256, 16, False): [(32, 32, 8, 2), (32, 16, 4, 1)],
+        (256, 16, True): [(32, 16, 8, 2), (32, 16, 8, 1)],
         (64, 32, False): [(128, 32, 8, 2), (64, 32, 4, 3)],
         (64, 32, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
         (128, 32, False): [(64, 32, 4, 2), (32, 32, 4, 2)],
         (128, 32, True): [(32, 32, 4, 2), (32, 16, 4, 1)],
         (256, 32, False): [(32, 16, 4, 1), (16, 16, 4, 1)],
-        (256, 32, True): [(32, 16, 4, 1), (16, 16, 4, 1)],
+        (256, 32, True): [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
     "attn_bwd_dkdv": {
-        (64, 16, False): [(32, 64, 4, 1), (32, 32, 4, 2)],
+        (64, 16, False): [(16, 64, 8, 2), (32, 32, 4, 2)],
         (64, 16, True): [(32, 32, 4, 2), (16, 16, 4, 1)],
-        (128, 16, False): [(32, 64, 8, 2), (16, 64, 4, 2)],
+        (128, 16, False): [(32, 64, 8, 2), (16, 64, 8, 2)],
         (128, 16, True): [(16, 64, 8, 2), (16, 32, 4, 2)],
         (256, 16, False): [(32, 32, 8, 1)],
         (256, 16, True): [(16, 32, 8, 1), (16, 16, 4, 1)],
@@ -91,7 +104,7 @@ _CONFIG_TABLE = {
         (128, 32, False): [(16, 32, 4, 1), (16, 32, 8, 1)],
         (128, 32, True): [(16, 32, 4, 1), (16, 32, 8, 1)],
         (256, 32, False): [(16, 32, 8, 1)],
-        (256, 32, True): [(16, 16, 8, 1)],
+        (256, 32, True): [(16, 16, 4, 1)],
     },
     "attn_bwd_dq": {
         (64, 16, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
@@ -155,7 +168,8 @@ KERNEL_CONFIGS = {
     "attn_bwd_dq": (_attn_bwd_dq, bwd_dq_configs),
 }
 
-_TUNE_KEY = ["M", "N", "HEAD_D", "HEAD_DV", "CAUSAL", "BIAS_KIND", "SOFTCAP", "DROPOUT"]
+_TUNE_KEY = ["M", "N", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "BIAS_KIND", "SOFTCAP",
+             "KEY_MASK", "DROPOUT"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,62 +247,97 @@ def _seed(seed: int) -> int:
     return int(seed) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor]) -> dict:
+    """Kernel arguments of the structural masks: the runtime window and WINDOW, the key
+    mask (a uint8 view; batch stride 0 when it broadcasts) with its strides and KEY_MASK.
+
+    A window that excludes no key of any row (``window >= Lq + off``, off the causal
+    offset) is dropped: the kernels then need no window mask, and the runtime value
+    always fits in int32."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = no window), got {window!r}")
+    if window and causal == "none":
+        raise ValueError("window > 0 needs causal='top_left' or 'bottom_right'")
+    B, M, N = q.shape[0], q.shape[2], k.shape[2]
+    shift = (N - M) if causal == "bottom_right" else 0
+    if window >= M + shift:      # row M-1's window edge M-1+shift-window is below key 0
+        window = 0
+    km_t, km_s, has_km = _td._key_mask_args(key_mask, B, N, q)
+    return dict(window=int(window), WINDOW=bool(window), km=km_t, km_strides=km_s,
+                KEY_MASK=has_km)
+
+
 def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
-            softcap: float, seed: int):
+            softcap: float, seed: int, window: int = 0,
+            key_mask: Optional[torch.Tensor] = None, decode: bool = True):
     """Fused attention forward.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; bias None or
-    4-D broadcastable to (B, Hq, Lq, Lk) (float: added; bool: True = keep).
+    4-D broadcastable to (B, Hq, Lq, Lk) (float: added; bool: True = keep); ``window``
+    (int >= 0, only with causal): query i sees keys ``i + off - window < j <= i + off``;
+    ``key_mask`` None or bool (B or 1, Lk), True = visible.
     Returns ``(out, lse)``: out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse
     (B, Hq, Lq) float32, the natural log-sum-exp of the final logits of each row.
-    Rows whose logits are all -inf give out = 0 and lse = -inf.  Logits below
+    Rows that see no key (all logits -inf) give out = 0 and lse = -inf.  Logits below
     -2.35e38 (e.g. a finfo.min bias) are clamped there (the kernel works in
     log2 units, where finfo.min·log2(e) would overflow to -inf), so such a row's lse is
     ≈ -2.35e38 rather than ≈ finfo.min; its output is exact (the uniform average, as
     eager), and :func:`backward` recomputes its statistics exactly.
+    Shapes where :func:`triton_decode.decode_applicable` holds run the flash-decoding
+    kernels (same result); ``decode=False`` forces the main kernel (benchmarks, tests).
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+    st = _structure(q, k, causal, window, key_mask)
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:
         return out, lse
     if N == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    if decode and _td.decode_applicable(q, k, v, dropout_p=dropout_p):
+        return _td.decode_forward(q, k, v, bias, scale=scale, causal=causal, softcap=softcap,
+                                  window=st["window"], key_mask=key_mask)
     b_t, b_s, bias_kind = _bias_args(bias, q)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
     kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype, bias_kind or dropout)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *b_s, *_strides(out),
+        q, k, v, b_t, st["km"], out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *st["km_strides"], *_strides(out),
         Hq, Hq // Hkv, M, N, D, Dv,
-        c["qk_scale"], c["cap_scale"], c["causal_shift"], float(dropout_p), _seed(seed),
+        c["qk_scale"], c["cap_scale"], c["causal_shift"], st["window"], float(dropout_p),
+        _seed(seed),
         HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
-        CAUSAL=c["CAUSAL"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"], DROPOUT=dropout,
+        CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"],
+        KEY_MASK=st["KEY_MASK"], DROPOUT=dropout,
         DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], **meta,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
-             dropout_p: float, softcap: float, seed: int, need_dbias: bool):
+             dropout_p: float, softcap: float, seed: int, need_dbias: bool,
+             window: int = 0, key_mask: Optional[torch.Tensor] = None):
     """Fused attention backward: ``(dq, dk, dv, dbias or None)``.
 
     dq/dk/dv have the shapes and dtypes of q/k/v.  dbias (only when ``need_dbias``) has
     the 4-D shape of ``bias`` (summed over its size-1 dims) and its dtype.  The dropout
-    mask is regenerated from ``seed`` exactly as in :func:`forward`.  Rows that were
-    fully masked (lse = -inf) contribute zero gradients.
+    mask is regenerated from ``seed`` exactly as in :func:`forward`; ``window`` and
+    ``key_mask`` must be the forward's.  Rows that saw no key (lse = -inf) contribute
+    zero gradients, and so do masked keys.
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+    st = _structure(q, k, causal, window, key_mask)
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     want_ds = bool(need_dbias and bias is not None and bias.dtype != torch.bool)
     # dBias: the dQ kernel writes the full (B, Hq, Lq, Lk) fp32 dS (simplest correct
-    # scheme); the broadcast dims are summed here in torch.
+    # scheme); the broadcast dims are summed here in torch.  Zero-initialised: tiles
+    # the dQ kernel skips (outside the band, every key masked) have dS = 0.
     ds = (torch.zeros((B, Hq, M, N), device=q.device, dtype=torch.float32)
           if want_ds else None)
     if B * Hq * M == 0 or N == 0:
@@ -301,9 +350,11 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     dropout = dropout_p > 0.0
     heavy = bool(bias_kind or dropout)
     consts = dict(HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
-                  CAUSAL=c["CAUSAL"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"],
+                  CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind,
+                  SOFTCAP=c["SOFTCAP"], KEY_MASK=st["KEY_MASK"],
                   DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"])
     seed = _seed(seed)
+    km_t, km_s, window = st["km"], st["km_strides"], st["window"]
 
     delta = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     mrow = torch.empty_like(delta)
@@ -311,30 +362,30 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_preprocess", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t,
-        *_strides(out), *_strides(dout), *_strides(q), *_strides(k), *b_s,
+        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t, km_t,
+        *_strides(out), *_strides(dout), *_strides(q), *_strides(k), *b_s, *km_s,
         Hq, Hq // Hkv, M, N, D, Dv,
-        c["qk_scale"], c["cap_scale"], c["causal_shift"], **consts, **meta,
+        c["qk_scale"], c["cap_scale"], c["causal_shift"], window, **consts, **meta,
     )
 
     kern, meta = _launcher("attn_bwd_dkdv", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * Hkv)
     kern[grid](
-        q, k, v, b_t, dout, dk, dv, mrow, lrow, delta,
-        *_strides(q), *_strides(k), *_strides(v), *b_s, *_strides(dout),
+        q, k, v, b_t, km_t, dout, dk, dv, mrow, lrow, delta,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, *_strides(dout),
         *_strides(dk), *_strides(dv),
         Hq, Hkv, Hq // Hkv, M, N, D, Dv,
-        float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"],
+        float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"], window,
         float(dropout_p), seed, DROPOUT=dropout, **consts, **meta,
     )
 
     kern, meta = _launcher("attn_bwd_dq", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
-        *_strides(q), *_strides(k), *_strides(v), *b_s, *_strides(dout), *_strides(dq),
+        q, k, v, b_t, km_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, *_strides(dout), *_strides(dq),
         Hq, Hq // Hkv, M, N, D, Dv,
-        float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"],
+        float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"], window,
         float(dropout_p), seed, DROPOUT=dropout, NEED_DS=want_ds, **consts, **meta,
     )
     dbias = _reduce_dbias(ds, bias) if want_ds else None

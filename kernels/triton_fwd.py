@@ -4,17 +4,32 @@ the backward kernels (``triton_bwd``).
 Semantics (per batch ``z``, query head ``h``, query row ``i``, key ``j``)::
 
     logit[i, j] = softcap(scale * q[i]·k[j]) + bias[i, j]      (softcap(s) = c·tanh(s/c))
-    logit[i, j] = -inf where the causal mask hides key j from query i
+    logit[i, j] = -inf where the structure hides key j from query i:
+                  causal   j > i + off            (off = 0 top-left, Lk - Lq bottom-right)
+                  window   j <= i + off - window  (only with causal; WINDOW constexpr)
+                  key_mask key_mask[z, j] False   (a (B|1, Lk) key-padding mask; KEY_MASK)
     p = softmax(logit, over j); p = dropout(p); out[i] = Σ_j p[i, j] v[j]
+
+Structure is never materialised as an (Lq, Lk) mask: the causal/window band becomes
+loop bounds (:func:`_key_range`, :func:`_query_range`: key blocks outside the band of a
+whole query block are never visited), the element mask is applied only on tiles that
+cross the band's edge or the end of the keys (:func:`_tile_is_edge`, the tutorial's
+diagonal-block trick), and the key mask is loaded once per key block
+(:func:`_key_mask_block`).  A key block whose keys are all masked is skipped where
+that is cheap: the dK/dV kernel skips it whole.  In the forward and dQ loops a
+per-tile branch around the dots cost up to ~450 B of register spills and broke the
+software pipelining of the K/V loads (benchmarks/kernel_resources.py), so there such a
+tile is computed and masked.
 
 The kernel works in base 2: every logit is kept in "log2 units" (``logit * log2(e)``),
 so the softmax uses ``exp2`` and the factor log2(e) is folded into the q·kᵀ scale.
 
 Edge rows (documented contract):
 
-* A row whose logits are ALL ``-inf`` (fully masked by a bool/-inf bias or by the
-  causal mask, e.g. bottom-right causal with Lq > Lk) has no defined softmax (eager
-  gives NaN).  Here it gives ``out = 0``, ``lse = -inf`` and zero gradients.
+* A row whose logits are ALL ``-inf`` (fully masked by a bool/-inf bias, or seeing no
+  key through causal/window/key_mask, e.g. bottom-right causal with Lq > Lk) has no
+  defined softmax (eager gives NaN).  Here it gives ``out = 0``, ``lse = -inf`` and
+  zero gradients.
 * A row whose logits are all large FINITE negatives (e.g. a bias of
   ``torch.finfo(dtype).min`` everywhere, as Hugging Face masks do) gives what eager
   softmax gives: the uniform average of the row.  ``finfo.min * log2(e)`` overflows to
@@ -67,15 +82,16 @@ def _dot(a, b, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _scores(qk, offs_m, offs_n, M, N, bias_ptrs, qk_scale, cap_scale, causal_shift,
-            CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Raw ``q·kᵀ`` tile (fp32) -> final logits in log2 units, plus ``tanh`` values.
+def _logits(qk, offs_m, offs_n, M, N, bias_ptrs, qk_scale, cap_scale,
+            BIAS_KIND: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Raw ``q·kᵀ`` tile (fp32) -> logits in log2 units before any structural mask,
+    plus the ``tanh`` values.
 
     Without softcap, ``qk_scale = scale * log2(e)``.  With softcap ``c``,
     ``qk_scale = scale / c`` and ``cap_scale = c * log2(e)``; the returned ``t`` is the
     tanh (the backward needs ``1 - t²``).  Bias (BIAS_KIND 1: float, added; 2: bool,
     False -> -inf) is loaded through strides, so broadcast dims cost nothing (stride 0).
-    Keys past N and keys above the causal diagonal become -inf.
+    Keys past N are NOT masked here (see :func:`_band_keep`).
     """
     if SOFTCAP:
         t = _tanh(qk * qk_scale)
@@ -90,12 +106,99 @@ def _scores(qk, offs_m, offs_n, M, N, bias_ptrs, qk_scale, cap_scale, causal_shi
     elif BIAS_KIND == 2:
         keep = tl.load(bias_ptrs, mask=in_bounds, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
-    valid = offs_n[None, :] < N
-    if CAUSAL:
-        # top_left: shift = 0; bottom_right: shift = N - M (key j visible iff j <= i + shift)
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-    s = tl.where(valid, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _band_keep(offs_m, offs_n, col_ok, causal_shift, window,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Bool tile: the key's column is usable (``col_ok``: j < N, and the key mask) and
+    the key lies in the causal/window band of row i, ``i + shift - window < j <= i + shift``
+    (shift = 0 top-left, N - M bottom-right)."""
+    keep = col_ok[None, :]
+    if CAUSAL:
+        if WINDOW:
+            # dist = how far key j lies back from row i's diagonal; visible iff
+            # 0 <= dist < window.  As one unsigned compare: a negative dist (above the
+            # diagonal) wraps to a huge value.  One compare per element, like causal alone.
+            dist = (offs_m[:, None] + causal_shift) - offs_n[None, :]
+            keep = keep & (dist.to(tl.uint32) < window.to(tl.uint32))
+        else:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+    return keep
+
+
+@triton.jit
+def _scores(qk, offs_m, offs_n, M, N, bias_ptrs, qk_scale, cap_scale, causal_shift,
+            CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, SOFTCAP: tl.constexpr):
+    """:func:`_logits` with keys past N and keys above the causal diagonal set to -inf
+    on every tile (the decode kernel's entry point)."""
+    s, t = _logits(qk, offs_m, offs_n, M, N, bias_ptrs, qk_scale, cap_scale,
+                   BIAS_KIND, SOFTCAP)
+    keep = _band_keep(offs_m, offs_n, offs_n < N, causal_shift, 0, CAUSAL, False)
+    return tl.where(keep, s, float("-inf")), t
+
+
+@triton.jit
+def _key_range(m_first, m_last, N, causal_shift, window, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi): the keys some row of m_first..m_last can see, lo aligned to BLOCK_N.
+
+    Causal block skipping: no row sees a key above the last row's diagonal
+    (m_last + shift).  Window: no row sees a key at or below the first row's window
+    edge (m_first + shift - window), so the loop starts at the key block holding the
+    first key inside it.  Blocks outside [lo, hi) are never loaded."""
+    lo = 0
+    hi = N
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(N, m_last + causal_shift + 1), 0)
+        if WINDOW:
+            lo = (tl.maximum(m_first + causal_shift - window + 1, 0) // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _query_range(n_first, n_last, M, causal_shift, window, BLOCK_M: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi): the query rows that can see some key of n_first..n_last, lo aligned to
+    BLOCK_M (the dK/dV kernel's loop bounds; the transpose of :func:`_key_range`).
+
+    Causal: rows i < n_first - shift see none of these keys.  Window: row i sees key j
+    only if j > i + shift - window, so rows i >= n_last - shift + window see none."""
+    lo = 0
+    hi = M
+    if CAUSAL:
+        lo = (tl.maximum(n_first - causal_shift, 0) // BLOCK_M) * BLOCK_M
+        if WINDOW:
+            hi = tl.maximum(tl.minimum(M, n_last - causal_shift + window), 0)
+    return lo, hi
+
+
+@triton.jit
+def _tile_is_edge(m_first, m_last, start_n, N, causal_shift, window,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """True when the tile (rows m_first..m_last, keys start_n..start_n + BLOCK_N - 1)
+    needs the element mask of :func:`_band_keep`: it runs past N, or crosses the band's
+    edge.  The band is monotone in the row, so checking the corners is enough: the
+    first row must see the last key (causal diagonal), the last row the first key
+    (window edge).  Tiles strictly inside the band skip the mask, like the tutorial's
+    off-diagonal blocks.  (Rows past M are never stored, and get P = 0 in the backward,
+    so they need no mask.)  Only differences of key and row indices matter, so keys
+    may be counted from any origin, shifting N and causal_shift by the same amount."""
+    edge = start_n + BLOCK_N > N
+    if CAUSAL:
+        edge = edge | (start_n + BLOCK_N - 1 > m_first + causal_shift)
+        if WINDOW:
+            edge = edge | (start_n <= m_last + causal_shift - window)
+    return edge
+
+
+@triton.jit
+def _key_mask_block(km_ptrs, offs_n, N):
+    """The key_mask of one key block as a bool vector (keys past N: False) and the
+    number of visible keys in it (0: the tile can be skipped; < BLOCK_N: masked)."""
+    km = tl.load(km_ptrs, mask=offs_n < N, other=0) != 0
+    return km, tl.sum(km.to(tl.int32), 0)
 
 
 @triton.jit
@@ -124,17 +227,19 @@ def _dropout_keep(seed, off_z, off_h, offs_m, start_n, dropout_p,
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, Out, Lse,
+    Q, K, V, Bias, KeyMask, Out, Lse,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,   # 0 along broadcast (size-1) bias dims
+    stride_mz, stride_mn,                          # key_mask; stride_mz 0 when broadcast
     stride_oz, stride_oh, stride_om, stride_od,
     H, GROUP, M, N, D, DV,                         # H = query heads, GROUP = Hq // Hkv
-    qk_scale, cap_scale, causal_shift, dropout_p, seed,
+    qk_scale, cap_scale, causal_shift, window, dropout_p, seed,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,   # head dims padded to a power of 2 >= 16
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
+    SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -142,17 +247,20 @@ def _attn_fwd(
     off_z = off_zh // H
     off_h = off_zh % H
     off_hk = off_h // GROUP            # GQA/MQA: kv head shared by GROUP query heads
+    m_first = start_m * BLOCK_M
+    m_last = tl.minimum(m_first + BLOCK_M, M) - 1      # last real row of the block
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
     # int64 base offsets: B·H·L·D can exceed 2**31 elements
     q_base = Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
     k_base = K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-    b_base = Bias + off_z.to(tl.int64) * stride_bz + off_h.to(tl.int64) * stride_bh
+    b_base = (Bias + off_z.to(tl.int64) * stride_bz + off_h.to(tl.int64) * stride_bh
+              + offs_m[:, None] * stride_bm)      # this block's bias rows
+    km_base = KeyMask + off_z.to(tl.int64) * stride_mz
     o_base = Out + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
 
     # padded head-dim columns load as 0, so they add nothing to q·kᵀ
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -162,22 +270,39 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                  # running sum of exp2
     acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
 
-    # Causal block skipping: key blocks entirely above the diagonal for every row of this
-    # query block are never loaded.  The last visible key of the block's last row is
-    # (start_m + 1) * BLOCK_M - 1 + causal_shift.
-    hi = N
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(N, (start_m + 1) * BLOCK_M + causal_shift), 0)
-
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
+    # Causal/window block skipping: only the key blocks [lo, hi) that intersect the band
+    # of some row of this query block are visited.  The loop counts keys from lo: the
+    # base pointers and the bounds are shifted once here (absolute key offsets built
+    # from a runtime lo cost ~250 B of register spills in the loop, compiled offline).
+    # (int32 products, like the per-key offsets below.)
+    lo, hi = _key_range(m_first, m_last, N, causal_shift, window, BLOCK_N, CAUSAL, WINDOW)
+    k_base += lo * stride_kn
+    v_base += lo * stride_vn
+    b_base += lo * stride_bn
+    km_base += lo * stride_mn
+    n_rel = N - lo                      # keys left from lo
+    shift_rel = causal_shift - lo       # row i's diagonal, counted from lo
+    for rel_n in range(0, hi - lo, BLOCK_N):
+        offs_n = rel_n + offs_n0        # key index - lo
+        # Only tiles on the band's edges (the causal diagonal, the window's lower edge,
+        # the ragged end of the keys) or with masked keys pay for the element mask.
+        edge = _tile_is_edge(m_first, m_last, rel_n, n_rel, shift_rel, window,
+                             BLOCK_N, CAUSAL, WINDOW)
+        if KEY_MASK:
+            km, n_visible = _key_mask_block(km_base + offs_n * stride_mn, offs_n, n_rel)
+            edge = edge | (n_visible < BLOCK_N)
+        else:
+            km = offs_n < n_rel
         # K loaded transposed (HEAD_D, BLOCK_N) straight from its strides
         kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=(offs_n[None, :] < N) & (offs_d[:, None] < D), other=0.0)
+                     mask=(offs_n[None, :] < n_rel) & (offs_d[:, None] < D), other=0.0)
         qk = _dot(q, kT, DOT_FP32, DOT_PREC)
-        b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
-        s, t = _scores(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale, causal_shift,
-                       CAUSAL, BIAS_KIND, SOFTCAP)
+        b_ptrs = b_base + offs_n[None, :] * stride_bn     # b_base: the block's bias rows
+        s, t = _logits(qk, offs_m, offs_n, M, n_rel, b_ptrs, qk_scale, cap_scale,
+                       BIAS_KIND, SOFTCAP)
+        if edge:
+            s = tl.where(_band_keep(offs_m, offs_n, km, shift_rel, window, CAUSAL, WINDOW),
+                         s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # While a row has seen only -inf, m_new = -inf and s - m_new would be NaN:
         # subtract 0 instead (exp2(-inf - 0) = 0, as wanted).
@@ -187,14 +312,15 @@ def _attn_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)   # the normaliser ignores dropout
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, off_z, off_h, offs_m, start_n, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, off_z, off_h, offs_m, lo + rel_n, dropout_p,
+                                 BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)     # 1 / (1 - p) is applied once, in the epilogue
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=(offs_n[:, None] < N) & (offs_dv[None, :] < DV), other=0.0)
+                    mask=(offs_n[:, None] < n_rel) & (offs_dv[None, :] < DV), other=0.0)
         acc += _dot(p.to(v.dtype), v, DOT_FP32, DOT_PREC)
         m_i = m_new
 
-    # Fully masked rows (l = 0): out = 0, lse = -inf.
+    # Rows that saw no key (l = 0): out = 0, lse = -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
