@@ -79,3 +79,14 @@ def attention_reference(q, k, v, bias=None, *, scale=None, causal="none",
     if dropout_mask is not None:
         p = p * dropout_mask.to(dtype) / (1.0 - dropout_p)
     return p @ v
+
+
+def assert_close_rel(actual, expected, tol, what) -> None:
+    """Max |actual - expected| within ``tol`` times the reference's max magnitude (at
+    least 1), with matching shapes and finite values; ``what`` names the quantity."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    ref = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
+    assert err <= tol * ref, f"{what}: max abs err {err:.3g} > {tol:g} * {ref:.3g}"

@@ -19,20 +19,13 @@ import torch
 
 from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
-from tests.reference import attention_reference, causal_keep
+from tests.reference import attention_reference, causal_keep, assert_close_rel
 
 F32, F16 = torch.float32, torch.float16
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)
 TOL = {F32: (2e-4, 5e-4), F16: (1e-2, 2e-2)}
 
 
-def _close(actual, expected, tol, what):
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    ref = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
-    assert err <= tol * ref, f"{what}: max abs err {err:.3g} > {tol:g} * {ref:.3g}"
 
 
 def _structural_keep(B, M, N, causal, window, key_mask):
@@ -118,13 +111,13 @@ def _run(q, k, v, bias, *, causal, softcap, window, key_mask, splits=None):
     dead = torch.isnan(ref).any(-1)
     live = ~dead
     assert (out[dead] == 0).all() and (lse[dead] == float("-inf")).all()
-    _close(out[live], ref[live], tol_f, "out")
+    assert_close_rel(out[live], ref[live], tol_f, "out")
     g = q.shape[1] // k.shape[1]
     s = (q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2)) * scale
     if softcap:
         s = torch.tanh(s / softcap) * softcap
     lse_ref = torch.logsumexp(s + fb, dim=-1)
-    _close(lse[live], lse_ref[live], tol_f, "lse")
+    assert_close_rel(lse[live], lse_ref[live], tol_f, "lse")
     return out, lse, fb, dead
 
 
@@ -220,7 +213,7 @@ def test_main_backward_with_decode_lse(case):
     grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double().masked_fill(dead[..., None], 0))
     tol_b = TOL[dtype][1]
     for name, a, e in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
-        _close(a, e, tol_b, name)
+        assert_close_rel(a, e, tol_b, name)
     assert (dq.masked_select(dead[..., None]) == 0).all()
 
 
@@ -233,8 +226,8 @@ def test_split_count_does_not_change_result(splits):
                                  splits=splits)
     out_m, lse_m = tf.forward(q, k, v, None, scale=0.3, causal="bottom_right", dropout_p=0.0,
                               softcap=0.0, seed=0, decode=False)  # the main kernel
-    _close(out, out_m, 1e-5, "out vs main forward")
-    _close(lse, lse_m, 1e-5, "lse vs main forward")
+    assert_close_rel(out, out_m, 1e-5, "out vs main forward")
+    assert_close_rel(lse, lse_m, 1e-5, "lse vs main forward")
 
 
 def test_skipped_key_blocks_are_never_read():
@@ -273,7 +266,7 @@ def test_finfo_min_rows_split_weights_exact():
     bias = torch.zeros(1, 1, 3, 150)
     bias[..., 1, :] = torch.finfo(torch.float32).min
     out, _ = td.decode_forward(q, k, v, bias, scale=0.25, causal="none", softcap=0.0, splits=4)
-    _close(out[:, :, 1], v.double().mean(2), 1e-5, "uniform row")
+    assert_close_rel(out[:, :, 1], v.double().mean(2), 1e-5, "uniform row")
 
 
 def test_all_rows_outside_band_and_empty_inputs():

@@ -16,20 +16,12 @@ import pytest
 import torch
 
 from attnfuse.kernels import triton_flash as tf
-from tests.reference import attention_reference, causal_keep
+from tests.reference import attention_reference, causal_keep, assert_close_rel
 
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)
 TOL = {torch.float32: (2e-4, 5e-4), torch.float16: (1e-2, 2e-2), torch.bfloat16: (3e-2, 5e-2)}
 
 
-def _close(actual, expected, tol, what):
-    actual = actual.double()
-    expected = expected.double()
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    ref = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
-    assert err <= tol * ref, f"{what}: max abs err {err:.3g} > {tol:g} * {ref:.3g}"
 
 
 def _make_bias(kind, shape, full, dtype, g, dead_rows=False, finfo_rows=False):
@@ -93,14 +85,14 @@ def _check(q, k, v, bias=None, *, causal="none", softcap=0.0, need_dbias=False, 
     live = ~dead
     # eager gives NaN there; the kernels give out = 0, lse = -inf
     assert (out[dead] == 0).all() and (lse[dead] == float("-inf")).all()
-    _close(out[live], ref[live], tol_f, "out")
+    assert_close_rel(out[live], ref[live], tol_f, "out")
     fb = _full_additive(bias, causal, B, H, M, N)
     lse_ref = _ref_lse(q, k, scale, softcap, fb)
     # rows whose max logit is below -2.35e38 (finfo.min bias) are clamped there in
     # the kernel's log2 domain (documented): lse is only known to be that low
     clamped = live & (lse_ref < -2.3e38)
     assert (lse[clamped] <= -2.3e38).all()
-    _close(lse[live & ~clamped], lse_ref[live & ~clamped], tol_f, "lse")
+    assert_close_rel(lse[live & ~clamped], lse_ref[live & ~clamped], tol_f, "lse")
 
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(out.shape, generator=g).to(dtype)
@@ -127,9 +119,9 @@ def _check(q, k, v, bias=None, *, causal="none", softcap=0.0, need_dbias=False, 
                                    scale=scale, causal=causal, softcap=softcap)
     leaves = [qr, kr, vr] + ([bias_leaf] if bias_leaf is not None else [])
     grads = torch.autograd.grad(ref2, leaves, dref)
-    _close(dq, grads[0], tol_b, "dq")
-    _close(dk, grads[1], tol_b, "dk")
-    _close(dv, grads[2], tol_b, "dv")
+    assert_close_rel(dq, grads[0], tol_b, "dq")
+    assert_close_rel(dk, grads[1], tol_b, "dk")
+    assert_close_rel(dv, grads[2], tol_b, "dv")
     if dead.any():
         assert (dq.masked_select(dead[..., None]) == 0).all(), "dead rows must get dq = 0"
     if need_dbias:
@@ -138,7 +130,7 @@ def _check(q, k, v, bias=None, *, causal="none", softcap=0.0, need_dbias=False, 
         dims = [i for i in range(4) if bias.shape[i] == 1 and gb.shape[i] != 1]
         if dims:
             gb = gb.sum(dim=dims, keepdim=True)
-        _close(dbias, gb.reshape(bias.shape), tol_b, "dbias")
+        assert_close_rel(dbias, gb.reshape(bias.shape), tol_b, "dbias")
     else:
         assert dbias is None
     return out, lse, (dq, dk, dv, dbias)
@@ -248,8 +240,8 @@ def test_rows_all_finfo_min_give_uniform_average(dtype):
     uniform = v.float().mean(dim=2)                      # (1, 2, Dv)
     tol = TOL[dtype][0]
     for row in (5, 6):
-        _close(out[:, :, row], uniform, tol, f"row {row} (uniform)")
-        _close(out[:, :, row], eager[:, :, row], tol, f"row {row} (eager)")
+        assert_close_rel(out[:, :, row], uniform, tol, f"row {row} (uniform)")
+        assert_close_rel(out[:, :, row], eager[:, :, row], tol, f"row {row} (eager)")
         assert torch.isfinite(lse[:, :, row]).all()
 
 
@@ -334,17 +326,17 @@ def test_dropout_backward_uses_forward_mask(causal, Hkv, bias_shape):
         leaves.append(br)
     ref = attention_reference(qr, kr, vr, br, scale=scale, causal=causal,
                               dropout_mask=mask, dropout_p=p)
-    _close(out, ref, 2e-4, "out (dropout)")
+    assert_close_rel(out, ref, 2e-4, "out (dropout)")
     dout = torch.randn(out.shape, generator=g)
     grads = torch.autograd.grad(ref, leaves, dout)
     dq, dk, dv, dbias = tf.backward(dout, q, k, v, bias, out, lse, scale=scale,
                                     causal=causal, dropout_p=p, softcap=0.0, seed=seed,
                                     need_dbias=bias is not None)
-    _close(dq, grads[0], 5e-4, "dq (dropout)")
-    _close(dk, grads[1], 5e-4, "dk (dropout)")
-    _close(dv, grads[2], 5e-4, "dv (dropout)")
+    assert_close_rel(dq, grads[0], 5e-4, "dq (dropout)")
+    assert_close_rel(dk, grads[1], 5e-4, "dk (dropout)")
+    assert_close_rel(dv, grads[2], 5e-4, "dv (dropout)")
     if bias is not None:
-        _close(dbias, grads[3], 5e-4, "dbias (dropout)")
+        assert_close_rel(dbias, grads[3], 5e-4, "dbias (dropout)")
 
 
 # ----------------------------------------------------------------------------------

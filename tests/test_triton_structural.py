@@ -24,20 +24,13 @@ import torch
 import attnfuse
 from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
-from tests.reference import attention_reference, causal_keep, window_keep
+from tests.reference import attention_reference, causal_keep, window_keep, assert_close_rel
 
 F32, F16 = torch.float32, torch.float16
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)
 TOL = {F32: (2e-4, 5e-4), F16: (1e-2, 2e-2)}
 
 
-def _close(actual, expected, tol, what):
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    ref = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
-    assert err <= tol * ref, f"{what}: max abs err {err:.3g} > {tol:g} * {ref:.3g}"
 
 
 def _qkv(B, Hq, Hkv, M, N, D, Dv, dtype, seed):
@@ -115,7 +108,7 @@ def _check(q, k, v, bias=None, *, causal, window=0, key_mask=None, softcap=0.0,
     # there (documented in triton_fwd): it is only known to be that low
     clamped = live & (lse_ref < -2.3e38)
     assert (lse[clamped] <= -2.3e38).all()
-    _close(lse[live & ~clamped], lse_ref[live & ~clamped], tol_f, "lse")
+    assert_close_rel(lse[live & ~clamped], lse_ref[live & ~clamped], tol_f, "lse")
 
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     rb = bias
@@ -123,7 +116,7 @@ def _check(q, k, v, bias=None, *, causal, window=0, key_mask=None, softcap=0.0,
         rb = bias.detach().double().requires_grad_()
         leaves.append(rb)
     ref = attention_reference(*leaves[:3], rb, dead_rows="zero", **ref_kw)
-    _close(out, ref, tol_f, "out")
+    assert_close_rel(out, ref, tol_f, "out")
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(out.shape, generator=g).to(dtype)
     grads = torch.autograd.grad(ref, leaves, dout.double())
@@ -131,11 +124,11 @@ def _check(q, k, v, bias=None, *, causal, window=0, key_mask=None, softcap=0.0,
                                     **kw)
     for name, a, e in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
         assert a.shape == e.shape and a.dtype == dtype, name
-        _close(a, e, tol_b, name)
+        assert_close_rel(a, e, tol_b, name)
     assert (dq.masked_select(dead[..., None]) == 0).all(), "rows that see no key: dq = 0"
     if need_dbias:
         assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
-        _close(dbias, grads[3], tol_b, "dbias")
+        assert_close_rel(dbias, grads[3], tol_b, "dbias")
     else:
         assert dbias is None
     return out, lse, dead
@@ -208,7 +201,7 @@ def test_finfo_min_rows_with_structure():
                           key_mask=key_mask, need_dbias=True)
     keep = _logits_keep(2, 40, 45, "bottom_right", 17, key_mask)[:, 0, 7]     # (B, N)
     uniform = (v.double() * keep[:, None, :, None]).sum(2) / keep.sum(-1)[:, None, None]
-    _close(out[:, :, 7], uniform, 2e-4, "finfo.min row")
+    assert_close_rel(out[:, :, 7], uniform, 2e-4, "finfo.min row")
     assert not dead.any()
 
 
@@ -219,7 +212,7 @@ def test_window_one_sees_only_the_diagonal():
                           softcap=0.0, seed=0, window=1)
     assert torch.equal(out, v[:, :, 16:])
     s = (q * k[:, :, 16:]).sum(-1) * 0.25       # lse of a single logit is the logit
-    _close(lse, s, 1e-5, "lse")
+    assert_close_rel(lse, s, 1e-5, "lse")
 
 
 def test_blocks_outside_the_band_are_never_read():
@@ -300,13 +293,13 @@ def test_dropout_with_structure_uses_the_kernels_own_mask(causal, window, km_spe
     ref = attention_reference(*leaves[:3], rb, scale=0.25, causal=causal, window=window,
                               key_mask=key_mask, dropout_mask=mask, dropout_p=p,
                               dead_rows="zero")
-    _close(out, ref, 2e-4, "out (dropout)")
+    assert_close_rel(out, ref, 2e-4, "out (dropout)")
     dout = torch.randn(out.shape, generator=g)
     grads = torch.autograd.grad(ref, leaves, dout.double())
     dq, dk, dv, dbias = tf.backward(dout, q, k, v, bias, out, lse,
                                     need_dbias=bias is not None, **kw)
     for name, a, e in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, dbias), grads):
-        _close(a, e, 5e-4, f"{name} (dropout)")
+        assert_close_rel(a, e, 5e-4, f"{name} (dropout)")
 
 
 def test_decode_path_wired_into_forward(monkeypatch):
@@ -324,8 +317,8 @@ def test_decode_path_wired_into_forward(monkeypatch):
     assert len(calls) == 1 and calls[0]["window"] == 70 and calls[0]["key_mask"] is key_mask
     out_m, lse_m = tf.forward(q, k, v, None, decode=False, **kw)
     assert len(calls) == 1
-    _close(out, out_m, 1e-5, "decode vs main out")
-    _close(lse, lse_m, 1e-5, "decode vs main lse")
+    assert_close_rel(out, out_m, 1e-5, "decode vs main out")
+    assert_close_rel(lse, lse_m, 1e-5, "decode vs main lse")
     tf.forward(q, k, v, None, **{**kw, "dropout_p": 0.1})
     assert len(calls) == 1
 
@@ -340,12 +333,12 @@ def test_op_end_to_end_with_triton_impl():
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = attention_reference(*leaves, causal="bottom_right", window=9, key_mask=key_mask,
                               dead_rows="zero")
-    _close(out.detach(), ref.detach(), 2e-4, "op out")
+    assert_close_rel(out.detach(), ref.detach(), 2e-4, "op out")
     dout = torch.randn_like(out)
     out.backward(dout)
     grads = torch.autograd.grad(ref, leaves, dout.double())
     for name, t, e in zip(("dq", "dk", "dv"), (q, k, v), grads):
-        _close(t.grad, e, 5e-4, f"op {name}")
+        assert_close_rel(t.grad, e, 5e-4, f"op {name}")
 
 
 def test_bad_structure_arguments_name_the_argument():
