@@ -11,7 +11,7 @@ v (B, Hkv, Lk, Dv), Hq % Hkv == 0::
     out    = dropout(softmax(logits, -1)) @ v       (keep prob 1 - p, kept scaled 1/(1-p))
     lse    = logsumexp(logits, -1)                  (float32, natural log)
 
-Two paths:
+Three paths (the second in :mod:`attnfuse.kernels.torch_banded`):
 
 1. **Fused**: PyTorch's fused CPU flash attention
    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``),
@@ -53,8 +53,10 @@ gradients on both paths (eager gives NaN there). Rows of large finite negative l
 (``finfo.min`` masks) follow eager exactly (a uniform average).
 
 Structural masks: a ``key_mask`` alone becomes a (B, 1, 1, Lk) broadcast mask of the
-fused path; with a bias or a ``window`` the blocked path runs, masking keys per block and
-visiting only the keys [kmin, kmax) inside the causal/window band of the block's rows
+fused path. A ``window`` or an effective bottom-right diagonal (no bias, softcap or
+dropout) takes the **banded** path: the fused kernel per block of query rows over the
+keys [kmin, kmax) of the block's causal/window band. Otherwise the blocked path runs,
+masking keys per block and visiting only the keys inside the band
 (O(Lq * (rows + window)) work for a window, not O(Lq * Lk)).
 
 Dropout keep-masks come from :mod:`attnfuse.kernels.torch_dropout` (a pure function of
