@@ -34,6 +34,31 @@ def window_keep(lq: int, lk: int, align: str, window: int, device=None) -> torch
     return causal_keep(lq, lk, align, device) & (j > i + off - window)
 
 
+def visible_keys(b: int, lq: int, lk: int, causal: str = "none", window: int = 0,
+                 key_mask=None) -> torch.Tensor:
+    """Bool (b, 1, lq, lk) from the op's definition: what causal (with its alignment),
+    window and a (b|1, lk) key_mask leave visible."""
+    keep = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+    if causal != "none":
+        keep = keep & (window_keep(lq, lk, causal, window) if window else causal_keep(lq, lk, causal))
+    if key_mask is not None:
+        keep = keep & key_mask[:, None, None, :]
+    return keep
+
+
+def dense_logit_bias(bias, keep, shape) -> torch.Tensor:
+    """Everything that masks or biases the logits as one float64 tensor of ``shape``
+    (B, H, Lq, Lk): the bias (bool: False -> -inf; float: added), then -inf where
+    ``keep`` is False."""
+    fb = torch.zeros(shape, dtype=torch.float64)
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            fb = fb.masked_fill(~bias.expand(shape), float("-inf"))
+        else:
+            fb = fb + bias.double()
+    return fb.masked_fill(~keep.expand(shape), float("-inf"))
+
+
 def attention_reference(q, k, v, bias=None, *, scale=None, causal="none",
                         softcap=0.0, dropout_mask=None, dropout_p=0.0,
                         dtype=torch.float64, window=0, key_mask=None, dead_rows="nan"):
@@ -61,14 +86,10 @@ def attention_reference(q, k, v, bias=None, *, scale=None, causal="none",
             s = s.masked_fill(~bias, float("-inf"))
         else:
             s = s + bias.to(dtype)
-    if causal != "none":
-        if window:
-            keep = window_keep(q.shape[2], k.shape[2], causal, window, device=q.device)
-        else:
-            keep = causal_keep(q.shape[2], k.shape[2], causal, device=q.device)
-        s = s.masked_fill(~keep, float("-inf"))
-    if key_mask is not None:
-        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    if causal != "none" or key_mask is not None:
+        keep = visible_keys(1 if key_mask is None else key_mask.shape[0], q.shape[2], k.shape[2],
+                            causal, window, key_mask)
+        s = s.masked_fill(~keep.to(s.device), float("-inf"))
     dead = None
     if dead_rows == "zero":
         dead = torch.isneginf(s).all(-1, keepdim=True)

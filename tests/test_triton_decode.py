@@ -19,7 +19,8 @@ import torch
 
 from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
-from tests.reference import attention_reference, causal_keep, assert_close_rel
+from tests.reference import (assert_close_rel, attention_reference, dense_logit_bias,
+                             visible_keys)
 
 F32, F16 = torch.float32, torch.float16
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)
@@ -28,30 +29,6 @@ TOL = {F32: (2e-4, 5e-4), F16: (1e-2, 2e-2)}
 
 
 
-def _structural_keep(B, M, N, causal, window, key_mask):
-    """Bool (B, 1, M, N): what causal, window and key_mask leave visible (spec of the op)."""
-    keep = torch.ones(B, 1, M, N, dtype=torch.bool)
-    if causal != "none":
-        keep = keep & causal_keep(M, N, causal)
-    if window:
-        off = (N - M) if causal == "bottom_right" else 0
-        i = torch.arange(M)[:, None]
-        j = torch.arange(N)[None, :]
-        keep = keep & (j > i + off - window)
-    if key_mask is not None:
-        keep = keep & key_mask[:, None, None, :]
-    return keep
-
-
-def _full_bias(bias, keep, B, H, M, N):
-    """Everything that masks or biases the logits as one float64 (B, H, M, N) tensor."""
-    fb = torch.zeros(B, H, M, N, dtype=torch.float64)
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            fb = fb.masked_fill(~bias.expand(B, H, M, N), float("-inf"))
-        else:
-            fb = fb + bias.double()
-    return fb.masked_fill(~keep.expand(B, H, M, N), float("-inf"))
 
 
 def _qkv(B, Hq, Hkv, M, N, D, Dv, dtype, seed, layout="contiguous"):
@@ -104,8 +81,8 @@ def _run(q, k, v, bias, *, causal, softcap, window, key_mask, splits=None):
     assert out.shape == (B, H, M, v.shape[-1]) and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == (B, H, M) and lse.dtype == torch.float32
 
-    keep = _structural_keep(B, M, N, causal, window, key_mask)
-    fb = _full_bias(bias, keep, B, H, M, N)
+    keep = visible_keys(B, M, N, causal, window, key_mask)
+    fb = dense_logit_bias(bias, keep, (B, H, M, N))
     with torch.no_grad():
         ref = attention_reference(q, k, v, fb, scale=scale, softcap=softcap)
     dead = torch.isnan(ref).any(-1)
@@ -200,7 +177,7 @@ def test_main_backward_with_decode_lse(case):
     N = k.shape[2]
     out, lse, fb, dead = _run(q, k, v, bias, **kw)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    keep = _structural_keep(B, M, N, kw["causal"], kw["window"], kw["key_mask"])
+    keep = visible_keys(B, M, N, kw["causal"], kw["window"], kw["key_mask"])
     g = torch.Generator().manual_seed(5)
     dout = torch.randn(out.shape, generator=g).to(dtype)
     dq, dk, dv, _ = tf.backward(dout, q, k, v, _as_bias(bias, keep, B, H, M, N), out, lse,

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from attnfuse.kernels import triton_flash as tf
-from tests.reference import attention_reference, causal_keep, assert_close_rel
+from tests.reference import (assert_close_rel, attention_reference, causal_keep, dense_logit_bias,
+                             visible_keys)
 
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)
 TOL = {torch.float32: (2e-4, 5e-4), torch.float16: (1e-2, 2e-2), torch.bfloat16: (3e-2, 5e-2)}
@@ -46,18 +47,6 @@ def _make_bias(kind, shape, full, dtype, g, dead_rows=False, finfo_rows=False):
     return b
 
 
-def _full_additive(bias, causal, B, H, M, N):
-    """Everything that masks/biases the logits, as one float64 (B, H, M, N) tensor."""
-    fb = torch.zeros(B, H, M, N, dtype=torch.float64)
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            fb = fb.masked_fill(~bias.expand(B, H, M, N), float("-inf"))
-        else:
-            fb = fb + bias.double()
-    if causal != "none":
-        fb = fb.masked_fill(~causal_keep(M, N, causal), float("-inf"))
-    return fb
-
 
 def _ref_lse(q, k, scale, softcap, fb):
     g = q.shape[1] // k.shape[1]
@@ -86,7 +75,7 @@ def _check(q, k, v, bias=None, *, causal="none", softcap=0.0, need_dbias=False, 
     # eager gives NaN there; the kernels give out = 0, lse = -inf
     assert (out[dead] == 0).all() and (lse[dead] == float("-inf")).all()
     assert_close_rel(out[live], ref[live], tol_f, "out")
-    fb = _full_additive(bias, causal, B, H, M, N)
+    fb = dense_logit_bias(bias, visible_keys(1, M, N, causal), (B, H, M, N))
     lse_ref = _ref_lse(q, k, scale, softcap, fb)
     # rows whose max logit is below -2.35e38 (finfo.min bias) are clamped there in
     # the kernel's log2 domain (documented): lse is only known to be that low

@@ -24,7 +24,7 @@ import torch
 import attnfuse
 from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
-from tests.reference import attention_reference, causal_keep, window_keep, assert_close_rel
+from tests.reference import assert_close_rel, attention_reference, visible_keys
 
 F32, F16 = torch.float32, torch.float16
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)
@@ -61,15 +61,6 @@ def _key_mask(spec, B, N, seed):
     return km
 
 
-def _logits_keep(B, M, N, causal, window, key_mask):
-    """Dense bool (B, 1, M, N) from the definition: what the structure leaves visible."""
-    keep = torch.ones(B, 1, M, N, dtype=torch.bool)
-    if causal != "none":
-        keep &= window_keep(M, N, causal, window) if window else causal_keep(M, N, causal)
-    if key_mask is not None:
-        keep &= key_mask[:, None, None, :]
-    return keep
-
 
 def _ref_lse(q, k, bias, keep, scale, softcap):
     g = q.shape[1] // k.shape[1]
@@ -102,7 +93,7 @@ def _check(q, k, v, bias=None, *, causal, window=0, key_mask=None, softcap=0.0,
         dead = torch.isnan(attention_reference(q, k, v, bias, **ref_kw)).any(-1)
     assert (out[dead] == 0).all() and (lse[dead] == float("-inf")).all()
     live = ~dead
-    keep = _logits_keep(B, M, N, causal, window, key_mask)
+    keep = visible_keys(B, M, N, causal, window, key_mask)
     lse_ref = _ref_lse(q, k, bias, keep, scale, softcap)
     # rows whose logits are all below -2.35e38 (finfo.min bias) have their lse clamped
     # there (documented in triton_fwd): it is only known to be that low
@@ -199,7 +190,7 @@ def test_finfo_min_rows_with_structure():
     key_mask = _key_mask("right", 2, 45, seed=1)
     out, _, dead = _check(q, k, v, bias, causal="bottom_right", window=17,
                           key_mask=key_mask, need_dbias=True)
-    keep = _logits_keep(2, 40, 45, "bottom_right", 17, key_mask)[:, 0, 7]     # (B, N)
+    keep = visible_keys(2, 40, 45, "bottom_right", 17, key_mask)[:, 0, 7]     # (B, N)
     uniform = (v.double() * keep[:, None, :, None]).sum(2) / keep.sum(-1)[:, None, None]
     assert_close_rel(out[:, :, 7], uniform, 2e-4, "finfo.min row")
     assert not dead.any()
@@ -282,7 +273,7 @@ def test_dropout_with_structure_uses_the_kernels_own_mask(causal, window, km_spe
     kw = dict(scale=0.25, causal=causal, dropout_p=p, softcap=0.0, seed=4321,
               window=window, key_mask=key_mask)
     out, lse = tf.forward(q, k, v, bias, **kw)
-    keep = _logits_keep(B, M, N, causal, window, key_mask)
+    keep = visible_keys(B, M, N, causal, window, key_mask)
     mask = (out != 0) | ~keep                   # P = 0 where hidden: the mask is moot there
     assert not mask.all()                       # some probabilities were dropped
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
