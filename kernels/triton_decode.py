@@ -331,21 +331,6 @@ def decode_applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             and 1 <= q.shape[3] <= 256 and 1 <= v.shape[3] <= 256)
 
 
-def _key_mask_args(key_mask, B, N, q):
-    """(tensor, (stride_z, stride_n), KEY_MASK) for a bool (B or 1, N) key_mask."""
-    if key_mask is None:
-        return q, (0, 0), False
-    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-        raise TypeError(f"key_mask must be a bool tensor, got "
-                        f"{getattr(key_mask, 'dtype', type(key_mask).__name__)}")
-    if key_mask.dim() != 2 or key_mask.size(0) not in (1, B) or key_mask.size(1) != N:
-        raise ValueError(f"key_mask must have shape ({B} or 1, {N}) = (batch, Lk), got "
-                         f"{tuple(key_mask.shape)}")
-    if key_mask.device != q.device:
-        raise ValueError(f"key_mask is on {key_mask.device}, q on {q.device}")
-    sz = 0 if key_mask.size(0) == 1 else key_mask.stride(0)
-    return key_mask.view(torch.uint8), (sz, key_mask.stride(1)), True   # loads as 0/1
-
 
 def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: Optional[torch.Tensor], *, scale: float, causal: str,
@@ -366,12 +351,9 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an int >= 0, got {window!r}")
-    if window and causal == "none":
-        raise ValueError("window > 0 needs causal='top_left' or 'bottom_right'")
     c = _tf._common(q, k, v, scale, causal, softcap)
-    km_t, km_s, has_km = _key_mask_args(key_mask, B, N, q)
+    st = _tf._structure(q, k, causal, window, key_mask)   # validates; drops a no-op window
+    window, km_t, km_s, has_km = st["window"], st["km"], st["km_strides"], st["KEY_MASK"]
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:

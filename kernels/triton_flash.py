@@ -247,6 +247,22 @@ def _seed(seed: int) -> int:
     return int(seed) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def _key_mask_args(key_mask, B, N, q):
+    """(tensor, (stride_z, stride_n), KEY_MASK) for a bool (B or 1, N) key_mask."""
+    if key_mask is None:
+        return q, (0, 0), False
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor, got "
+                        f"{getattr(key_mask, 'dtype', type(key_mask).__name__)}")
+    if key_mask.dim() != 2 or key_mask.size(0) not in (1, B) or key_mask.size(1) != N:
+        raise ValueError(f"key_mask must have shape ({B} or 1, {N}) = (batch, Lk), got "
+                         f"{tuple(key_mask.shape)}")
+    if key_mask.device != q.device:
+        raise ValueError(f"key_mask is on {key_mask.device}, q on {q.device}")
+    sz = 0 if key_mask.size(0) == 1 else key_mask.stride(0)
+    return key_mask.view(torch.uint8), (sz, key_mask.stride(1)), True   # loads as 0/1
+
+
 def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor]) -> dict:
     """Kernel arguments of the structural masks: the runtime window and WINDOW, the key
     mask (a uint8 view; batch stride 0 when it broadcasts) with its strides and KEY_MASK.
@@ -262,7 +278,7 @@ def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor])
     shift = (N - M) if causal == "bottom_right" else 0
     if window >= M + shift:      # row M-1's window edge M-1+shift-window is below key 0
         window = 0
-    km_t, km_s, has_km = _td._key_mask_args(key_mask, B, N, q)
+    km_t, km_s, has_km = _key_mask_args(key_mask, B, N, q)
     return dict(window=int(window), WINDOW=bool(window), km=km_t, km_strides=km_s,
                 KEY_MASK=has_km)
 
