@@ -221,7 +221,7 @@ def _compare(ref, got, ref_grads, got_grads) -> dict:
 
 
 def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], reps: int, layers: int,
-              check_length: int, threads: int) -> None:
+              check_length: int, threads: int, lowp: bool = True) -> None:
     """Measure one (case, dtype, mode) for every length; print one JSON line per length to stdout."""
     import torch
     import torch._dynamo
@@ -229,6 +229,9 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
     import real_models as R
     from attnfuse.backend import collect_reports
 
+    from attnfuse.kernels import torch_lowp
+
+    torch_lowp.USE_LOWP = lowp   # --no-lowp: the bf16 GEMM path off (an A/B of that path)
     name, pad = parse_case(case)
     train = mode == "train"
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -272,7 +275,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
                 torch._dynamo.maybe_mark_dynamic(t, d)
         rec = {"case": case, "model": name, "pad": pad, "dtype": dtype_name, "mode": mode,
                "L": length, "tokens": tokens, "batch": inputs[0].shape[0], "layers": layers, "reps": reps,
-               "sites": sites, "check": checking, "threads": torch.get_num_threads(),
+               "sites": sites, "check": checking, "threads": torch.get_num_threads(), "lowp": lowp,
                "torch": torch.__version__, "errors": {}, "first_call_s": {}, "peak_mib": {},
                "ms_min": {}, "ms_median": {}, "cmp": {}}
         print(f"[{case} {dtype_name} {mode}] L={length}", file=sys.stderr, flush=True)
@@ -334,7 +337,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
 def _run_child(case: str, dtype: str, mode: str, args) -> List[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, dtype, mode,
            "--lengths", *map(str, args.lengths), "--reps", str(args.reps), "--layers", str(args.layers),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--no-lowp"] if args.no_lowp else [])
     plain = ":" not in case and dtype == "fp32" and mode == "eval"
     cmd += ["--check-length", str(args.check_length if plain else 0)]
     env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
@@ -559,6 +562,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", help="raw records and fits as JSON")
     ap.add_argument("--plot", help="PNG: peak memory and latency ratios vs L")
     ap.add_argument("--from-json", help="re-render the report and plot from a --json file; run nothing")
+    ap.add_argument("--no-lowp", action="store_true",
+                    help="switch the CPU bf16 GEMM path (kernels/torch_lowp.py) off, to A/B it")
     ap.add_argument("--verbose", action="store_true", help="pass the children's stderr through")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -570,7 +575,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if min(args.reps, args.layers, args.threads, args.jobs, *args.lengths) < 1:
         ap.error("--reps, --layers, --threads, --jobs and --lengths must be positive")
     if args.child:
-        run_group(*args.child, sorted(args.lengths), args.reps, args.layers, args.check_length, args.threads)
+        run_group(*args.child, sorted(args.lengths), args.reps, args.layers, args.check_length, args.threads,
+                  lowp=not args.no_lowp)
         return 0
 
     if args.from_json:

@@ -11,7 +11,8 @@ v (B, Hkv, Lk, Dv), Hq % Hkv == 0::
     out    = dropout(softmax(logits, -1)) @ v       (keep prob 1 - p, kept scaled 1/(1-p))
     lse    = logsumexp(logits, -1)                  (float32, natural log)
 
-Three paths (the second in :mod:`attnfuse.kernels.torch_banded`):
+Four paths (the third in :mod:`attnfuse.kernels.torch_banded`, the fourth in
+:mod:`attnfuse.kernels.torch_lowp`), chosen by :func:`forward_path` / :func:`backward_path`:
 
 1. **Fused**: PyTorch's fused CPU flash attention
    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``),
@@ -48,16 +49,22 @@ Three paths (the second in :mod:`attnfuse.kernels.torch_banded`):
    dv and the reduced dbias across blocks. GQA/MQA views q as (B, Hkv, G*rows, D) per
    block and never repeats K/V. Half types are computed in float32.
 
-Conventions: rows whose logits are all -inf give out = 0, lse = -inf and zero
-gradients on both paths (eager gives NaN there). Rows of large finite negative logits
-(``finfo.min`` masks) follow eager exactly (a uniform average).
+3. **Banded** (structural masks): a ``key_mask`` alone becomes a (B, 1, 1, Lk)
+   broadcast mask of the fused path. A ``window`` or an effective bottom-right
+   diagonal (no bias, softcap or dropout) runs the fused kernel per block of query
+   rows over the keys [kmin, kmax) of the block's causal/window band. Otherwise the
+   blocked path runs, masking keys per block and visiting only the keys inside the
+   band (O(Lq * (rows + window)) work for a window, not O(Lq * Lk)).
 
-Structural masks: a ``key_mask`` alone becomes a (B, 1, 1, Lk) broadcast mask of the
-fused path. A ``window`` or an effective bottom-right diagonal (no bias, softcap or
-dropout) takes the **banded** path: the fused kernel per block of query rows over the
-keys [kmin, kmax) of the block's causal/window band. Otherwise the blocked path runs,
-masking keys per block and visiting only the keys inside the band
-(O(Lq * (rows + window)) work for a window, not O(Lq * Lk)).
+4. **Lowp**: non-causal bf16 attention over at most ``LOWP_MAX_KEYS`` keys runs the
+   unfused graph's own bf16 recipe (bf16 GEMMs, scores rounded to bf16 as eager rounds
+   them) per block of the blocked loop: there PyTorch's fused kernel is slower than
+   bf16 GEMMs on CPU (see that module). It comes first: it takes bias, key_mask and
+   dropout.
+
+Conventions: rows whose logits are all -inf give out = 0, lse = -inf and zero
+gradients on every path (eager gives NaN there). Rows of large finite negative logits
+(``finfo.min`` masks) follow eager exactly (a uniform average).
 
 Dropout keep-masks come from :mod:`attnfuse.kernels.torch_dropout` (a pure function of
 (seed, b, h, i, j), so the backward regenerates the forward's mask block by block).
@@ -74,6 +81,8 @@ from .torch_dropout import block_keep, dropout_keep_mask
 __all__ = [
     "forward",
     "backward",
+    "forward_path",
+    "backward_path",
     "uses_fused_sdpa",
     "uses_fused_sdpa_backward",
     "fused_sdpa_plan",
@@ -372,6 +381,34 @@ def _kmax(causal: str, i1: int, lq: int, lk: int) -> int:
     return max(0, min(lk, i1 + _causal_offset(causal, lq, lk)))
 
 
+def mask_block_scores(s5: Tensor, bias5: Optional[Tensor], key_mask: Optional[Tensor], *,
+                      i0: int, i1: int, kmin: int, kmax: int, causal: str, window: int,
+                      lq: int, lk: int) -> None:
+    """Add the bias to, and mask in place, the scores (B, Hkv, G, rows, keys) of rows
+    [i0, i1) over keys [kmin, kmax): bias (a :func:`_bias5` view, sliced here; bool:
+    False -> -inf), key_mask, and the causal/window band (only on blocks it crosses)."""
+    if bias5 is not None:
+        bs = bias5
+        if bs.shape[3] > 1:
+            bs = bs[:, :, :, i0:i1]
+        if bs.shape[4] > 1:
+            bs = bs[..., kmin:kmax]
+        if bs.dtype == torch.bool:
+            s5.masked_fill_(bs.logical_not(), _NEG_INF)
+        else:
+            s5.add_(bs)
+    if key_mask is not None:  # (B|1, Lk) key padding, broadcast over heads and rows
+        s5.masked_fill_(key_mask[:, None, None, None, kmin:kmax].logical_not(), _NEG_INF)
+    if causal != "none":
+        off = _causal_offset(causal, lq, lk)
+        i = torch.arange(i0, i1).view(-1, 1)
+        j = torch.arange(kmin, kmax).view(1, -1)
+        if kmax > i0 + off + 1:  # some (row, key) in the block is above the diagonal
+            s5.masked_fill_(j > i + off, _NEG_INF)
+        if window and i1 - 1 + off - window >= kmin:  # some key is left of a row's window
+            s5.masked_fill_(j <= i + off - window, _NEG_INF)
+
+
 def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap, causal,
                  window, lq, lk, want_softcap_grad=False):
     """Softmax probabilities (pre-dropout) of rows [i0, i1) over keys [kmin, kmax).
@@ -393,26 +430,8 @@ def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap,
         if want_softcap_grad:
             dcap = 1.0 - s * s  # d softcap(x) / dx = 1 - tanh(x / c)^2
         s.mul_(softcap)
-    if bias5 is not None:
-        bs = bias5
-        if bs.shape[3] > 1:
-            bs = bs[:, :, :, i0:i1]
-        if bs.shape[4] > 1:
-            bs = bs[..., kmin:kmax]
-        if bs.dtype == torch.bool:
-            s5.masked_fill_(bs.logical_not(), _NEG_INF)
-        else:
-            s5.add_(bs)
-    if key_mask is not None:  # (B|1, Lk) key padding, broadcast over heads and rows
-        s5.masked_fill_(key_mask[:, None, None, None, kmin:kmax].logical_not(), _NEG_INF)
-    if causal != "none":
-        off = _causal_offset(causal, lq, lk)
-        i = torch.arange(i0, i1).view(-1, 1)
-        j = torch.arange(kmin, kmax).view(1, -1)
-        if kmax > i0 + off + 1:  # some (row, key) in the block is above the diagonal
-            s5.masked_fill_(j > i + off, _NEG_INF)
-        if window and i1 - 1 + off - window >= kmin:  # some key is left of a row's window
-            s5.masked_fill_(j <= i + off - window, _NEG_INF)
+    mask_block_scores(s5, bias5, key_mask, i0=i0, i1=i1, kmin=kmin, kmax=kmax, causal=causal,
+                      window=window, lq=lq, lk=lk)
     m, arg = s.max(-1, keepdim=True)
     p = torch.softmax(s, dim=-1)
     del s, s5
@@ -549,6 +568,41 @@ def _fold_key_mask(bias: Optional[Tensor], key_mask: Optional[Tensor],
     return bias, key_mask
 
 
+def forward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, causal: str,
+                 dropout_p: float, softcap: float, window: int = 0,
+                 key_mask: Optional[Tensor] = None) -> str:
+    """Which path :func:`forward` takes: "lowp", "fused", "banded" or "blocked"."""
+    from . import torch_banded, torch_lowp  # both import this module: loaded on first use
+
+    if torch_lowp.lowp_applicable(q, k, v, bias, causal=causal, window=window, softcap=softcap):
+        return "lowp"
+    bias, key_mask = _fold_key_mask(bias, key_mask, window)
+    if key_mask is None and not window and uses_fused_sdpa(
+            q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap):
+        return "fused"
+    if torch_banded.banded_applicable(q, k, v, bias, causal=causal, window=window,
+                                      dropout_p=dropout_p, softcap=softcap):
+        return "banded"
+    return "blocked"
+
+
+def backward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: Tensor, *,
+                  causal: str, dropout_p: float, softcap: float, need_dbias: bool,
+                  window: int = 0, key_mask: Optional[Tensor] = None) -> str:
+    """Which path :func:`backward` takes (the forward's, except that the fused backward
+    gives no bias gradient and needs a well-conditioned lse: then "blocked")."""
+    path = forward_path(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
+                        window=window, key_mask=key_mask)
+    if path != "fused":
+        return path
+    folded, _ = _fold_key_mask(bias, key_mask, window)
+    if folded is not bias:  # the key_mask became a bool bias, which has no gradient
+        bias, need_dbias = folded, False
+    return "fused" if uses_fused_sdpa_backward(
+        q, k, v, bias, lse, causal=causal, dropout_p=dropout_p, softcap=softcap,
+        need_dbias=need_dbias) else "blocked"
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
             causal: str, dropout_p: float, softcap: float, seed: int, window: int = 0,
             key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -560,21 +614,25 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
         out = torch.zeros((b, hq, lq, dv), dtype=q.dtype, device=q.device)
         lse = torch.full((b, hq, lq), _NEG_INF, dtype=torch.float32, device=q.device)
         return out, lse
+    from . import torch_banded, torch_lowp
+
+    scale, window, dropout_p = float(scale), int(window), float(dropout_p)
+    path = forward_path(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
+                        window=window, key_mask=key_mask)
+    if path == "lowp":
+        return torch_lowp.lowp_forward(q, k, v, bias, scale=scale, dropout_p=dropout_p,
+                                       seed=int(seed), key_mask=key_mask)
     bias, key_mask = _fold_key_mask(bias, key_mask, window)
-    if key_mask is None and not window:
+    if path == "fused":
         plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
                                softcap=softcap)
-        if plan is not None:
-            return _fused_forward(q, k, v, bias, plan, float(scale))
-    from . import torch_banded  # imports this module: loaded on first use
-
-    if torch_banded.banded_applicable(q, k, v, bias, causal=causal, window=window,
-                                      dropout_p=dropout_p, softcap=softcap):
-        return torch_banded.banded_forward(q, k, v, scale=float(scale), causal=causal,
-                                           window=int(window), key_mask=key_mask)
-    return _blocked_forward(q, k, v, bias, scale=float(scale), causal=causal,
-                            dropout_p=float(dropout_p), softcap=float(softcap),
-                            seed=int(seed), window=int(window), key_mask=key_mask)
+        return _fused_forward(q, k, v, bias, plan, scale)
+    if path == "banded":
+        return torch_banded.banded_forward(q, k, v, scale=scale, causal=causal,
+                                           window=window, key_mask=key_mask)
+    return _blocked_forward(q, k, v, bias, scale=scale, causal=causal, dropout_p=dropout_p,
+                            softcap=float(softcap), seed=int(seed), window=window,
+                            key_mask=key_mask)
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
@@ -590,26 +648,29 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     if min(b, hq, lq, lk) == 0:
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if grad_bias else None
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias)
+    from . import torch_banded, torch_lowp
+
+    scale, window, dropout_p = float(scale), int(window), float(dropout_p)
+    path = backward_path(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
+                         softcap=softcap, need_dbias=need_dbias, window=window,
+                         key_mask=key_mask)
+    if path == "lowp":
+        return torch_lowp.lowp_backward(dout, q, k, v, bias, lse, scale=scale,
+                                        dropout_p=dropout_p, seed=int(seed),
+                                        need_dbias=need_dbias, key_mask=key_mask)
     folded, key_mask = _fold_key_mask(bias, key_mask, window)
     if folded is not bias:  # the key_mask became a bool bias, which has no gradient
         bias, need_dbias = folded, False
-    structural = key_mask is not None or window
-    if not structural and uses_fused_sdpa_backward(
-            q, k, v, bias, lse, causal=causal, dropout_p=dropout_p, softcap=softcap,
-            need_dbias=need_dbias):
+    if path == "fused":
         plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
                                softcap=softcap)
-        dq, dk, dv = _fused_backward(dout, q, k, v, bias, out, lse, plan, float(scale))
+        dq, dk, dv = _fused_backward(dout, q, k, v, bias, out, lse, plan, scale)
         return dq, dk, dv, None
-    from . import torch_banded
-
-    if torch_banded.banded_applicable(q, k, v, bias, causal=causal, window=window,
-                                      dropout_p=dropout_p, softcap=softcap):
+    if path == "banded":
         dq, dk, dv = torch_banded.banded_backward(
-            dout, q, k, v, out, lse, scale=float(scale), causal=causal, window=int(window),
+            dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
             key_mask=key_mask)
         return dq, dk, dv, None
-    return _blocked_backward(dout, q, k, v, bias, out, scale=float(scale), causal=causal,
-                             dropout_p=float(dropout_p), softcap=float(softcap),
-                             seed=int(seed), need_dbias=need_dbias, window=int(window),
-                             key_mask=key_mask)
+    return _blocked_backward(dout, q, k, v, bias, out, scale=scale, causal=causal,
+                             dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
+                             need_dbias=need_dbias, window=window, key_mask=key_mask)

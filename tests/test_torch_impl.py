@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnfuse.kernels import torch_banded as TB
 from attnfuse.kernels import torch_impl as T
+from attnfuse.kernels import torch_lowp as TL
 from tests.reference import attention_reference, causal_keep
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -36,11 +37,15 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(T, "BLOCK_Q", 16)
     monkeypatch.setattr(T, "BLOCK_ELEMS", 1 << 22)
     monkeypatch.setattr(T, "USE_FUSED_SDPA", True)
+    # half types take the low-precision GEMM path only in the tests that ask for it
+    # (path "lowp"), so "fused"/"blocked" mean what they say for every dtype
+    monkeypatch.setattr(TL, "USE_LOWP", False)
 
 
 @pytest.fixture
 def path_spy(monkeypatch):
-    """Records which implementation ran: 'fused', 'banded' or 'blocked', forward and backward."""
+    """Records which implementation ran: 'lowp', 'fused', 'banded' or 'blocked', forward
+    and backward."""
     ran = {"fwd": [], "bwd": []}
 
     def wrap(name, kind, tag, module=T):
@@ -54,6 +59,8 @@ def path_spy(monkeypatch):
 
     wrap("banded_forward", "fwd", "banded", TB)
     wrap("banded_backward", "bwd", "banded", TB)
+    wrap("lowp_forward", "fwd", "lowp", TL)
+    wrap("lowp_backward", "bwd", "lowp", TL)
 
     wrap("_fused_forward", "fwd", "fused")
     wrap("_blocked_forward", "fwd", "blocked")
@@ -169,8 +176,12 @@ def check(q, k, v, bias=None, *, causal="none", softcap=0.0, scale=None, dropout
     rl = ref_lse(q, k, bias, scale=scale, causal=causal, softcap=softcap)
     assert bool(torch.isneginf(lse[dead]).all()) and bool(dead.eq(torch.isneginf(rl)).all())
     huge = rl.abs() > 1e30  # finfo.min rows: fp32 lse is right only to ~1e31 there
+    # the lowp path rounds each logit to the input dtype once (as eager does): its lse
+    # is off by up to eps/2 of the largest logit
+    lowp = TL.lowp_applicable(q, k, v, bias, causal=causal, window=0, softcap=softcap)
     torch.testing.assert_close(lse.double()[~dead & ~huge], rl[~dead & ~huge],
-                               atol=1e-4 if dtype == F32 else 1e-2, rtol=1e-5)
+                               atol=1e-4 if dtype == F32 else 1e-2,
+                               rtol=torch.finfo(dtype).eps if lowp else 1e-5)
     torch.testing.assert_close(lse.double()[huge], rl[huge], atol=0, rtol=1e-6)
 
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
@@ -185,13 +196,16 @@ def check(q, k, v, bias=None, *, causal="none", softcap=0.0, scale=None, dropout
     if not need_dbias:
         assert grads[3] is None
     if spy is not None:
+        lowp = TL.lowp_applicable(q, k, v, bias, causal=causal, window=0, softcap=softcap)
         banded = TB.banded_applicable(q, k, v, bias, causal=causal, window=0,
                                       dropout_p=dropout_p, softcap=softcap)
-        assert spy["fwd"] == ["fused" if fused else "banded" if banded else "blocked"]
         fused_bwd = T.uses_fused_sdpa_backward(q, k, v, bias, lse, causal=causal,
                                                dropout_p=dropout_p, softcap=softcap,
                                                need_dbias=need_dbias)
-        assert spy["bwd"] == ["fused" if fused_bwd else "banded" if banded else "blocked"]
+        for kind, fused_ok in (("fwd", fused), ("bwd", fused_bwd)):
+            want = ("lowp" if lowp else "fused" if fused_ok else "banded" if banded
+                    else "blocked")
+            assert spy[kind] == [want]
         spy["fwd"].clear()
         spy["bwd"].clear()
     return out, lse, grads
@@ -200,6 +214,8 @@ def check(q, k, v, bias=None, *, causal="none", softcap=0.0, scale=None, dropout
 def _force(monkeypatch, path):
     if path == "blocked":
         monkeypatch.setattr(T, "USE_FUSED_SDPA", False)
+    if path == "lowp":
+        monkeypatch.setattr(TL, "USE_LOWP", True)
 
 
 # ------------------------------------------------------------------------ path choice
