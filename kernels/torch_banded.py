@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import torch_impl as T
+from .torch_blocked import band_kmax, band_kmin
 
 __all__ = ["banded_applicable", "banded_forward", "banded_backward"]
 
@@ -61,8 +62,8 @@ def _blocks(causal, window, lq, lk):
     rows = max(1, int(T.BLOCK_Q))
     for i0 in range(0, lq, rows):
         i1 = min(lq, i0 + rows)
-        kmin = T._kmin(causal, window, i0, lq, lk)
-        yield i0, i1, kmin, max(kmin, T._kmax(causal, i1, lq, lk))
+        kmin = band_kmin(causal, window, i0, lq, lk)
+        yield i0, i1, kmin, max(kmin, band_kmax(causal, i1, lq, lk))
 
 
 def banded_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: str, window: int,

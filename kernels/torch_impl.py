@@ -11,8 +11,10 @@ v (B, Hkv, Lk, Dv), Hq % Hkv == 0::
     out    = dropout(softmax(logits, -1)) @ v       (keep prob 1 - p, kept scaled 1/(1-p))
     lse    = logsumexp(logits, -1)                  (float32, natural log)
 
-Four paths (the third in :mod:`attnfuse.kernels.torch_banded`, the fourth in
-:mod:`attnfuse.kernels.torch_lowp`), chosen by :func:`forward_path` / :func:`backward_path`:
+Four paths, chosen by :func:`forward_path` / :func:`backward_path` (the first here, the
+others in :mod:`~attnfuse.kernels.torch_blocked`, :mod:`~attnfuse.kernels.torch_banded`
+and :mod:`~attnfuse.kernels.torch_lowp`; ``BLOCK_Q`` / ``BLOCK_ELEMS`` here size the
+row blocks of all three):
 
 1. **Fused**: PyTorch's fused CPU flash attention
    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``),
@@ -36,18 +38,9 @@ Four paths (the third in :mod:`attnfuse.kernels.torch_banded`, the fourth in
      wrong, so the backward falls back to the blocked path when any finite
      |lse| > :data:`FUSED_BWD_MAX_ABS_LSE`.
 
-2. **Blocked**: a loop over blocks of query rows (and of batch items where one row of
-   the whole batch is already large). Each block computes its (rows x keys) scores
-   only: at most ``BLOCK_Q`` rows and at most ``BLOCK_ELEMS`` score elements over its
-   batch items and heads (unless a single row of one batch item is larger), slicing
-   the bias per block (broadcast, never expanded), masking causally by an index
-   comparison (and skipping the keys a causal block cannot see), then softcap,
-   softmax, dropout and ``@ v``. A block holds whole rows, so its softmax is exact in
-   one pass (no running rescale across key blocks is needed).
-   The backward loops over the same blocks and recomputes P from the block's scores
-   (not from lse: that stays exact for rows of huge finite logits), accumulating dk,
-   dv and the reduced dbias across blocks. GQA/MQA views q as (B, Hkv, G*rows, D) per
-   block and never repeats K/V. Half types are computed in float32.
+2. **Blocked**: a loop over blocks of query rows that never holds more than one block's
+   scores (:mod:`attnfuse.kernels.torch_blocked`); it runs everything the others do
+   not (softcap, dropout, bottom-right causal with a bias, float64, ...).
 
 3. **Banded** (structural masks): a ``key_mask`` alone becomes a (B, 1, 1, Lk)
    broadcast mask of the fused path. A ``window`` or an effective bottom-right
@@ -76,7 +69,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .torch_dropout import block_keep, dropout_keep_mask
+from .torch_dropout import dropout_keep_mask
 
 __all__ = [
     "forward",
@@ -332,232 +325,6 @@ def _fused_backward(dout, q, k, v, bias, out, lse, plan: FusedPlan, scale: float
     return dq, dk, dv
 
 
-# ---------------------------------------------------------------------- blocked path
-def _bias5(bias: Optional[Tensor], hkv: int, g: int) -> Optional[Tensor]:
-    """4-D bias as a (Bb, Hkv|1, G|1, Lqb, Lkb) view matching the grouped layout."""
-    if bias is None:
-        return None
-    if bias.shape[1] == 1:
-        return bias.unsqueeze(2)
-    return bias.unflatten(1, (hkv, g))
-
-
-def _chunking(b: int, hq: int, lk: int) -> tuple[int, int]:
-    """(batch items, query rows) per block: at most BLOCK_ELEMS score elements (unless
-    one row of one batch item is already larger) and at most BLOCK_Q rows."""
-    per_row = hq * max(lk, 1)  # score elements of one query row of one batch item
-    bc = max(1, min(b, int(BLOCK_ELEMS) // per_row))
-    rows = max(1, min(int(BLOCK_Q), int(BLOCK_ELEMS) // (bc * per_row)))
-    return bc, rows
-
-
-def _blocks(b: int, hq: int, lq: int, lk: int, causal: str, window: int):
-    """Yields (b0, b1, i0, i1, kmin, kmax): batch items [b0, b1), rows [i0, i1) and
-    the keys [kmin, kmax) that any of those rows can see (causal and window band)."""
-    bc, rows = _chunking(b, hq, lk)
-    for b0 in range(0, b, bc):
-        for i0 in range(0, lq, rows):
-            i1 = min(lq, i0 + rows)
-            kmin = _kmin(causal, window, i0, lq, lk)
-            yield b0, min(b, b0 + bc), i0, i1, kmin, max(kmin, _kmax(causal, i1, lq, lk))
-
-
-def _bslice(t: Optional[Tensor], b0: int, b1: int) -> Optional[Tensor]:
-    """Batch items [b0, b1) of t, or t itself where its batch dim broadcasts."""
-    return t if t is None or t.shape[0] == 1 else t[b0:b1]
-
-
-def _kmin(causal: str, window: int, i0: int, lq: int, lk: int) -> int:
-    """Keys below kmin lie outside the window of every row >= i0."""
-    if not window:
-        return 0
-    return max(0, min(lk, i0 + _causal_offset(causal, lq, lk) - window + 1))
-
-
-def _kmax(causal: str, i1: int, lq: int, lk: int) -> int:
-    """Keys [0, kmax) are the only ones rows < i1 can see."""
-    if causal == "none":
-        return lk
-    return max(0, min(lk, i1 + _causal_offset(causal, lq, lk)))
-
-
-def mask_block_scores(s5: Tensor, bias5: Optional[Tensor], key_mask: Optional[Tensor], *,
-                      i0: int, i1: int, kmin: int, kmax: int, causal: str, window: int,
-                      lq: int, lk: int) -> None:
-    """Add the bias to, and mask in place, the scores (B, Hkv, G, rows, keys) of rows
-    [i0, i1) over keys [kmin, kmax): bias (a :func:`_bias5` view, sliced here; bool:
-    False -> -inf), key_mask, and the causal/window band (only on blocks it crosses)."""
-    if bias5 is not None:
-        bs = bias5
-        if bs.shape[3] > 1:
-            bs = bs[:, :, :, i0:i1]
-        if bs.shape[4] > 1:
-            bs = bs[..., kmin:kmax]
-        if bs.dtype == torch.bool:
-            s5.masked_fill_(bs.logical_not(), _NEG_INF)
-        else:
-            s5.add_(bs)
-    if key_mask is not None:  # (B|1, Lk) key padding, broadcast over heads and rows
-        s5.masked_fill_(key_mask[:, None, None, None, kmin:kmax].logical_not(), _NEG_INF)
-    if causal != "none":
-        off = _causal_offset(causal, lq, lk)
-        i = torch.arange(i0, i1).view(-1, 1)
-        j = torch.arange(kmin, kmax).view(1, -1)
-        if kmax > i0 + off + 1:  # some (row, key) in the block is above the diagonal
-            s5.masked_fill_(j > i + off, _NEG_INF)
-        if window and i1 - 1 + off - window >= kmin:  # some key is left of a row's window
-            s5.masked_fill_(j <= i + off - window, _NEG_INF)
-
-
-def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap, causal,
-                 window, lq, lk, want_softcap_grad=False):
-    """Softmax probabilities (pre-dropout) of rows [i0, i1) over keys [kmin, kmax).
-
-    Returns (p (B, Hkv, G*n, kw), lse (B, Hkv, G, n), softcap_grad or None), where
-    kw = kmax - kmin."""
-    b, hkv, g, _, d = q5.shape
-    n = i1 - i0
-    kw = kmax - kmin
-    cdt = kc.dtype
-    qb = q5[:, :, :, i0:i1].to(cdt).reshape(b, hkv, g * n, d)
-    # the scale (and 1/softcap) is applied to the (rows x D) queries, not the scores
-    qb = qb * (scale / softcap if softcap > 0 else scale)
-    s = torch.matmul(qb, kc[:, :, kmin:kmax].transpose(-1, -2))  # (B, Hkv, G*n, kw)
-    s5 = s.view(b, hkv, g, n, kw)
-    dcap = None
-    if softcap > 0:
-        s.tanh_()
-        if want_softcap_grad:
-            dcap = 1.0 - s * s  # d softcap(x) / dx = 1 - tanh(x / c)^2
-        s.mul_(softcap)
-    mask_block_scores(s5, bias5, key_mask, i0=i0, i1=i1, kmin=kmin, kmax=kmax, causal=causal,
-                      window=window, lq=lq, lk=lk)
-    m, arg = s.max(-1, keepdim=True)
-    p = torch.softmax(s, dim=-1)
-    del s, s5
-    # lse = m + log(sum exp(s - m)) = m - log(p[argmax]); p[argmax] >= 1/kw, so the
-    # log is well conditioned, and rows of huge finite logits stay exact in p
-    lse = m - torch.log(p.gather(-1, arg))
-    dead = m == _NEG_INF  # rows masked entirely: softmax gives NaN there
-    if bool(dead.any()):
-        p.masked_fill_(dead, 0.0)
-        lse.masked_fill_(dead, _NEG_INF)
-    return p, lse.view(b, hkv, g, n), dcap
-
-
-def _blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed, window=0,
-                     key_mask=None):
-    b, hq, lq, _ = q.shape
-    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hkv
-    cdt = _compute_dtype(q.dtype)
-    causal = _effective_causal(causal, lq, lk, window)
-    out = torch.empty((b, hq, lq, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
-    out5, lse5 = out.unflatten(1, (hkv, g)), lse.unflatten(1, (hkv, g))
-    q5 = q.unflatten(1, (hkv, g))
-    kc = k.to(cdt).contiguous()
-    vc = v.to(cdt).contiguous()
-    bias5 = _bias5(_compact(bias) if bias is not None else None, hkv, g)
-    drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in _blocks(b, hq, lq, lk, causal, window):
-        n, nb = i1 - i0, b1 - b0
-        if kmax == kmin:  # every row of the block is fully masked
-            out5[b0:b1, :, :, i0:i1] = 0
-            lse5[b0:b1, :, :, i0:i1] = _NEG_INF
-            continue
-        p, lse_b, _ = _block_probs(q5[b0:b1], kc[b0:b1], _bslice(bias5, b0, b1),
-                                   _bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
-                                   kmax=kmax, scale=scale, softcap=softcap, causal=causal,
-                                   window=window, lq=lq, lk=lk)
-        if dropout_p > 0:
-            keep = block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmin, kmax, hkv, g)
-            p.view(nb, hkv, g, n, kmax - kmin).mul_(keep).mul_(drop_scale)
-        o = torch.matmul(p, vc[b0:b1, :, kmin:kmax])  # (nb, Hkv, G*n, Dv)
-        out5[b0:b1, :, :, i0:i1] = o.view(nb, hkv, g, n, dv)
-        lse5[b0:b1, :, :, i0:i1] = lse_b
-    return out, lse
-
-
-def _blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, softcap, seed,
-                      need_dbias, window=0, key_mask=None):
-    b, hq, lq, d = q.shape
-    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hkv
-    cdt = _compute_dtype(q.dtype)
-    causal = _effective_causal(causal, lq, lk, window)
-    q5 = q.unflatten(1, (hkv, g))
-    do5 = dout.unflatten(1, (hkv, g))
-    # delta = rowsum(P * dP) = rowsum(dout * out): O(L * Dv) from a full-precision out;
-    # a half-precision out would round it, so then it is taken from the block
-    delta_all = None
-    if out is not None and out.dtype in (torch.float32, torch.float64):
-        delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1).unflatten(1, (hkv, g))
-    kc = k.to(cdt).contiguous()
-    vc = v.to(cdt).contiguous()
-    grad_bias = need_dbias and bias is not None and bias.dtype != torch.bool
-    # with a bias gradient, keep the bias's own shape (a stride-0 expanded dim of size
-    # > 1 is a full dim for autograd); otherwise its compact view is enough
-    bias_used = bias if (bias is None or grad_bias) else _compact(bias)
-    bias5 = _bias5(bias_used, hkv, g)
-    dq = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)
-    dq5 = dq.unflatten(1, (hkv, g))
-    dk = torch.zeros((b, hkv, lk, d), dtype=cdt, device=q.device)
-    dvv = torch.zeros((b, hkv, lk, dv), dtype=cdt, device=q.device)
-    dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if grad_bias else None
-    drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in _blocks(b, hq, lq, lk, causal, window):
-        n, nb = i1 - i0, b1 - b0
-        kw = kmax - kmin
-        if kw == 0:
-            dq5[b0:b1, :, :, i0:i1] = 0
-            continue
-        p, _, dcap = _block_probs(q5[b0:b1], kc[b0:b1], _bslice(bias5, b0, b1),
-                                  _bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
-                                  kmax=kmax, scale=scale, softcap=softcap, causal=causal,
-                                  window=window, lq=lq, lk=lk, want_softcap_grad=True)
-        kb, vb = kc[b0:b1, :, kmin:kmax], vc[b0:b1, :, kmin:kmax]
-        dob = do5[b0:b1, :, :, i0:i1].to(cdt).reshape(nb, hkv, g * n, dv)
-        dp = torch.matmul(dob, vb.transpose(-1, -2))  # (nb, Hkv, G*n, kw)
-        if dropout_p > 0:
-            keep = block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmin, kmax, hkv, g)
-            mk = keep.to(cdt).mul_(drop_scale).view(nb, hkv, g * n, kw)
-            dp.mul_(mk)
-            pd = p * mk
-        else:
-            pd = p
-        dvv[b0:b1, :, kmin:kmax] += torch.matmul(pd.transpose(-1, -2), dob)
-        del pd
-        if delta_all is not None:
-            delta = delta_all[b0:b1, :, :, i0:i1].reshape(nb, hkv, g * n, 1)
-        else:
-            delta = (p * dp).sum(-1, keepdim=True)
-        ds = dp.sub_(delta).mul_(p)  # d loss / d final logits
-        if grad_bias:
-            _accumulate_dbias(dbias, ds.view(nb, hq, n, kw), b0, b1, i0, i1, kmin, kmax)
-        if dcap is not None:
-            ds.mul_(dcap)
-        qb = q5[b0:b1, :, :, i0:i1].to(cdt).reshape(nb, hkv, g * n, d)
-        dqb = torch.matmul(ds, kb).mul_(scale)
-        dq5[b0:b1, :, :, i0:i1] = dqb.view(nb, hkv, g, n, d)
-        dk[b0:b1, :, kmin:kmax] += torch.matmul(ds.transpose(-1, -2), qb).mul_(scale)
-    dbias_out = dbias.to(bias.dtype) if grad_bias else None
-    return dq, dk.to(k.dtype), dvv.to(v.dtype), dbias_out
-
-
-def _accumulate_dbias(dbias: Tensor, ds: Tensor, b0: int, b1: int, i0: int, i1: int,
-                      kmin: int, kmax: int) -> None:
-    """Add a block's logit gradient (nb, Hq, n, kmax - kmin) into dbias, reduced to its shape."""
-    dims = [i for i in range(4) if dbias.shape[i] == 1 and ds.shape[i] != 1]
-    red = ds.sum(dims, keepdim=True) if dims else ds
-    tgt = _bslice(dbias, b0, b1)
-    if dbias.shape[2] > 1:
-        tgt = tgt[:, :, i0:i1]
-    if dbias.shape[3] > 1:
-        tgt = tgt[..., kmin:kmax]
-    tgt += red
-
-
 # --------------------------------------------------------------------------- entries
 def _fold_key_mask(bias: Optional[Tensor], key_mask: Optional[Tensor],
                    window: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -572,7 +339,7 @@ def forward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, cau
                  dropout_p: float, softcap: float, window: int = 0,
                  key_mask: Optional[Tensor] = None) -> str:
     """Which path :func:`forward` takes: "lowp", "fused", "banded" or "blocked"."""
-    from . import torch_banded, torch_lowp  # both import this module: loaded on first use
+    from . import torch_banded, torch_lowp  # they import this module: loaded on first use
 
     if torch_lowp.lowp_applicable(q, k, v, bias, causal=causal, window=window, softcap=softcap):
         return "lowp"
@@ -614,7 +381,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
         out = torch.zeros((b, hq, lq, dv), dtype=q.dtype, device=q.device)
         lse = torch.full((b, hq, lq), _NEG_INF, dtype=torch.float32, device=q.device)
         return out, lse
-    from . import torch_banded, torch_lowp
+    from . import torch_banded, torch_blocked, torch_lowp
 
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
     path = forward_path(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
@@ -630,9 +397,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
     if path == "banded":
         return torch_banded.banded_forward(q, k, v, scale=scale, causal=causal,
                                            window=window, key_mask=key_mask)
-    return _blocked_forward(q, k, v, bias, scale=scale, causal=causal, dropout_p=dropout_p,
-                            softcap=float(softcap), seed=int(seed), window=window,
-                            key_mask=key_mask)
+    return torch_blocked.blocked_forward(q, k, v, bias, scale=scale, causal=causal,
+                                         dropout_p=dropout_p, softcap=float(softcap),
+                                         seed=int(seed), window=window, key_mask=key_mask)
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
@@ -648,7 +415,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     if min(b, hq, lq, lk) == 0:
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if grad_bias else None
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias)
-    from . import torch_banded, torch_lowp
+    from . import torch_banded, torch_blocked, torch_lowp
 
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
     path = backward_path(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
@@ -671,6 +438,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
             dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
             key_mask=key_mask)
         return dq, dk, dv, None
-    return _blocked_backward(dout, q, k, v, bias, out, scale=scale, causal=causal,
-                             dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
-                             need_dbias=need_dbias, window=window, key_mask=key_mask)
+    return torch_blocked.blocked_backward(dout, q, k, v, bias, out, scale=scale,
+                                          causal=causal, dropout_p=dropout_p,
+                                          softcap=float(softcap), seed=int(seed),
+                                          need_dbias=need_dbias, window=window,
+                                          key_mask=key_mask)

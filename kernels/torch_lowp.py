@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import torch_blocked as TB
 from . import torch_impl as T
 from .torch_dropout import block_keep
 
@@ -88,20 +89,21 @@ def lowp_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, sca
     g = hq // hkv
     out = torch.empty((b, hq, lq, dv), dtype=q.dtype)
     lse = torch.empty((b, hq, lq), dtype=torch.float32)
-    out5, lse5, q5 = out.unflatten(1, (hkv, g)), lse.unflatten(1, (hkv, g)), q.unflatten(1, (hkv, g))
+    out5, lse5 = out.unflatten(1, (hkv, g)), lse.unflatten(1, (hkv, g))
+    q5 = q.unflatten(1, (hkv, g))
     kc, vc = k.contiguous(), v.contiguous()  # per-block (N, keys, D) views without copies
-    bias5 = T._bias5(T._compact(bias) if bias is not None else None, hkv, g)
+    bias5 = TB.grouped_bias(T._compact(bias) if bias is not None else None, hkv, g)
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in T._blocks(b, hq, lq, lk, "none", 0):
+    for b0, b1, i0, i1, kmin, kmax in TB.blocks(b, hq, lq, lk, "none", 0):
         n, nb, kw = i1 - i0, b1 - b0, kmax - kmin
         if kw == 0:  # no row of the block sees a key
             out5[b0:b1, :, :, i0:i1] = 0
             lse5[b0:b1, :, :, i0:i1] = T._NEG_INF
             continue
         s = _scores(_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]), scale)
-        T.mask_block_scores(s.view(nb, hkv, g, n, kw), T._bslice(bias5, b0, b1),
-                            T._bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
-                            causal="none", window=0, lq=lq, lk=lk)
+        TB.mask_block_scores(s.view(nb, hkv, g, n, kw), TB.bslice(bias5, b0, b1),
+                             TB.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
+                             causal="none", window=0, lq=lq, lk=lk)
         m = s.amax(-1, keepdim=True)
         p = torch.softmax(s, -1)  # fp32 math, rounded to the input dtype (as eager does)
         del s
@@ -133,14 +135,14 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
     lse5 = lse.unflatten(1, (hkv, g))
     kc, vc = k.contiguous(), v.contiguous()
     grad_bias = need_dbias and bias is not None and bias.dtype != torch.bool
-    bias5 = T._bias5(bias if grad_bias or bias is None else T._compact(bias), hkv, g)
+    bias5 = TB.grouped_bias(bias if grad_bias or bias is None else T._compact(bias), hkv, g)
     dq = torch.empty((b, hq, lq, d), dtype=q.dtype)
     dq5 = dq.unflatten(1, (hkv, g))
     dk = torch.zeros((b, hkv, lk, d), dtype=torch.float32)
     dvv = torch.zeros((b, hkv, lk, dv), dtype=torch.float32)
     dbias = torch.zeros(bias.shape, dtype=torch.float32) if grad_bias else None
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in T._blocks(b, hq, lq, lk, "none", 0):
+    for b0, b1, i0, i1, kmin, kmax in TB.blocks(b, hq, lq, lk, "none", 0):
         n, nb, kw = i1 - i0, b1 - b0, kmax - kmin
         if kw == 0:
             dq5[b0:b1, :, :, i0:i1] = 0
@@ -149,9 +151,9 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
                       _flat(vc[b0:b1, :, kmin:kmax]))
         dob = _flat(do5[b0:b1, :, :, i0:i1])
         s = _scores(qb, kb, scale)  # the forward's p, recomputed with the same ops
-        T.mask_block_scores(s.view(nb, hkv, g, n, kw), T._bslice(bias5, b0, b1),
-                            T._bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
-                            causal="none", window=0, lq=lq, lk=lk)
+        TB.mask_block_scores(s.view(nb, hkv, g, n, kw), TB.bslice(bias5, b0, b1),
+                             TB.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
+                             causal="none", window=0, lq=lq, lk=lk)
         p = torch.softmax(s, -1)
         del s
         dead = lse5[b0:b1, :, :, i0:i1].reshape(nb * hkv, g * n, 1) == T._NEG_INF
@@ -170,7 +172,7 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
         ds = torch._softmax_backward_data(dp, p, -1, q.dtype)  # p * (dp - rowsum(p * dp))
         del dp, p
         if grad_bias:
-            T._accumulate_dbias(dbias, ds.view(nb, hq, n, kw).float(), b0, b1, i0, i1,
+            TB.accumulate_dbias(dbias, ds.view(nb, hq, n, kw).float(), b0, b1, i0, i1,
                                 kmin, kmax)
         dqb = torch.baddbmm(qb.new_empty(()).expand(nb * hkv, g * n, d), ds, kb,
                             beta=0.0, alpha=scale)

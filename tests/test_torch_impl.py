@@ -20,6 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnfuse.kernels import torch_banded as TB
+from attnfuse.kernels import torch_blocked as TBK
 from attnfuse.kernels import torch_impl as T
 from attnfuse.kernels import torch_lowp as TL
 from tests.reference import attention_reference, causal_keep
@@ -63,9 +64,9 @@ def path_spy(monkeypatch):
     wrap("lowp_backward", "bwd", "lowp", TL)
 
     wrap("_fused_forward", "fwd", "fused")
-    wrap("_blocked_forward", "fwd", "blocked")
+    wrap("blocked_forward", "fwd", "blocked", TBK)
     wrap("_fused_backward", "bwd", "fused")
-    wrap("_blocked_backward", "bwd", "blocked")
+    wrap("blocked_backward", "bwd", "blocked", TBK)
     return ran
 
 
@@ -440,9 +441,9 @@ def test_scale_and_lse_fp32_fused_equals_blocked(monkeypatch):
 
 def test_block_rows_shrink_for_long_keys(monkeypatch):
     monkeypatch.setattr(T, "BLOCK_ELEMS", 4096)
-    assert T._chunking(1, 2, 1000) == (1, 2)
-    assert T._chunking(1, 8, 1000) == (1, 1)
-    assert T._chunking(3, 2, 100) == (3, 6)
+    assert TBK.chunking(1, 2, 1000) == (1, 2)
+    assert TBK.chunking(1, 8, 1000) == (1, 1)
+    assert TBK.chunking(3, 2, 100) == (3, 6)
     monkeypatch.setattr(T, "USE_FUSED_SDPA", False)
     q, k, v = make_qkv(1, 2, 2, 9, 700, 8, 8, F32)
     check(q, k, v, causal="bottom_right")
@@ -452,7 +453,7 @@ def test_block_rows_shrink_for_long_keys(monkeypatch):
 def test_batch_chunks(dropout_p, monkeypatch, path_spy):
     """Blocks smaller than one row of the whole batch split the batch too."""
     monkeypatch.setattr(T, "BLOCK_ELEMS", 2 * 3 * 40)  # two batch items, one row
-    assert T._chunking(5, 3, 40) == (2, 1)
+    assert TBK.chunking(5, 3, 40) == (2, 1)
     q, k, v = make_qkv(5, 6, 3, 11, 40, 8, 12, F32)
     bias = make_bias("float", (5, 1, 11, 40))
     check(q, k, v, bias, causal="bottom_right", softcap=8.0, dropout_p=dropout_p, seed=9,
