@@ -23,8 +23,9 @@ Semantics, for q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)::
 - ``key_mask`` (bool, (B, Lk) or (1, Lk); True = visible): a key-padding mask, the same
   for every head and query; masked keys act as ``-inf`` logits.  Causal, window and
   key_mask are structure: no (Lq, Lk) mask is materialised, and key blocks outside the
-  causal/window band are never visited (the Triton dK/dV kernel also skips key blocks a
-  key_mask hides entirely).
+  causal/window band are never visited (the Triton kernels also skip the padding: the
+  keys before the first and after the last visible key of each batch item; the dK/dV
+  kernel skips every key block a key_mask hides entirely).
 - A row whose logits are all ``-inf`` (or that sees no key) gives 0 (eager PyTorch gives NaN) and a
   zero gradient. A row of large finite negatives (``finfo.min`` masks) gives the
   same uniform average as eager.

@@ -2,6 +2,7 @@
 against the minimum, FlashAttention-2's IO model for the same tiles, and unfused attention.
 
     .venv/bin/python benchmarks/kernel_io.py [--sizes 256,512,1024] [--dim 64] [--causal]
+                                             [--padded 0.4]
                                              [--decode-sizes 4096,16384] [--decode-lq 1,16]
 
 Counting: every ``tl.load`` / ``tl.store`` executed by the interpreter is intercepted and
@@ -52,6 +53,19 @@ causal top-left with ``--causal``.  Columns, per direction and length:
   S = QKᵀ (write), softmax (read S, write P), P·V (read P); backward dV = Pᵀ dO (read P),
   dP = dO Vᵀ (write), dS = P∘(dP − δ) (read P, dP; write dS), dQ = dS K and dK = dSᵀ Q
   (read dS twice).
+
+Padded shapes (``--padded F``, replaces the training table): the same shapes with a
+key_mask that hides the last F of the keys (right padding, as Hugging Face batches of
+different lengths).  Bytes READ by the forward and the dQ kernel are measured twice:
+"after", as the kernels run (their key loops clipped to the key bounds of the mask,
+``triton_flash._key_bounds``), and "before", with those bounds forced to [0, Lk): the
+loops then visit every key block of the band and mask the padding element-wise, which
+is what the kernels did before the bounds existed (plus the 8 bytes of bounds each
+program now loads).  ``FA2 fwd read`` is the READ part
+of the forward model above (Q once, the visited K_j, V_j) for the real keys only (c_j
+and the visited pairs counted over the first Lk·(1 - F) keys: what a varlen FA2 reads);
+our forward also reads the key mask (1 byte per key it visits) and 8 bytes of key
+bounds per program.
 
 Decode shapes (``--decode-sizes``): B = 1, Hq = 8, Hkv = 2 (GQA groups of 4), Lq in
 ``--decode-lq``, Lk = N, fp16, causal bottom-right.  The flash-decoding path
@@ -145,8 +159,10 @@ def _visited(n_q, n_k, block_q, block_k, causal):
     return pairs
 
 
-def fa2_forward_bytes(n, d, dv, es, block_m, block_n, causal=False):
-    kv = sum(c * (d + dv) * es for _, c in _visited(n, n, block_m, block_n, causal))
+def fa2_forward_bytes(n, d, dv, es, block_m, block_n, causal=False, n_keys=None):
+    """``n`` queries against ``n_keys`` keys (default ``n``)."""
+    kv = sum(c * (d + dv) * es
+             for _, c in _visited(n, n if n_keys is None else n_keys, block_m, block_n, causal))
     return es * n * d + kv + es * n * dv + 4 * n
 
 
@@ -169,19 +185,18 @@ def _split(cnt):
     return rd, wr
 
 
-def _measure(n, d, dtype, causal):
+def _measure(n, d, dtype, causal, key_mask=None):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, d, generator=g).to(dtype) for _ in range(3))
     scale = 1 / math.sqrt(d)
     mode = "top_left" if causal else "none"
+    kw = dict(scale=scale, causal=mode, dropout_p=0.0, softcap=0.0, seed=0, key_mask=key_mask)
     _counts.clear()
     t0 = time.time()
-    out, lse = tf.forward(q, k, v, None, scale=scale, causal=mode, dropout_p=0.0,
-                          softcap=0.0, seed=0)
+    out, lse = tf.forward(q, k, v, None, **kw)
     fwd = dict(_counts)
     _counts.clear()
-    tf.backward(torch.randn_like(out), q, k, v, None, out, lse, scale=scale, causal=mode,
-                dropout_p=0.0, softcap=0.0, seed=0, need_dbias=False)
+    tf.backward(torch.randn_like(out), q, k, v, None, out, lse, need_dbias=False, **kw)
     bwd = dict(_counts)
     return fwd, bwd, time.time() - t0
 
@@ -219,6 +234,46 @@ def _training_table(sizes, d, dtype, es, causal):
         print(f"      per kernel/kind: {per}  ({secs:.1f}s in the interpreter)")
     print(f"worst measured / FA2 model: {worst:.2f} (target <= 1.2)")
     return worst
+
+
+def _full_key_bounds(key_mask):
+    """[0, Lk) for every row: the key loops are not clipped ("before")."""
+    rows, n = key_mask.shape
+    return torch.tensor([[0, n]] * rows, dtype=torch.int32, device=key_mask.device)
+
+
+def _padded_table(sizes, d, dtype, es, causal, padded):
+    cf = {n: tf.KERNEL_CONFIGS[n][1](d, dtype, False)[0].kwargs for n in tf.KERNEL_CONFIGS}
+    print(f"configs (first of each autotune list, d={d}, fp16): {cf}")
+    fbm, fbn = cf["attn_fwd"]["BLOCK_M"], cf["attn_fwd"]["BLOCK_N"]
+    print(f"right padding: the last {padded:.0%} of the keys masked by a (1, Lk) key_mask; "
+          f"bytes READ per kernel, before = key bounds forced to [0, Lk), after = clipped"
+          f"{'; causal top-left' if causal else ''}")
+    hdr = (f"{'N':>5} {'real':>5} {'kernel':<8} {'read before':>12} {'read after':>12} "
+           f"{'after/before':>12} {'FA2 fwd read':>13} {'after x FA2':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+    for n in sizes:
+        real = n - int(round(n * padded))
+        key_mask = torch.zeros(1, n, dtype=torch.bool)
+        key_mask[:, :real] = True
+        real_bounds = tf._key_bounds
+        tf._key_bounds = _full_key_bounds
+        try:
+            fwd_b, bwd_b, _ = _measure(n, d, dtype, causal, key_mask)
+        finally:
+            tf._key_bounds = real_bounds
+        fwd_a, bwd_a, secs = _measure(n, d, dtype, causal, key_mask)
+        # the model's reads: all of it but the writes of O (es·N·dv) and L (4·N)
+        fa2 = fa2_forward_bytes(n, d, d, es, fbm, fbn, causal, n_keys=real) - es * n * d - 4 * n
+        for kname, before, after in (("fwd", fwd_b, fwd_a), ("dQ", bwd_b, bwd_a)):
+            kn = "_attn_fwd" if kname == "fwd" else "_attn_bwd_dq"
+            rb, ra = before.get((kn, "read"), 0), after.get((kn, "read"), 0)
+            model = f"{fa2:>13,} {ra / fa2:>11.2f}" if kname == "fwd" else f"{'-':>13} {'-':>11}"
+            print(f"{n:>5} {real:>5} {kname:<8} {rb:>12,} {ra:>12,} {ra / rb:>12.3f} {model}")
+        per = ", ".join(f"{kn} {kind} {v:,}"
+                        for (kn, kind), v in sorted({**fwd_a, **bwd_a}.items()))
+        print(f"      after, per kernel/kind: {per}  ({secs:.1f}s in the interpreter)")
 
 
 def _decode_table(sizes, lqs, d, dtype, es):
@@ -270,6 +325,9 @@ def main(argv=None):
     ap.add_argument("--sizes", default="256,512,1024")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--causal", action="store_true", help="top-left causal training shapes")
+    ap.add_argument("--padded", type=float, default=0.0,
+                    help="fraction of the keys right-padded (key_mask): replaces the "
+                         "training table by the padded before/after table")
     ap.add_argument("--decode-sizes", default="4096,16384",
                     help="KV lengths for the decode comparison ('' to skip)")
     ap.add_argument("--decode-lq", default="1,16")
@@ -278,7 +336,10 @@ def main(argv=None):
     d = args.dim
     _install_counters()
     _use_gpu_configs()
-    if args.sizes:
+    if args.sizes and args.padded:
+        _padded_table([int(x) for x in args.sizes.split(",")], d, dtype, es, args.causal,
+                      args.padded)
+    elif args.sizes:
         _training_table([int(x) for x in args.sizes.split(",")], d, dtype, es, args.causal)
     if args.decode_sizes:
         _decode_table([int(x) for x in args.decode_sizes.split(",")],

@@ -50,6 +50,7 @@ ARCHS = {80: ("A100", 166912), 90: ("H100", 232448)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP32_PTRS = {"Lse", "Delta", "MRow", "LRow", "DS", "PartM", "PartL", "PartAcc"}
 U8_PTRS = {"KeyMask"}                            # bool key_mask, read as uint8
+I32_PTRS = {"KeyBounds"}                         # per-batch key bounds of the key_mask
 FP32_SCALARS = {"qk_scale", "cap_scale", "dropout_p", "sm_scale"}
 INT_SCALARS = {"H", "HKV", "GROUP", "M", "N", "D", "DV", "R"}
 # every kernel checked: name -> (jit function, config-list function)
@@ -68,6 +69,8 @@ def _signature(fn, dtype_name, constexprs):
             sig[name] = "*fp32"
         elif name in U8_PTRS:
             sig[name] = "*u8"
+        elif name in I32_PTRS:
+            sig[name] = "*i32"
         elif name[0].isupper() and name not in INT_SCALARS:   # tensors: Q, K, V, Bias, Out, DO, DK, ...
             sig[name] = f"*{dtype_name}"
         elif name in FP32_SCALARS:

@@ -19,18 +19,21 @@ Fully masked rows (lse = -inf) get P = 0, hence zero gradients.
 
 Structure (causal, window, key_mask) is handled as in the forward (``triton_fwd``):
 the dQ kernel and the preprocess recompute visit only the key blocks of the band of
-their query block (:func:`triton_fwd._key_range`), the dK/dV kernel only the query
-blocks whose band reaches its key block (:func:`triton_fwd._query_range`); only edge
-tiles pay for the element mask (:func:`triton_fwd._tile_is_edge`); a key block whose
-keys are all masked visits no query block in the dK/dV kernel (its dK, dV stay 0).
+their query block (:func:`triton_fwd._key_range`), in the dQ kernel narrowed to the
+batch item's key bounds (:func:`triton_fwd._clip_to_key_bounds`: no padding key is
+loaded), the dK/dV kernel only the query blocks whose band reaches its key block
+(:func:`triton_fwd._query_range`); only edge tiles pay for the element mask
+(:func:`triton_fwd._tile_is_edge`); a key block whose keys are all masked visits no
+query block in the dK/dV kernel (its dK, dV stay 0).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .triton_fwd import (_band_keep, _dot, _dropout_keep, _key_mask_block, _key_range,
-                         _logits, _query_range, _tile_is_edge, _to_log2)
+from .triton_fwd import (_band_keep, _clip_to_key_bounds, _dot, _dropout_keep,
+                         _key_mask_block, _key_range, _logits, _query_range, _tile_is_edge,
+                         _to_log2)
 
 # lse (log2 units) below -HUGE_LSE2 has lost log2(l) to rounding (lse2 = m + log2(l)
 # with |m| huge, e.g. rows biased by finfo.min everywhere): those rows get their
@@ -245,12 +248,12 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Bias, KeyMask, DO, DQ, DS, MRow, LRow, Delta,
+    Q, K, V, Bias, KeyMask, KeyBounds, DO, DQ, DS, MRow, LRow, Delta,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
-    stride_mz, stride_mn,
+    stride_mz, stride_mn, stride_kbz,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, M, N, D, DV,
@@ -295,17 +298,20 @@ def _attn_bwd_dq(
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
 
-    # the forward's loop (see _attn_fwd): key blocks [lo, hi) of the band, counted from
-    # lo, the element mask on edge tiles only; tiles never visited keep dS = 0
+    # the forward's loop (see _attn_fwd): key blocks [lo, hi) of the band and of the
+    # batch item's key bounds, counted from lo, the element mask on edge tiles only;
+    # tiles never visited keep dS = 0
     lo, hi = _key_range(m_first, m_last, N, causal_shift, window, BLOCK_N, CAUSAL, WINDOW)
+    if KEY_MASK:
+        lo, hi = _clip_to_key_bounds(lo, hi, KeyBounds + off_z * stride_kbz, BLOCK_N)
     k_base += lo * stride_kn
     v_base += lo * stride_vn
     b_base += lo * stride_bn
     km_base += lo * stride_mn
     ds_base += lo
-    n_rel = N - lo
+    n_rel = hi - lo                     # keys from hi on: past the end, as in _attn_fwd
     shift_rel = causal_shift - lo
-    for rel_n in range(0, hi - lo, BLOCK_N):
+    for rel_n in range(0, n_rel, BLOCK_N):
         offs_n = rel_n + offs_n0        # key index - lo
         edge = _tile_is_edge(m_first, m_last, rel_n, n_rel, shift_rel, window,
                              BLOCK_N, CAUSAL, WINDOW)

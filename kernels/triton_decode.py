@@ -24,8 +24,11 @@ negatives clamped as in ``triton_fwd._to_log2``), so the backward kernels use th
 returned here unchanged.  Masks: bias (any broadcast, stride 0), ``causal``
 (top_left / bottom_right), ``window`` (query i sees key j iff
 ``i + off - window < j <= i + off``) and ``key_mask`` (B or 1, Lk), True = visible.
-Key blocks that lie outside the causal/window band of every row of a program are never
-visited, and a key block whose key_mask is all False is skipped before K/V are loaded.
+Key blocks that lie outside the causal/window band of every row of a program, or
+outside the batch item's key bounds [first visible key, last visible key]
+(``triton_fwd._clip_to_key_bounds``: a split wholly in the padding runs no iteration
+and writes the empty state), are never visited, and a key block whose key_mask is all
+False is skipped before K/V are loaded.
 No dropout: :func:`decode_applicable` is False then and the caller uses the main kernel.
 
 Why the partial state is (m, l, acc) and not (normalised out, lse) as in some
@@ -51,7 +54,7 @@ import triton
 import triton.language as tl
 
 from . import triton_flash as _tf   # module reference: triton_flash may import this module
-from .triton_fwd import LN2, _dot, _scores
+from .triton_fwd import LN2, _clip_to_key_bounds, _dot, _scores
 
 __all__ = [
     "decode_applicable", "decode_forward", "num_splits", "decode_block_m", "decode_block_ms",
@@ -80,12 +83,13 @@ INTERPRETER_PLAN = {"BLOCK_N": 16, "align": 16, "min_split": 32}
 
 @triton.jit
 def _attn_decode_split(
-    Q, K, V, Bias, KeyMask, PartM, PartL, PartAcc,
+    Q, K, V, Bias, KeyMask, KeyBounds, PartM, PartL, PartAcc,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,   # 0 along broadcast (size-1) bias dims
     stride_mz, stride_mn,                          # key_mask; stride_mz 0 when broadcast
+    stride_kbz,                                    # KeyBounds (B|1, 2); 0 when broadcast
     HKV, GROUP, M, N, D, DV,                       # GROUP = Hq // Hkv, M = Lq, N = Lk
     kv_lo, split_len, n_splits,                    # split s covers [kv_lo + s·len, +len)
     qk_scale, cap_scale, causal_shift, window,
@@ -127,10 +131,13 @@ def _attn_decode_split(
     b_rows = offs_g * stride_bh + offs_i * stride_bm
     km_base = KeyMask + off_z.to(tl.int64) * stride_mz
 
-    # Keys of this split, narrowed to the causal/window band of the rows of this block:
+    # Keys of this split, narrowed to the batch item's key bounds (a split that lies in
+    # the padding does no work) and to the causal/window band of the rows of this block:
     # no row sees a key above i_max + shift, nor (window) at or below i_min + shift - window.
     lo = kv_lo + split * split_len
     hi = tl.minimum(lo + split_len, N)
+    if KEY_MASK:
+        lo, hi = _clip_to_key_bounds(lo, hi, KeyBounds + off_z * stride_kbz, BLOCK_N)
     if CAUSAL:
         i_max = tl.max(tl.where(row_ok, offs_i, 0), 0)
         hi = tl.minimum(hi, i_max + causal_shift + 1)
@@ -354,6 +361,7 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     c = _tf._common(q, k, v, scale, causal, softcap)
     st = _tf._structure(q, k, causal, window, key_mask)   # validates; drops a no-op window
     window, km_t, km_s, has_km = st["window"], st["km"], st["km_strides"], st["KEY_MASK"]
+    kb_t, kb_s = st["kb"], st["kb_stride"]
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:
@@ -398,8 +406,8 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         kern, meta = _tuned_split(_tf.padded_head_dim(hd), q.dtype, block_m), {}
     kern[(n_splits, B * Hkv, row_blocks)](
-        q, k, v, b_t, km_t, part_m, part_l, part_acc,
-        *q.stride(), *k.stride(), *v.stride(), *b_s, *km_s,
+        q, k, v, b_t, km_t, kb_t, part_m, part_l, part_acc,
+        *q.stride(), *k.stride(), *v.stride(), *b_s, *km_s, kb_s,
         Hkv, group, M, N, D, Dv,
         kv_lo, split_len, n_splits,
         c["qk_scale"], c["cap_scale"], shift, int(window),

@@ -11,8 +11,10 @@ autotune fails in the interpreter ("0 active drivers").
 
 Structural masks: ``window`` (with causal) and ``key_mask`` ((B|1, Lk) bool, True =
 visible) reach the kernels as the constexprs ``WINDOW`` / ``KEY_MASK`` (the names the
-decode kernel uses) plus a runtime window and a uint8 view of the key mask whose batch
-stride is 0 when it broadcasts; no (Lq, Lk) mask is built.
+decode kernel uses) plus a runtime window, a uint8 view of the key mask whose batch
+stride is 0 when it broadcasts, and the per-batch key bounds of the key mask
+(:func:`_key_bounds`, (B|1, 2) int32, same broadcast) that the forward, dQ and
+decode kernels clip their key loops to; no (Lq, Lk) mask is built.
 
 Short queries against long keys (:func:`triton_decode.decode_applicable`: no dropout,
 Lq <= 16, Lk >= 256) take the flash-decoding path in :func:`forward`; the backward is
@@ -263,9 +265,26 @@ def _key_mask_args(key_mask, B, N, q):
     return key_mask.view(torch.uint8), (sz, key_mask.stride(1)), True   # loads as 0/1
 
 
+def _key_bounds(key_mask: torch.Tensor) -> torch.Tensor:
+    """(B|1, 2) int32 from a bool (B|1, Lk) key_mask: per batch item
+    ``[kv_lo, kv_hi)`` = [first visible key, last visible key + 1], the range of keys
+    the kernels' key loops are clipped to (``triton_fwd._clip_to_key_bounds``).  An
+    item that sees no key gets ``(Lk, 0)``: an empty range.  Computed on the mask's
+    device without a host sync."""
+    rows, n = key_mask.shape
+    if n == 0:
+        return torch.zeros((rows, 2), device=key_mask.device, dtype=torch.int32)
+    j = torch.arange(n, device=key_mask.device, dtype=torch.int32)
+    kv_lo = torch.where(key_mask, j, n).amin(1)          # first visible key; n if none
+    kv_hi = torch.where(key_mask, j + 1, 0).amax(1)      # last visible key + 1; 0 if none
+    return torch.stack((kv_lo, kv_hi), 1).to(torch.int32)
+
+
 def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor]) -> dict:
     """Kernel arguments of the structural masks: the runtime window and WINDOW, the key
-    mask (a uint8 view; batch stride 0 when it broadcasts) with its strides and KEY_MASK.
+    mask (a uint8 view; batch stride 0 when it broadcasts) with its strides and KEY_MASK,
+    and its key bounds ``kb`` (:func:`_key_bounds`) with their batch stride
+    ``kb_stride`` (0 when the key mask broadcasts).
 
     A window that excludes no key of any row (``window >= Lq + off``, off the causal
     offset) is dropped: the kernels then need no window mask, and the runtime value
@@ -279,8 +298,12 @@ def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor])
     if window >= M + shift:      # row M-1's window edge M-1+shift-window is below key 0
         window = 0
     km_t, km_s, has_km = _key_mask_args(key_mask, B, N, q)
+    kb, kb_stride = q, 0                 # unused without a key mask (KEY_MASK False)
+    if has_km:
+        kb = _key_bounds(key_mask)
+        kb_stride = 0 if key_mask.size(0) == 1 else kb.stride(0)
     return dict(window=int(window), WINDOW=bool(window), km=km_t, km_strides=km_s,
-                KEY_MASK=has_km)
+                KEY_MASK=has_km, kb=kb, kb_stride=kb_stride)
 
 
 def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
@@ -304,6 +327,10 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if decode and _td.decode_applicable(q, k, v, dropout_p=dropout_p):
+        # validates window/key_mask through _structure itself (one set of key bounds)
+        return _td.decode_forward(q, k, v, bias, scale=scale, causal=causal, softcap=softcap,
+                                  window=window, key_mask=key_mask)
     st = _structure(q, k, causal, window, key_mask)
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
@@ -311,17 +338,15 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
         return out, lse
     if N == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    if decode and _td.decode_applicable(q, k, v, dropout_p=dropout_p):
-        return _td.decode_forward(q, k, v, bias, scale=scale, causal=causal, softcap=softcap,
-                                  window=st["window"], key_mask=key_mask)
     b_t, b_s, bias_kind = _bias_args(bias, q)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
     kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype, bias_kind or dropout)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, st["km"], out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *b_s, *st["km_strides"], *_strides(out),
+        q, k, v, b_t, st["km"], st["kb"], out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *st["km_strides"], st["kb_stride"],
+        *_strides(out),
         Hq, Hq // Hkv, M, N, D, Dv,
         c["qk_scale"], c["cap_scale"], c["causal_shift"], st["window"], float(dropout_p),
         _seed(seed),
@@ -371,6 +396,7 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
                   DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"])
     seed = _seed(seed)
     km_t, km_s, window = st["km"], st["km_strides"], st["window"]
+    kb_t, kb_s = st["kb"], st["kb_stride"]
 
     delta = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     mrow = torch.empty_like(delta)
@@ -398,8 +424,9 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_dq", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, km_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
-        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, *_strides(dout), *_strides(dq),
+        q, k, v, b_t, km_t, kb_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, kb_s, *_strides(dout),
+        *_strides(dq),
         Hq, Hq // Hkv, M, N, D, Dv,
         float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"], window,
         float(dropout_p), seed, DROPOUT=dropout, NEED_DS=want_ds, **consts, **meta,

@@ -15,11 +15,17 @@ loop bounds (:func:`_key_range`, :func:`_query_range`: key blocks outside the ba
 whole query block are never visited), the element mask is applied only on tiles that
 cross the band's edge or the end of the keys (:func:`_tile_is_edge`, the tutorial's
 diagonal-block trick), and the key mask is loaded once per key block
-(:func:`_key_mask_block`).  A key block whose keys are all masked is skipped where
-that is cheap: the dK/dV kernel skips it whole.  In the forward and dQ loops a
+(:func:`_key_mask_block`).  Key blocks that the key mask hides entirely are skipped
+where that is cheap.  The key loops of the forward, dQ and decode kernels are
+narrowed to each batch item's key bounds, [first visible key, last visible key]
+(:func:`_clip_to_key_bounds`, bounds computed by the launcher): padding at the end
+(right padding) or the start (left padding) of the keys is never loaded.  The dK/dV
+kernel skips every fully masked key block whole.  A fully masked block BETWEEN visible
+keys (a hole) is still loaded, computed and masked in the forward and dQ loops: a
 per-tile branch around the dots cost up to ~450 B of register spills and broke the
-software pipelining of the K/V loads (benchmarks/kernel_resources.py), so there such a
-tile is computed and masked.
+software pipelining of the K/V loads (benchmarks/kernel_resources.py).  (The backward
+preprocess kernel's rare recompute path, taken only for rows of huge negative logits,
+masks every tile of the band and is not clipped.)
 
 The kernel works in base 2: every logit is kept in "log2 units" (``logit * log2(e)``),
 so the softmax uses ``exp2`` and the factor log2(e) is folded into the q·kᵀ scale.
@@ -202,6 +208,22 @@ def _key_mask_block(km_ptrs, offs_n, N):
 
 
 @triton.jit
+def _clip_to_key_bounds(lo, hi, kb_ptr, BLOCK_N: tl.constexpr):
+    """[lo, hi) narrowed to this batch item's key bounds [kv_lo, kv_hi) = [first visible
+    key, last visible key + 1], two int32 at ``kb_ptr`` (``triton_flash._key_bounds``;
+    kv_hi <= kv_lo when no key is visible, and then hi <= lo: the loop runs no
+    iteration).  Key blocks wholly before kv_lo or from kv_hi on are hidden by the key
+    mask: never loaded.  lo stays a multiple of BLOCK_N, kv_lo is rounded DOWN: the
+    loops, the edge-tile test and the dropout counters (start_n % 4 == 0) assume
+    block-aligned starts; the keys before kv_lo in that first block are masked as now."""
+    kv_lo = tl.load(kb_ptr)
+    kv_hi = tl.load(kb_ptr + 1)
+    lo = tl.maximum(lo, (kv_lo // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(hi, kv_hi)
+    return lo, hi
+
+
+@triton.jit
 def _dropout_keep(seed, off_z, off_h, offs_m, start_n, dropout_p,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Counter-based RNG (Philox, what tl.rand uses) keyed on (seed, b, h, i, j).  One
@@ -227,12 +249,13 @@ def _dropout_keep(seed, off_z, off_h, offs_m, start_n, dropout_p,
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, KeyMask, Out, Lse,
+    Q, K, V, Bias, KeyMask, KeyBounds, Out, Lse,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,   # 0 along broadcast (size-1) bias dims
     stride_mz, stride_mn,                          # key_mask; stride_mz 0 when broadcast
+    stride_kbz,                                    # KeyBounds (B|1, 2); 0 when broadcast
     stride_oz, stride_oh, stride_om, stride_od,
     H, GROUP, M, N, D, DV,                         # H = query heads, GROUP = Hq // Hkv
     qk_scale, cap_scale, causal_shift, window, dropout_p, seed,
@@ -276,13 +299,20 @@ def _attn_fwd(
     # from a runtime lo cost ~250 B of register spills in the loop, compiled offline).
     # (int32 products, like the per-key offsets below.)
     lo, hi = _key_range(m_first, m_last, N, causal_shift, window, BLOCK_N, CAUSAL, WINDOW)
+    if KEY_MASK:
+        # padding skipping: no key before this batch item's first visible key or after
+        # its last one is visited (rows of an item that sees no key: no iteration)
+        lo, hi = _clip_to_key_bounds(lo, hi, KeyBounds + off_z * stride_kbz, BLOCK_N)
     k_base += lo * stride_kn
     v_base += lo * stride_vn
     b_base += lo * stride_bn
     km_base += lo * stride_mn
-    n_rel = N - lo                      # keys left from lo
+    # Keys from hi on are hidden from every row of the block (above the causal band, or
+    # after the batch item's last visible key): they count as past the end, so the
+    # last tile neither loads nor stores them.
+    n_rel = hi - lo                     # keys the loop sees, counted from lo
     shift_rel = causal_shift - lo       # row i's diagonal, counted from lo
-    for rel_n in range(0, hi - lo, BLOCK_N):
+    for rel_n in range(0, n_rel, BLOCK_N):
         offs_n = rel_n + offs_n0        # key index - lo
         # Only tiles on the band's edges (the causal diagonal, the window's lower edge,
         # the ragged end of the keys) or with masked keys pay for the element mask.

@@ -3,8 +3,9 @@ CPU tensors, against the eager float64 reference (``tests/reference.py``).
 
 Covers Lq in {1, 3, 16}, Lk up to ~300 with several key splits and a ragged last split,
 GQA/MQA packing, fp32 and fp16, both causal alignments, bias broadcast shapes, softcap,
-window, key_mask, rows that see no key, block skipping, and the main backward kernels
-fed with the decode path's out/lse.
+window, key_mask (incl. padding), rows that see no key, block skipping, splits in the
+padding that load nothing (the key bounds clip), and the main backward kernels fed
+with the decode path's out/lse.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules are imported
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +23,8 @@ from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
 from tests.reference import (assert_close_rel, attention_reference, dense_logit_bias,
                              visible_keys)
+# the load probe (a fixture) and the padding definition, shared with the main kernels' tests
+from tests.test_triton_structural import addresses, loaded_addresses, padding_keys  # noqa: F401
 
 F32, F16 = torch.float32, torch.float16
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)
@@ -59,12 +63,16 @@ def _make_bias(kind, shape, dtype, g, dead_row=None):
 
 def _make_key_mask(spec, B, N, g):
     """spec: 'B' per batch / '1' broadcast; '+dead' one batch sees nothing;
-    '+blocks' long all-False runs (whole key blocks to skip)."""
+    '+blocks' long all-False runs (whole key blocks to skip); '+pad' padding: row 0
+    right-padded by half the keys, row 1 left-padded by a third (key bounds clip)."""
     rows = B if spec[0] == "B" else 1
     km = torch.rand(rows, N, generator=g) > 0.25
     if "blocks" in spec:
         km[:, 32:96] = False
         km[:, N - 40:N - 5] = False
+    if "pad" in spec:
+        km[0, N // 2:] = False
+        km[1:2, :N // 3] = False
     if "dead" in spec and rows > 1:
         km[1] = False
     return km
@@ -123,6 +131,10 @@ CASES = [
     (F16, 1, 4, 1, 3, 90, 24, 40, "none", ("bool", "1H1N", None), 0.0, 0, "1", 1, "blhd"),
     (F16, 2, 8, 2, 16, 130, 32, 32, "bottom_right", (F, "1HMN", None), 0.0, 0, None, None,
      "contiguous"),                                           # 64 packed rows, one tile
+    (F32, 2, 4, 2, 3, 300, 32, 32, "bottom_right", (F, "B1MN", None), 0.0, 200, "B+pad", None,
+     "contiguous"),
+    (F32, 3, 4, 1, 5, 270, 32, 32, "none", None, 2.0, 0, "B+pad+dead", 4, "contiguous"),
+    (F16, 2, 8, 2, 5, 270, 64, 64, "none", None, 0.0, 0, "1+pad", None, "blhd"),
 ]
 
 
@@ -234,6 +246,43 @@ def test_skipped_key_blocks_are_never_read():
     out3, _ = td.decode_forward(q, k3, v3, None, scale=0.2, causal="none", softcap=0.0,
                                 key_mask=key_mask, splits=2)
     assert torch.isfinite(out3).all()
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_splits_in_the_padding_do_no_work(loaded_addresses, broadcast):
+    """Per batch item, the split kernel's key loop is clipped to the key bounds of its
+    key_mask (per item, or one (1, Lk) row broadcast): no byte of the key mask, K or V
+    of a key block that lies wholly in the padding (before the first / after the last
+    visible key) is ever loaded, even where whole splits lie there; a batch item that
+    sees no key reads none of them; and the combine stays exact (out, lse against the
+    reference)."""
+    B, Hq, Hkv, M, N, D = 3, 4, 2, 3, 300, 32
+    q, k, v = _qkv(B, Hq, Hkv, M, N, D, D, F32, seed=9)
+    key_mask = torch.zeros(B, N, dtype=torch.bool)
+    key_mask[0, :70] = True               # right padding: 3 of 5 splits in the padding
+    key_mask[1, 230:] = True              # left padding
+    key_mask[1, 256:272] = False          # a whole-block hole: masked, not padding
+    # item 2 sees no key
+    if broadcast:
+        key_mask = key_mask[:1]
+    out, lse, _, dead = _run(q, k, v, None, causal="none", softcap=0.0, window=0,
+                             key_mask=key_mask, splits=5)
+    dead_items = [False, False, not broadcast]          # item 2's own mask: no key
+    assert dead.flatten(1).all(1).tolist() == dead_items == dead.flatten(1).any(1).tolist()
+    loaded = np.concatenate(loaded_addresses["_attn_decode_split"])
+    padding = padding_keys(key_mask, B, N, td.INTERPRETER_PLAN["BLOCK_N"])
+    assert padding[0, 80:].all() and not padding[0, :64].any()
+    if not broadcast:
+        assert padding[1, :224].all() and padding[2].all() and not padding[1, 256:272].any()
+    pad_kv = padding[:, None, :, None]        # K and V: every head and feature
+    for name, t, where in (("key_mask", key_mask, padding[:key_mask.size(0)]),
+                           ("k", k, pad_kv.expand(k.shape)),
+                           ("v", v, pad_kv.expand(v.shape))):
+        hit = np.isin(addresses(t, where), loaded)
+        assert not hit.any(), f"{hit.sum()} padding elements of {name} were loaded"
+    # the probe sees loads: the visible keys' key mask and K were read
+    assert np.isin(addresses(key_mask, key_mask), loaded).all()
+    assert np.isin(addresses(k, key_mask[:, None, :, None].expand(k.shape)), loaded).all()
 
 
 def test_finfo_min_rows_split_weights_exact():

@@ -7,8 +7,11 @@ Covers both causal alignments, Lq != Lk, GQA, windows of 1, 5, 17, 31 and >= Lk,
 per batch item and broadcast (B = 1), left and right padding, key blocks that are
 entirely masked, rows that see no key, combinations with a float / bool bias (and its
 gradient), softcap and dropout, fp32 and fp16; that key blocks outside the band are
-never read (NaN there cannot reach the result); the decode path wired into
-``triton_flash.forward``; and an end-to-end call through ``attnfuse.flash_attention``.
+never read (NaN there cannot reach the result); padding: the forward and dQ key loops
+are clipped to each batch item's key bounds (NaN in the padding blocks changes no bit
+of any result; a load probe shows no key after the last visible one is read; dropout
+draws the same mask); the decode path wired into ``triton_flash.forward``; and an
+end-to-end call through ``attnfuse.flash_attention``.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules are imported
 
+import collections
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,7 +80,8 @@ def _ref_lse(q, k, bias, keep, scale, softcap):
 def _check(q, k, v, bias=None, *, causal, window=0, key_mask=None, softcap=0.0,
            need_dbias=False, seed=0):
     """Forward (out, lse) and all gradients against the float64 reference; rows that
-    see no key give out = 0, lse = -inf and zero gradients."""
+    see no key give out = 0, lse = -inf and zero gradients.  Returns
+    ``out, lse, dead, dout, (dq, dk, dv, dbias)``."""
     dtype = q.dtype
     tol_f, tol_b = TOL[dtype]
     B, H, M, _ = q.shape
@@ -122,7 +128,7 @@ def _check(q, k, v, bias=None, *, causal, window=0, key_mask=None, softcap=0.0,
         assert_close_rel(dbias, grads[3], tol_b, "dbias")
     else:
         assert dbias is None
-    return out, lse, dead
+    return out, lse, dead, dout, (dq, dk, dv, dbias)
 
 
 # (dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, key_mask spec or None,
@@ -173,8 +179,8 @@ def test_structural_masks_vs_reference(case):
     q, k, v = _qkv(B, Hq, Hkv, M, N, D, D, dtype, seed=len(_case_id(case)))
     key_mask = None if km_spec is None else _key_mask(km_spec, B, N, seed=3)
     bias = None if bias_spec is None else _bias(*bias_spec, B, Hq, M, N, dtype, seed=4)
-    _, _, dead = _check(q, k, v, bias, causal=causal, window=window, key_mask=key_mask,
-                        softcap=softcap, need_dbias=dbias)
+    dead = _check(q, k, v, bias, causal=causal, window=window, key_mask=key_mask,
+                  softcap=softcap, need_dbias=dbias)[2]
     if km_spec and "dead" in km_spec:
         assert dead[-1].all()                   # that batch item sees no key at all
 
@@ -188,8 +194,8 @@ def test_finfo_min_rows_with_structure():
     bias[:, :, 7, :] = torch.finfo(torch.float32).min
     bias[1, :, 30, :] = -1e38
     key_mask = _key_mask("right", 2, 45, seed=1)
-    out, _, dead = _check(q, k, v, bias, causal="bottom_right", window=17,
-                          key_mask=key_mask, need_dbias=True)
+    out, _, dead, _, _ = _check(q, k, v, bias, causal="bottom_right", window=17,
+                                key_mask=key_mask, need_dbias=True)
     keep = visible_keys(2, 40, 45, "bottom_right", 17, key_mask)[:, 0, 7]     # (B, N)
     uniform = (v.double() * keep[:, None, :, None]).sum(2) / keep.sum(-1)[:, None, None]
     assert_close_rel(out[:, :, 7], uniform, 2e-4, "finfo.min row")
@@ -248,11 +254,215 @@ def test_fully_masked_key_block_skipped_in_dkdv():
     assert torch.equal(dk, dk1) and torch.equal(dv, dv1)
 
 
+# --------------------------------------------------------------------------------------
+# Padding: the forward and dQ key loops are clipped to each batch item's key bounds
+# [first visible key, last visible key]; key blocks outside them are never loaded
+# --------------------------------------------------------------------------------------
+
+def _padding_mask(spec, B, N):
+    """(B|1, N) bool key_mask with real padding: item z pads (45, 10, 25)[z % 3] % of
+    its N keys, at the end ('right'), the start ('left') or both ends ('both');
+    '+hole' also masks one whole interpreter block in the middle of the visible keys
+    (visible keys on both sides of it); '+dead': the last item sees no key; a '1:'
+    prefix gives one row, broadcast over the batch."""
+    rows = 1 if spec.startswith("1:") else B
+    bn = tf.INTERPRETER_CONFIG["BLOCK_N"]
+    km = torch.zeros(rows, N, dtype=torch.bool)
+    for z in range(rows):
+        pad = round(N * (0.45, 0.10, 0.25)[z % 3])
+        first = 0 if "right" in spec else pad if "left" in spec else pad // 2
+        last = first + N - pad                        # one past the last visible key
+        km[z, first:last] = True
+        if "hole" in spec:
+            h0 = ((first + last) // 2 // bn) * bn
+            assert first < h0 and h0 + bn < last, "the hole must lie between visible keys"
+            km[z, h0:h0 + bn] = False
+    if "dead" in spec:
+        km[-1] = False
+    return km
+
+
+def padding_keys(key_mask, B, N, bn=tf.INTERPRETER_CONFIG["BLOCK_N"]):
+    """(B, N) bool: the keys of every key block (``bn`` keys) that the key mask hides
+    entirely and that lies before the item's first visible key or after its last one
+    (padding, not a hole between visible keys): what the kernels must never load.
+    (Also used by test_triton_decode.py.)"""
+    km = key_mask.expand(B, N)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    for z in range(B):
+        visible = km[z].nonzero().flatten().tolist()
+        for j0 in range(0, N, bn):
+            j1 = min(j0 + bn, N)
+            if not km[z, j0:j1].any() and (not visible or j1 <= visible[0] or j0 > visible[-1]):
+                pad[z, j0:j1] = True
+    return pad
+
+
+def _nan_at(t, pad, key_dim):
+    """``t`` (K, V: keys on dim 2; a bias: dim 3) with NaN at the keys ``pad`` (B, N)
+    marks; a tensor that broadcasts over the batch gets NaN where every item pads."""
+    m = pad if t.size(0) == pad.size(0) else pad.all(0, keepdim=True)
+    shape = [m.size(0)] + [1] * (t.dim() - 1)
+    shape[key_dim] = m.size(1)
+    return t.masked_fill(m.view(shape), float("nan"))
+
+
+@pytest.fixture
+def loaded_addresses(monkeypatch):
+    """{kernel name: [numpy arrays]}: the address of every element each interpreted
+    kernel loads while the test runs (masked-off lanes excluded), to check which bytes
+    of which tensor a kernel read.  (Also used by test_triton_decode.py.)"""
+    from triton.runtime import interpreter
+
+    seen = collections.defaultdict(list)
+    kernel = [None]
+    real_load = interpreter.InterpreterBuilder.create_masked_load
+    real_call = interpreter.GridExecutor.__call__
+
+    def load(self, ptrs, mask, other, *args, **kwargs):
+        on = np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)
+        seen[kernel[0]].append(np.asarray(ptrs.data)[on].ravel().astype(np.uint64))
+        return real_load(self, ptrs, mask, other, *args, **kwargs)
+
+    def call(self, *args, **kwargs):
+        kernel[0] = self.fn.__name__
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", call)
+    return seen
+
+
+def addresses(t, where):
+    """Byte addresses of the elements of ``t`` selected by the bool ``where`` (same
+    shape).  (Also used by test_triton_decode.py.)"""
+    offs = torch.zeros(t.shape, dtype=torch.int64)
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        shape = [1] * t.dim()
+        shape[dim] = size
+        offs = offs + torch.arange(size).view(shape) * stride
+    return (t.data_ptr() + offs[where] * t.element_size()).numpy().astype(np.uint64)
+
+
+# (dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, padding spec, bias or None, softcap,
+#  need_dbias)
+PAD_CASES = [
+    (F32, 3, 2, 2, 40, 70, 16, "none", 0, "right+dead", None, 0.0, False),
+    (F32, 2, 4, 2, 37, 64, 16, "top_left", 0, "left", ("float", "B1MN"), 0.0, True),     # GQA
+    (F32, 2, 2, 2, 30, 75, 16, "bottom_right", 20, "both+hole", ("bool", "B1MN"), 0.0, False),
+    (F32, 2, 2, 1, 33, 60, 32, "bottom_right", 0, "1:right+hole", ("float", "111N"), 5.0, True),
+    (F16, 2, 4, 1, 40, 64, 32, "top_left", 17, "left+hole", ("float", "BHMN"), 0.0, True),
+    (F16, 3, 2, 2, 24, 80, 16, "none", 0, "1:left", None, 0.0, False),
+    (F16, 3, 2, 2, 35, 50, 16, "bottom_right", 9, "right+dead", ("float", "B1MN"), 2.0, False),
+]
+
+
+@pytest.mark.parametrize("case", PAD_CASES, ids=[_case_id(c) for c in PAD_CASES])
+def test_padding_blocks_are_never_read(case):
+    """Right / left / two-sided padding, broadcast masks, holes, items that see no key,
+    with causal, window, GQA/MQA, bias, softcap, fp32/fp16: results match the float64
+    reference, and with NaN in K, V and the bias of every key block that is padding
+    (:func:`padding_keys`) out, lse and all gradients are finite and bit-identical
+    (the forward and dQ loops never reach those blocks; a kernel that loaded one would
+    compute 0·NaN = NaN in P·V or dO·Vᵀ).  Holes hold finite values: masked, not
+    skipped."""
+    dtype, B, Hq, Hkv, M, N, D, causal, window, km_spec, bias_spec, softcap, dbias = case
+    q, k, v = _qkv(B, Hq, Hkv, M, N, D, D, dtype, seed=len(_case_id(case)))
+    key_mask = _padding_mask(km_spec, B, N)
+    bias = None if bias_spec is None else _bias(*bias_spec, B, Hq, M, N, dtype, seed=4)
+    out, lse, dead, dout, grads = _check(q, k, v, bias, causal=causal, window=window,
+                                         key_mask=key_mask, softcap=softcap,
+                                         need_dbias=dbias)
+    if "dead" in km_spec:
+        assert dead[-1].all()
+    pad = padding_keys(key_mask, B, N)
+    assert pad.any()
+    k2, v2 = _nan_at(k, pad, 2), _nan_at(v, pad, 2)
+    b2 = bias if bias is None or bias.dtype == torch.bool else _nan_at(bias, pad, 3)
+    kw = dict(scale=1.0 / math.sqrt(D), causal=causal, dropout_p=0.0, softcap=softcap,
+              seed=0, window=window, key_mask=key_mask)
+    out2, lse2 = tf.forward(q, k2, v2, b2, decode=False, **kw)
+    assert torch.equal(out2, out), "out"          # NaN != NaN: also proves finiteness
+    assert torch.equal(lse2, lse), "lse"
+    grads2 = tf.backward(dout, q, k2, v2, b2, out2, lse2, need_dbias=dbias, **kw)
+    for name, a, e in zip(("dq", "dk", "dv", "dbias"), grads2, grads):
+        assert (a is None) == (e is None), name
+        if e is not None:
+            assert torch.equal(a, e), name
+
+
+def test_keys_after_the_last_visible_one_are_never_loaded(loaded_addresses):
+    """Key-exact at the tail: the forward and dQ loops treat the keys from the batch
+    item's last visible key on as past the end, so ``_attn_fwd`` and ``_attn_bwd_dq``
+    load no element of K, V or the bias of any of them (not even in the last, partly
+    visible tile), nor of the whole blocks before the first visible key; they do load
+    every visible key's K, V and bias."""
+    B, H, M, N, D = 2, 2, 40, 70, 16
+    q, k, v = _qkv(B, H, H, M, N, D, D, F32, seed=21)
+    bias = torch.randn(B, 1, M, N)
+    key_mask = torch.zeros(B, N, dtype=torch.bool)
+    key_mask[0, :41] = True                 # tail 41..69: 7 keys share a tile with 32..40
+    key_mask[1, 21:61] = True               # head block 0..15, tail 61..69
+    _check(q, k, v, bias, causal="none", key_mask=key_mask, need_dbias=True)
+    last = torch.tensor([40, 60])
+    never = (torch.arange(N) > last[:, None]) | padding_keys(key_mask, B, N)
+    assert never.sum().item() == 29 + 9 + 16
+    for kernel in ("_attn_fwd", "_attn_bwd_dq"):
+        loaded = np.concatenate(loaded_addresses[kernel])
+        for name, t, keys in (("k", k, never[:, None, :, None]), ("v", v, never[:, None, :, None]),
+                              ("bias", bias, never[:, None, None, :])):
+            hit = np.isin(addresses(t, keys.expand(t.shape)), loaded)
+            assert not hit.any(), f"{kernel} loaded {hit.sum()} padding elements of {name}"
+        seen = key_mask[:, None, :, None].expand(k.shape)
+        for t in (k, v):
+            assert np.isin(addresses(t, seen), loaded).all()
+
+
+def test_key_bounds_of_the_launcher():
+    """triton_flash._key_bounds: [first visible key, last visible key + 1] per row,
+    empty (hi <= lo) for a row that sees no key, int32, on the mask's device."""
+    km = torch.zeros(4, 10, dtype=torch.bool)
+    km[0, 2:7] = True
+    km[1, [0, 9]] = True
+    km[2, 5] = True
+    kb = tf._key_bounds(km)
+    assert kb.dtype == torch.int32 and kb.shape == (4, 2)
+    assert kb[:3].tolist() == [[2, 7], [0, 10], [5, 6]]
+    assert kb[3, 1] <= kb[3, 0]
+
+
 def _identity_v(B, H, N, Dv):
     # v = identity: out = (P ∘ M) / (1 - p) reveals the dropout keep-mask M (N <= Dv)
     eye = torch.zeros(N, Dv)
     eye[:, :N] = torch.eye(N)
     return eye.expand(B, H, N, Dv)
+
+
+def _check_dropout(q, k, v, bias, kw, g):
+    """Dropout forward with v = identity: read the keep-mask off the output, build the
+    float64 reference from it, compare out and the gradients (dbias when there is a
+    bias).  Returns ``out, lse, dout, (dq, dk, dv, dbias)``."""
+    B, M, N = q.shape[0], q.shape[2], k.shape[2]
+    out, lse = tf.forward(q, k, v, bias, **kw)
+    keep = visible_keys(B, M, N, kw["causal"], kw["window"], kw["key_mask"])
+    mask = (out != 0) | ~keep                   # P = 0 where hidden: the mask is moot there
+    assert not mask.all()                       # some probabilities were dropped
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    rb = None
+    if bias is not None:
+        rb = bias.double().requires_grad_()
+        leaves.append(rb)
+    ref = attention_reference(*leaves[:3], rb, scale=kw["scale"], causal=kw["causal"],
+                              window=kw["window"], key_mask=kw["key_mask"],
+                              dropout_mask=mask, dropout_p=kw["dropout_p"],
+                              dead_rows="zero")
+    assert_close_rel(out, ref, 2e-4, "out (dropout)")
+    dout = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(ref, leaves, dout.double())
+    got = tf.backward(dout, q, k, v, bias, out, lse, need_dbias=bias is not None, **kw)
+    for name, a, e in zip(("dq", "dk", "dv", "dbias"), got, grads):
+        assert_close_rel(a, e, 5e-4, f"{name} (dropout)")
+    return out, lse, dout, got
 
 
 @pytest.mark.parametrize("causal,window,km_spec,bias_shape", [
@@ -262,7 +472,6 @@ def _identity_v(B, H, N, Dv):
 def test_dropout_with_structure_uses_the_kernels_own_mask(causal, window, km_spec, bias_shape):
     """Dropout with window/key_mask: read the keep-mask off the forward (v = identity),
     build the reference from it, compare the output and the gradients."""
-    p = 0.25
     B, H, M, N, D = 2, 2, 29, 40, 16
     g = torch.Generator().manual_seed(11)
     q = torch.randn(B, H, M, D, generator=g)
@@ -270,27 +479,46 @@ def test_dropout_with_structure_uses_the_kernels_own_mask(causal, window, km_spe
     v = _identity_v(B, H, N, N)
     key_mask = _key_mask(km_spec, B, N, seed=2)
     bias = torch.randn(bias_shape, generator=g) if bias_shape else None
-    kw = dict(scale=0.25, causal=causal, dropout_p=p, softcap=0.0, seed=4321,
+    kw = dict(scale=0.25, causal=causal, dropout_p=0.25, softcap=0.0, seed=4321,
               window=window, key_mask=key_mask)
-    out, lse = tf.forward(q, k, v, bias, **kw)
-    keep = visible_keys(B, M, N, causal, window, key_mask)
-    mask = (out != 0) | ~keep                   # P = 0 where hidden: the mask is moot there
-    assert not mask.all()                       # some probabilities were dropped
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    rb = None
-    if bias is not None:
-        rb = bias.double().requires_grad_()
-        leaves.append(rb)
-    ref = attention_reference(*leaves[:3], rb, scale=0.25, causal=causal, window=window,
-                              key_mask=key_mask, dropout_mask=mask, dropout_p=p,
-                              dead_rows="zero")
-    assert_close_rel(out, ref, 2e-4, "out (dropout)")
-    dout = torch.randn(out.shape, generator=g)
-    grads = torch.autograd.grad(ref, leaves, dout.double())
-    dq, dk, dv, dbias = tf.backward(dout, q, k, v, bias, out, lse,
-                                    need_dbias=bias is not None, **kw)
-    for name, a, e in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, dbias), grads):
-        assert_close_rel(a, e, 5e-4, f"{name} (dropout)")
+    _check_dropout(q, k, v, bias, kw, g)
+
+
+@pytest.mark.parametrize("M,causal,window,km_spec", [
+    (29, "none", 0, "right+dead"),
+    (29, "bottom_right", 30, "left+hole"),
+    (40, "top_left", 0, "1:left"),
+])
+def test_dropout_with_padding_keeps_the_mask_and_skips_blocks(M, causal, window, km_spec):
+    """Dropout with padding: on every key it sees, the clipped loop draws the same
+    keep-mask as a run without key mask (counters keyed on absolute key indices, loops
+    starting block-aligned), out and gradients match the reference built from it, and
+    NaN in K, V and bias of the padding blocks changes no bit of out, lse, gradients."""
+    B, H, N, D = 3, 2, 64, 16
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(B, H, M, D, generator=g)
+    k = torch.randn(B, H, N, D, generator=g)
+    v = _identity_v(B, H, N, N)
+    bias = torch.randn(B, 1, M, N, generator=g)
+    key_mask = _padding_mask(km_spec, B, N)
+    kw = dict(scale=0.25, causal=causal, dropout_p=0.25, softcap=0.0, seed=4321,
+              window=window, key_mask=key_mask)
+    out, lse, dout, grads = _check_dropout(q, k, v, bias, kw, g)
+
+    out_all, _ = tf.forward(q, k, v, bias, **{**kw, "key_mask": None})
+    seen = visible_keys(B, M, N, causal, window, key_mask).expand(B, H, M, N)
+    kept = (out != 0)[seen]                      # v = identity: out[i, j] = P·M/(1-p)
+    assert not kept.all()
+    assert torch.equal(kept, (out_all != 0)[seen]), "dropout mask moved with the key bounds"
+
+    pad = padding_keys(key_mask, B, N)
+    assert pad.any()
+    k2, v2, b2 = _nan_at(k, pad, 2), _nan_at(v, pad, 2), _nan_at(bias, pad, 3)
+    out2, lse2 = tf.forward(q, k2, v2, b2, **kw)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    grads2 = tf.backward(dout, q, k2, v2, b2, out2, lse2, need_dbias=True, **kw)
+    for name, a, e in zip(("dq", "dk", "dv", "dbias"), grads2, grads):
+        assert torch.equal(a, e), name
 
 
 def test_decode_path_wired_into_forward(monkeypatch):
