@@ -21,9 +21,10 @@ Variants: ``eager``; ``inductor`` = ``torch.compile(model)``; ``attnfuse`` =
 ``torch.compile(model, backend="attnfuse")`` (inner Inductor). Modes: ``eval`` = forward under
 ``torch.no_grad``; ``train`` = forward + loss (mean of squared outputs) + backward in train mode.
 
-One child process per (case, dtype, mode) (``--jobs`` of them at once, default 2 with one torch
-thread each: on a 2-core machine each child has a core; the three variants of a child share it
-round-robin, so their ratios stay fair when the absolute times drift) builds the model once, deep-copies it for the two compiled
+One child process per (case, dtype, mode) (``--jobs`` of them at once, default 1, with one torch
+thread each: two children at once on a 2-core machine compete for memory bandwidth and moved rows
+by +-20 %; the three variants of a child share its core round-robin, so their ratios stay fair when
+the absolute times drift) builds the model once, deep-copies it for the two compiled
 variants (identical weights), and runs all lengths in increasing order. Recompiles: every input's
 sequence dimension (ViT: image height and width) is marked ``maybe_mark_dynamic`` and dynamo's cache
 limit is raised to 64, the same for both compiled variants; the number of graphs each compiled is
@@ -555,8 +556,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "for a descheduled sibling make 2-thread timings meaningless)")
     ap.add_argument("--check-length", type=int, default=8192,
                     help="one extra length for the plain fp32 eval groups, to check the memory fit (0: off)")
-    ap.add_argument("--jobs", type=int, default=2,
-                    help="child processes at once (default 2, one per core, each with --threads torch threads)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="child processes at once (default 1: two at once compete for memory bandwidth "
+                         "and move rows by +-20 %%), each with --threads torch threads")
     ap.add_argument("--child-timeout", type=int, default=1200)
     ap.add_argument("--out", help="markdown report file")
     ap.add_argument("--json", help="raw records and fits as JSON")

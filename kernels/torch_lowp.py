@@ -4,8 +4,9 @@ most :data:`LOWP_MAX_KEYS` keys (encoders: BERT, ViT, cross-attention).
 There, PyTorch's fused CPU flash kernel (the fused path of
 :mod:`attnfuse.kernels.torch_impl`, which Inductor's own SDPA rewrite also calls) is
 slower than plain bf16 GEMMs on an AVX512-BF16 CPU, above all in the backward
-(``benchmarks/lowp_crossover.py``: fused / this path 1.0-1.4x for training at
-256-1024 keys, about 1.0x forward).  This path runs the unfused graph's own recipe,
+(``benchmarks/lowp_crossover.py``, recorded in benchmarks/README.md: fused / this path
+1.04-1.32x on minima for training at 256-1536 keys, 0.87-1.14x forward).  This path
+runs the unfused graph's own recipe,
 one block of query rows at a time (the blocks of the blocked loop: at most
 ``BLOCK_Q`` rows and ``BLOCK_ELEMS`` score elements)::
 
@@ -68,11 +69,11 @@ def lowp_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, 
     return T._effective_causal(causal, lq, lk) == "none" and lk <= LOWP_MAX_KEYS
 
 
-def _scores(qb: Tensor, kb: Tensor, scale: float) -> Tensor:
-    """scale * qb @ kb^T for (N, rows, D) @ (N, keys, D): one GEMM, the scale in it."""
-    n, rows, _ = qb.shape
-    out = qb.new_empty(()).expand(n, rows, kb.shape[1])  # beta = 0: never read
-    return torch.baddbmm(out, qb, kb.transpose(1, 2), beta=0.0, alpha=scale)
+def _gemm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha * a @ b for (N, m, k) @ (N, k, n) in one GEMM (the scale folded into it:
+    one rounding to the input dtype, not two)."""
+    out = a.new_empty(()).expand(a.shape[0], a.shape[1], b.shape[2])  # beta = 0: never read
+    return torch.baddbmm(out, a, b, beta=0.0, alpha=alpha)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -100,7 +101,8 @@ def lowp_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, sca
             out5[b0:b1, :, :, i0:i1] = 0
             lse5[b0:b1, :, :, i0:i1] = T._NEG_INF
             continue
-        s = _scores(_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]), scale)
+        s = _gemm(_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]).transpose(1, 2),
+                  scale)
         TB.mask_block_scores(s.view(nb, hkv, g, n, kw), TB.bslice(bias5, b0, b1),
                              TB.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
                              causal="none", window=0, lq=lq, lk=lk)
@@ -150,7 +152,7 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
         qb, kb, vb = (_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]),
                       _flat(vc[b0:b1, :, kmin:kmax]))
         dob = _flat(do5[b0:b1, :, :, i0:i1])
-        s = _scores(qb, kb, scale)  # the forward's p, recomputed with the same ops
+        s = _gemm(qb, kb.transpose(1, 2), scale)  # the forward's p, recomputed the same way
         TB.mask_block_scores(s.view(nb, hkv, g, n, kw), TB.bslice(bias5, b0, b1),
                              TB.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
                              causal="none", window=0, lq=lq, lk=lk)
@@ -174,11 +176,7 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
         if grad_bias:
             TB.accumulate_dbias(dbias, ds.view(nb, hq, n, kw).float(), b0, b1, i0, i1,
                                 kmin, kmax)
-        dqb = torch.baddbmm(qb.new_empty(()).expand(nb * hkv, g * n, d), ds, kb,
-                            beta=0.0, alpha=scale)
-        dq5[b0:b1, :, :, i0:i1] = dqb.view(nb, hkv, g, n, d)
-        dkb = torch.baddbmm(kb.new_empty(()).expand(nb * hkv, kw, d), ds.transpose(1, 2), qb,
-                            beta=0.0, alpha=scale)
-        dk[b0:b1, :, kmin:kmax] += dkb.view(nb, hkv, kw, d)
+        dq5[b0:b1, :, :, i0:i1] = _gemm(ds, kb, scale).view(nb, hkv, g, n, d)
+        dk[b0:b1, :, kmin:kmax] += _gemm(ds.transpose(1, 2), qb, scale).view(nb, hkv, kw, d)
     dbias_out = dbias.to(bias.dtype) if grad_bias else None
     return dq, dk.to(k.dtype), dvv.to(v.dtype), dbias_out
