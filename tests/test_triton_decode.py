@@ -24,7 +24,7 @@ from attnfuse.kernels import triton_flash as tf
 from tests.reference import (assert_close_rel, attention_reference, dense_logit_bias,
                              visible_keys)
 # the load probe (a fixture) and the padding definition, shared with the main kernels' tests
-from tests.test_triton_structural import addresses, loaded_addresses, padding_keys  # noqa: F401
+from tests.interp_probe import addresses, loaded_addresses, padding_keys  # noqa: F401
 
 F32, F16 = torch.float32, torch.float16
 # relative (to the max magnitude of the reference) tolerances: (forward, gradients)

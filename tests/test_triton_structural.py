@@ -19,7 +19,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"   # before the kernel modules are imported
 
-import collections
 import math
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 import attnfuse
 from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
+from tests.interp_probe import addresses, loaded_addresses, padding_keys  # noqa: F401
 from tests.reference import assert_close_rel, attention_reference, visible_keys
 
 F32, F16 = torch.float32, torch.float16
@@ -282,22 +282,6 @@ def _padding_mask(spec, B, N):
     return km
 
 
-def padding_keys(key_mask, B, N, bn=tf.INTERPRETER_CONFIG["BLOCK_N"]):
-    """(B, N) bool: the keys of every key block (``bn`` keys) that the key mask hides
-    entirely and that lies before the item's first visible key or after its last one
-    (padding, not a hole between visible keys): what the kernels must never load.
-    (Also used by test_triton_decode.py.)"""
-    km = key_mask.expand(B, N)
-    pad = torch.zeros(B, N, dtype=torch.bool)
-    for z in range(B):
-        visible = km[z].nonzero().flatten().tolist()
-        for j0 in range(0, N, bn):
-            j1 = min(j0 + bn, N)
-            if not km[z, j0:j1].any() and (not visible or j1 <= visible[0] or j0 > visible[-1]):
-                pad[z, j0:j1] = True
-    return pad
-
-
 def _nan_at(t, pad, key_dim):
     """``t`` (K, V: keys on dim 2; a bias: dim 3) with NaN at the keys ``pad`` (B, N)
     marks; a tensor that broadcasts over the batch gets NaN where every item pads."""
@@ -307,41 +291,6 @@ def _nan_at(t, pad, key_dim):
     return t.masked_fill(m.view(shape), float("nan"))
 
 
-@pytest.fixture
-def loaded_addresses(monkeypatch):
-    """{kernel name: [numpy arrays]}: the address of every element each interpreted
-    kernel loads while the test runs (masked-off lanes excluded), to check which bytes
-    of which tensor a kernel read.  (Also used by test_triton_decode.py.)"""
-    from triton.runtime import interpreter
-
-    seen = collections.defaultdict(list)
-    kernel = [None]
-    real_load = interpreter.InterpreterBuilder.create_masked_load
-    real_call = interpreter.GridExecutor.__call__
-
-    def load(self, ptrs, mask, other, *args, **kwargs):
-        on = np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)
-        seen[kernel[0]].append(np.asarray(ptrs.data)[on].ravel().astype(np.uint64))
-        return real_load(self, ptrs, mask, other, *args, **kwargs)
-
-    def call(self, *args, **kwargs):
-        kernel[0] = self.fn.__name__
-        return real_call(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", call)
-    return seen
-
-
-def addresses(t, where):
-    """Byte addresses of the elements of ``t`` selected by the bool ``where`` (same
-    shape).  (Also used by test_triton_decode.py.)"""
-    offs = torch.zeros(t.shape, dtype=torch.int64)
-    for dim, (size, stride) in enumerate(zip(t.shape, t.stride())):
-        shape = [1] * t.dim()
-        shape[dim] = size
-        offs = offs + torch.arange(size).view(shape) * stride
-    return (t.data_ptr() + offs[where] * t.element_size()).numpy().astype(np.uint64)
 
 
 # (dtype, B, Hq, Hkv, Lq, Lk, D, causal, window, padding spec, bias or None, softcap,
