@@ -101,17 +101,8 @@ def _child(impl: str, length: int, mask: str, reps: int, entry: str, threads: in
             def fn():
                 return T.forward(q, k, v, None, scale=scale, causal=mode, dropout_p=0.0,
                                  softcap=0.0, seed=0, window=win, key_mask=key_mask)[0]
-        from attnfuse.kernels import torch_banded as TB
-
-        as_bias = key_mask[:, None, None, :] if key_mask is not None else None
-        if not win and T.uses_fused_sdpa(q, k, v, as_bias, causal=mode, dropout_p=0.0,
-                                         softcap=0.0):
-            path = "fused"
-        elif TB.banded_applicable(q, k, v, None, causal=mode, window=win, dropout_p=0.0,
-                                  softcap=0.0):
-            path = "banded"
-        else:
-            path = "blocked"
+        path = T.forward_path(q, k, v, None, causal=mode, dropout_p=0.0, softcap=0.0,
+                              window=win, key_mask=key_mask)
     # peak memory of one (first) call
     base = _status_kib("VmRSS")
     ok = _reset_peak()
