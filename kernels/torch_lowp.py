@@ -96,11 +96,7 @@ def lowp_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, sca
     bias5 = TB.grouped_bias(T._compact(bias) if bias is not None else None, hkv, g)
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
     for b0, b1, i0, i1, kmin, kmax in TB.blocks(b, hq, lq, lk, "none", 0):
-        n, nb, kw = i1 - i0, b1 - b0, kmax - kmin
-        if kw == 0:  # no row of the block sees a key
-            out5[b0:b1, :, :, i0:i1] = 0
-            lse5[b0:b1, :, :, i0:i1] = T._NEG_INF
-            continue
+        n, nb, kw = i1 - i0, b1 - b0, kmax - kmin  # no causal band: every block sees all keys
         s = _gemm(_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]).transpose(1, 2),
                   scale)
         TB.mask_block_scores(s.view(nb, hkv, g, n, kw), TB.bslice(bias5, b0, b1),
@@ -146,9 +142,6 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
     for b0, b1, i0, i1, kmin, kmax in TB.blocks(b, hq, lq, lk, "none", 0):
         n, nb, kw = i1 - i0, b1 - b0, kmax - kmin
-        if kw == 0:
-            dq5[b0:b1, :, :, i0:i1] = 0
-            continue
         qb, kb, vb = (_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]),
                       _flat(vc[b0:b1, :, kmin:kmax]))
         dob = _flat(do5[b0:b1, :, :, i0:i1])

@@ -23,8 +23,6 @@ from tests.reference import (assert_close_rel, attention_reference, causal_keep,
 TOL = {torch.float32: (2e-4, 5e-4), torch.float16: (1e-2, 2e-2), torch.bfloat16: (3e-2, 5e-2)}
 
 
-
-
 def _make_bias(kind, shape, full, dtype, g, dead_rows=False, finfo_rows=False):
     """Bias of `shape` (each dim 1 or full).  kind: 'float' or 'bool'.
 
@@ -45,7 +43,6 @@ def _make_bias(kind, shape, full, dtype, g, dead_rows=False, finfo_rows=False):
     if dead_rows:
         b[..., 2, :] = False
     return b
-
 
 
 def _ref_lse(q, k, scale, softcap, fb):
