@@ -108,17 +108,24 @@ def _emit(m: AttentionMatch, em: Emitter):
 def _empty_row_fixup(em: Emitter, m: AttentionMatch, q, k, v, call, out, scale):
     """Rows that see no key, under a finite fill (Hugging Face's ``finfo.min``), are in eager a
     uniform softmax over all Lk keys: ``s + fill`` rounds to ``fill`` for ``|s| < 2**103``
-    (fp32). The op gives them 0 and ``lse = -inf``; this puts back eager's value and gradient:
+    (fp32), and ``masked_fill`` / ``where`` put ``fill`` there. The op gives them 0 and
+    ``lse = -inf``; this puts back eager's value, ``mean_j v_j``, and its gradient. An added
+    fill passes the gradient on to the scores (``m.fixup_scores_grad``):
 
         out_i = mean_j v_j + (f_i - f_i.detach()),  f_i = scale · q_i · M,
         M = Kᵀ (V - mean V).detach() / Lk
 
     f is 0 in the forward; its gradient is the softmax Jacobian at a uniform row
     (dq_i = scale · dout_i · Mᵀ, dk_j = scale/Lk · (dout_i · (v_j - v̄)) q_i), which is what
-    eager's autograd gives those rows. O(B·H·L·D·Dv) work: no (Lq, Lk) tensor."""
+    eager's autograd gives those rows. A fill that replaces the scores stops it: there
+    ``out_i = mean_j v_j`` alone (no gradient to q or k, as in eager). O(B·H·L·D·Dv) work:
+    no (Lq, Lk) tensor."""
     lse = em.item(call, 1)
     empty = em.unsqueeze(em.is_neg_inf(lse), 3)                     # (B, Hq, Lq, 1)
     vbar = em.mean_keys(v)                                          # (B, Hkv, 1, Dv)
+    if not m.fixup_scores_grad:
+        reps = em.floordiv(em.size(q, 1, symbolic=True), em.size(k, 1, symbolic=True))
+        return em.where(empty, em.repeat_heads(vbar, reps), out)
     lk = A.static_int(size_at(m.k, 2)) if m.k.axes[2] is not None else 1
     if lk is None:
         lk = em.size(m.k.base, m.k.axes[2], symbolic=True)

@@ -289,6 +289,7 @@ class MaskStructure:
     window: int = 0
     key_masks: List[Tuple[View4, bool]] = field(default_factory=list)
     fixup: bool = False
+    fixup_scores_grad: bool = False   # the fill was added: the scores keep a gradient on empty rows
     notes: List[str] = field(default_factory=list)
     roots: List[fx.Node] = field(default_factory=list)   # mask tensors no longer read by the op
 
@@ -373,7 +374,8 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
             out.causal, out.window = ts.causal, ts.window
         out.terms += resid
         out.key_masks += kms
-        out.fixup = out.fixup or fixup
+        if fixup:  # one term only (see _why_kept): its kind says how eager's gradient flows
+            out.fixup, out.fixup_scores_grad = True, t.kind == "float"
         out.roots.append(t.node)
         note = describe(ts.causal, ts.window, ts.key_masks)
         if ts.residual:

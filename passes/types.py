@@ -73,6 +73,8 @@ class AttentionMatch:
     window: int = 0                  # sliding window (with causal); 0 = none
     key_masks: List[Tuple[View4, bool]] = field(default_factory=list)  # (B, 1, 1, Lk) bool views, negate
     fixup: bool = False              # rows that see no key get eager's finite-fill uniform average
+    fixup_scores_grad: bool = False  # ... and eager's softmax gradient to q, k (an added fill; a
+                                     # masked_fill / where fill replaces the scores: none)
     mask_notes: List[str] = field(default_factory=list)  # per mask term: the structure, or why a tensor
 
 

@@ -175,6 +175,35 @@ def test_hf_left_padding_gradients_match_eager_including_empty_rows():
     assert fusion_of().empty_row_fixup
 
 
+class FillMask(nn.Module):
+    """A padding mask written with ``masked_fill(~keep, finfo.min)`` / ``where(keep, s, finfo.min)``:
+    the fill replaces the scores, so eager gives rows that see no key no gradient to q or k."""
+
+    def __init__(self, how="masked_fill", causal=False):
+        super().__init__()
+        self.how, self.causal = how, causal
+
+    def forward(self, q, k, v, pad):
+        s = q @ k.transpose(-1, -2) * 0.5
+        keep = pad.bool()[:, None, None, :]
+        if self.causal:
+            keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        fill = torch.finfo(s.dtype).min
+        s = s.masked_fill(~keep, fill) if self.how == "masked_fill" else torch.where(keep, s, fill)
+        return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("how", ["masked_fill", "where"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_replacing_fill_gives_empty_rows_no_score_gradient(how, causal):
+    """A fill that replaces the scores (not added to them) stops eager's gradient to q and k
+    on rows that see no key; the fix-up must not add the uniform-softmax Jacobian there."""
+    pad = left_pad(2, 6, (0, 3)) if causal else torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    check_grads(FillMask(how, causal), (*qkv(seed=4), pad))
+    f = fusion_of()
+    assert f.empty_row_fixup and f.key_mask, f
+
+
 def test_hf_sliding_window_gqa_left_padded():
     mod = HFMask(window=3)
     q, k, v = qkv(hq=4, hkv=2, lq=7, lk=7, seed=1)
