@@ -25,11 +25,19 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   The environment variable ``ATTNFUSE_REPORT=<folder>`` does the same for every
   compile that does not set this option.
 
-There is deliberately no minimum-sequence-length option: the rewrite is one pass
-over the whole graph, and under dynamic shapes the sequence length is a symbol, so
-a length threshold could only be enforced as a guard (a recompile per side of the
-threshold) or by un-fusing after the fact; neither is clean, and on CPU the fused
-path is not slower at short lengths.
+- ``cpu_inline``: ``True`` (default) or ``False``. With the Inductor inner compiler,
+  each fused call on CPU whose score count ``B * Hq * Lq * Lk`` is small
+  (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype) and that has no
+  dropout is replaced by :func:`attnfuse.kernels.torch_inline.inline_attention`: the
+  same semantics and flash backward written as aten ops, which Inductor compiles into
+  its own C++ kernels (faster than the op's runtime kernels at those sizes; memory stays
+  linear: nothing quadratic is kept for the backward). Under dynamic shapes the bound
+  is a guard: a call on its other side recompiles the graph once. The report counts
+  these calls (``report.inlined``); they stay fusions. ``False`` keeps every call on
+  the op's runtime kernels.
+
+Calls are matched and fused at every length: the rewrite never depends on the
+sequence length; only the CPU lowering of small calls does (``cpu_inline``).
 
 Logging, through ``logging.getLogger("attnfuse")``: one INFO line per compiled
 graph (fusions, near misses, pass time), one DEBUG line per decision (each fusion
@@ -45,6 +53,7 @@ instead). Errors that only show when the compiled code runs are not caught.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import os
@@ -59,7 +68,7 @@ log = logging.getLogger("attnfuse")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 IMPLS = ("auto", "triton", "torch")
-OPTIONS = ("inner", "strict", "impl", "report")
+OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline")
 
 _last_report = None
 _collectors: List[list] = []
@@ -119,7 +128,73 @@ def _parse_options(options: Optional[dict]) -> dict:
     if impl not in IMPLS:
         raise ValueError(f"options['impl'] must be one of {IMPLS}, got {impl!r}")
     report = options.get("report", os.environ.get("ATTNFUSE_REPORT") or None)
-    return {"inner": inner, "impl": impl, "strict": bool(options.get("strict", False)), "report": report}
+    cpu_inline = options.get("cpu_inline", True)
+    if not isinstance(cpu_inline, bool):
+        raise ValueError(f"options['cpu_inline'] must be True or False, got {cpu_inline!r}")
+    return {"inner": inner, "impl": impl, "strict": bool(options.get("strict", False)), "report": report,
+            "cpu_inline": cpu_inline}
+
+
+def _example(arg: Any, compute: bool = False) -> Any:
+    """The example value of a graph argument (a FakeTensor for a tensor node), or the
+    argument itself when it is a constant. Nodes the rewrite emitted carry none: with
+    ``compute``, theirs is computed from their inputs' under the inputs' fake mode (None
+    where that fails)."""
+    if not isinstance(arg, fx.Node):
+        return arg
+    if "example_value" in arg.meta or "val" in arg.meta:
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    if not compute or arg.op not in ("call_function", "call_method"):
+        return None
+    args, kwargs = fx.node.map_arg((arg.args, arg.kwargs), lambda n: _example(n, True))
+    inputs = [_example(n, True) for n in arg.all_input_nodes]  # set by map_arg above
+    modes = [getattr(v, "fake_mode", None) for v in inputs if isinstance(v, torch.Tensor)]
+    if None in inputs or not modes or None in modes:
+        return None
+    fake_mode = modes[0]  # the inputs' own mode (not the tracing context's: they may differ)
+    try:
+        with fake_mode:
+            if arg.op == "call_method":
+                value = getattr(args[0], arg.target)(*args[1:], **kwargs)
+            else:
+                value = arg.target(*args, **kwargs)
+    except Exception:  # noqa: BLE001  (unknown shape: the call is simply not inlined)
+        return None
+    arg.meta["example_value"] = value
+    return value
+
+
+def _inline_small_calls(gm: fx.GraphModule) -> int:
+    """Replace each fused-op call on CPU small enough for Inductor's own kernels to win
+    (:func:`attnfuse.kernels.torch_inline.inline_applicable`) by
+    :func:`~attnfuse.kernels.torch_inline.inline_attention`, which Inductor traces and
+    fuses; returns how many were replaced."""
+    from attnfuse.kernels import torch_inline
+    from attnfuse.op import flash_attention_op
+
+    sig = inspect.signature(flash_attention_op._init_fn)
+    ops = (torch.ops.attnfuse.flash_attention, torch.ops.attnfuse.flash_attention.default)
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in ops:
+            continue
+        bound = sig.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        a = {name: _example(val, compute=True) for name, val in bound.arguments.items()}
+        q, k = a["q"], a["k"]
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+            continue  # no recorded example value: the shapes are unknown here
+        if any(isinstance(bound.arguments[n], fx.Node) and a[n] is None for n in ("bias", "key_mask")):
+            continue
+        if a["impl"] == "triton" or not torch_inline.inline_applicable(
+                tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
+                scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"]):
+            continue
+        node.target = torch_inline.inline_attention
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int):
@@ -163,9 +238,24 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
     return report, elapsed, (backup if report.fusions else None)
 
 
+def _inline_or_warn(gm: fx.GraphModule, graph_id: int, strict: bool) -> int:
+    """:func:`_inline_small_calls`; an internal error leaves the fused-op calls as they are."""
+    try:
+        return _inline_small_calls(gm)
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        msg = f"attnfuse: could not inline the CPU attention of graph {graph_id} ({type(e).__name__}: {e}); " \
+              "the fused op runs"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        return 0
+
+
 def _log_report(report: Any, graph_id: int, n_nodes: int, elapsed: float) -> None:
-    log.info("attnfuse: graph %d (%d nodes): %d fused, %d near miss(es)%s in %.1f ms",
-             graph_id, n_nodes, len(report.fusions), len(report.near_misses),
+    log.info("attnfuse: graph %d (%d nodes): %d fused%s, %d near miss(es)%s in %.1f ms",
+             graph_id, n_nodes, len(report.fusions),
+             f" ({report.inlined} inlined for Inductor)" if report.inlined else "", len(report.near_misses),
              f", {len(report.errors)} error(s)" if report.errors else "", elapsed * 1e3)
     if log.isEnabledFor(logging.DEBUG):
         for f in report.fusions:
@@ -200,6 +290,8 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     opts = _parse_options(options)
     graph_id = next(_graph_counter)
     report, elapsed, backup = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id)
+    if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"] and opts["impl"] != "triton":
+        report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
     _last_report = report
     for c in _collectors:
         c.append(report)

@@ -547,6 +547,9 @@ class GraphReport:
     def __init__(self, report: Any, context: Optional[GraphContext] = None):
         self.data = report
         self.context = context
+        #: How many fused calls the backend handed to Inductor as aten code to compile
+        #: itself (small CPU calls, :mod:`attnfuse.kernels.torch_inline`); 0 otherwise.
+        self.inlined = 0
 
     @property
     def fusions(self) -> list:
