@@ -222,7 +222,7 @@ def _compare(ref, got, ref_grads, got_grads) -> dict:
 
 
 def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], reps: int, layers: int,
-              check_length: int, threads: int, lowp: bool = True) -> None:
+              check_length: int, threads: int, lowp: bool = True, inline: bool = True) -> None:
     """Measure one (case, dtype, mode) for every length; print one JSON line per length to stdout."""
     import torch
     import torch._dynamo
@@ -230,9 +230,10 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
     import real_models as R
     from attnfuse.backend import collect_reports
 
-    from attnfuse.kernels import torch_lowp
+    from attnfuse.kernels import torch_inline, torch_lowp
 
     torch_lowp.USE_LOWP = lowp   # --no-lowp: the bf16 GEMM path off (an A/B of that path)
+    torch_inline.USE_INLINE = inline   # --no-inline: no small call inlined for Inductor (an A/B)
     name, pad = parse_case(case)
     train = mode == "train"
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -277,6 +278,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
         rec = {"case": case, "model": name, "pad": pad, "dtype": dtype_name, "mode": mode,
                "L": length, "tokens": tokens, "batch": inputs[0].shape[0], "layers": layers, "reps": reps,
                "sites": sites, "check": checking, "threads": torch.get_num_threads(), "lowp": lowp,
+               "inline": inline,
                "torch": torch.__version__, "errors": {}, "first_call_s": {}, "peak_mib": {},
                "ms_min": {}, "ms_median": {}, "cmp": {}}
         print(f"[{case} {dtype_name} {mode}] L={length}", file=sys.stderr, flush=True)
@@ -338,7 +340,8 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
 def _run_child(case: str, dtype: str, mode: str, args) -> List[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, dtype, mode,
            "--lengths", *map(str, args.lengths), "--reps", str(args.reps), "--layers", str(args.layers),
-           "--threads", str(args.threads)] + (["--no-lowp"] if args.no_lowp else [])
+           "--threads", str(args.threads)] + (["--no-lowp"] if args.no_lowp else []) \
+        + (["--no-inline"] if args.no_inline else [])
     plain = ":" not in case and dtype == "fp32" and mode == "eval"
     cmd += ["--check-length", str(args.check_length if plain else 0)]
     env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
@@ -566,6 +569,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--from-json", help="re-render the report and plot from a --json file; run nothing")
     ap.add_argument("--no-lowp", action="store_true",
                     help="switch the CPU bf16 GEMM path (kernels/torch_lowp.py) off, to A/B it")
+    ap.add_argument("--no-inline", action="store_true",
+                    help="inline no small CPU call for Inductor (kernels/torch_inline.py), to A/B it")
     ap.add_argument("--verbose", action="store_true", help="pass the children's stderr through")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -578,7 +583,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--reps, --layers, --threads, --jobs and --lengths must be positive")
     if args.child:
         run_group(*args.child, sorted(args.lengths), args.reps, args.layers, args.check_length, args.threads,
-                  lowp=not args.no_lowp)
+                  lowp=not args.no_lowp, inline=not args.no_inline)
         return 0
 
     if args.from_json:
