@@ -93,6 +93,12 @@ def collect_reports() -> Iterator[list]:
         _collectors.remove(reports)
 
 
+def _warn(msg: str) -> None:
+    """A ``RuntimeWarning`` and the same line on the ``attnfuse`` logger."""
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    log.warning(msg)
+
+
 def _inner_compiler(name: str) -> Callable:
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
@@ -210,8 +216,7 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
         if strict:
             raise
         msg = f"attnfuse: cannot copy graph {graph_id} ({type(e).__name__}: {e}); it is compiled unchanged"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
+        _warn(msg)
         return reporting.GraphReport(Report(errors=[msg])), time.perf_counter() - start, None
     try:
         # strict here: the backend does its own restore so that any error (the pass's or
@@ -226,8 +231,7 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
             raise
         msg = f"attnfuse: internal error while rewriting graph {graph_id} ({type(e).__name__}: {e}); " \
               "the graph is compiled unchanged"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
+        _warn(msg)
         gm.graph = backup
         gm.recompile()
         report = reporting.GraphReport(Report(errors=[f"{type(e).__name__}: {e}"]))
@@ -247,8 +251,7 @@ def _inline_or_warn(gm: fx.GraphModule, graph_id: int, strict: bool) -> int:
             raise
         msg = f"attnfuse: could not inline the CPU attention of graph {graph_id} ({type(e).__name__}: {e}); " \
               "the fused op runs"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
+        _warn(msg)
         return 0
 
 
@@ -310,8 +313,7 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
         # handed it over instead (a real error in the user's graph will surface again).
         msg = (f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} "
                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling it unfused")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
+        _warn(msg)
         report.errors.append(f"inner compiler: {type(e).__name__}: {e}")
         gm.graph = backup
         gm.recompile()

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
+
+from roundrobin import MODES, make_call, round_robin, warm_up
 
 B, H, D = 1, 4, 64
 IMPLS = ("inductor", "runtime", "inline")
-MODES = ("eval", "train")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -67,32 +66,13 @@ def _child(length: int, mask: str, dtype_name: str, reps: int, threads: int) -> 
                                    options={"strict": True})}
     inlined = {}
 
-    def call(impl: str, mode: str) -> None:
-        if mode == "eval":
-            with torch.no_grad():
-                fns[impl](q, k, v)
-        else:
-            out = fns[impl](q, k, v)
-            torch.autograd.grad(out, (q, k, v), dout)
-
-    times = {(i, m): [] for i in IMPLS for m in MODES}
+    call = make_call(fns, q, k, v, dout)
     for i in IMPLS:
         with collect_reports() as reports:
-            for m in MODES:
-                call(i, m)
-                call(i, m)
+            warm_up(call, i)
         inlined[i] = sum(r.inlined for r in reports)
-    for r in range(reps):
-        for m in MODES:
-            order = IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)]
-            for i in order:
-                t0 = time.perf_counter()
-                call(i, m)
-                times[(i, m)].append(1e3 * (time.perf_counter() - t0))
     return {"L": length, "mask": mask, "dtype": dtype_name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "inlined": inlined,
-            "median": {f"{i}/{m}": statistics.median(t) for (i, m), t in times.items()},
-            "min": {f"{i}/{m}": min(t) for (i, m), t in times.items()}}
+            "torch": torch.__version__, "inlined": inlined, **round_robin(call, IMPLS, reps)}
 
 
 def main(argv=None) -> None:

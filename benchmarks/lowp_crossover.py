@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
+
+from roundrobin import MODES, make_call, round_robin, warm_up
 
 B, H, D = 1, 4, 64
 IMPLS = ("eager", "inductor", "lowp", "fused")
-MODES = ("eval", "train")
 
 
 def _child(length: int, mask: str, dtype_name: str, reps: int, threads: int,
@@ -68,33 +67,15 @@ def _child(length: int, mask: str, dtype_name: str, reps: int, threads: int,
 
     fns = {"eager": eager, "inductor": compiled, "lowp": ours(True), "fused": ours(False)}
 
-    def call(impl: str, mode: str) -> None:
-        if mode == "eval":
-            with torch.no_grad():
-                fns[impl](q, k, v)
-        else:
-            out = fns[impl](q, k, v)
-            torch.autograd.grad(out, (q, k, v), dout)
-
-    times = {(i, m): [] for i in IMPLS for m in MODES}
+    call = make_call(fns, q, k, v, dout)
     for i in IMPLS:
-        for m in MODES:
-            call(i, m)
-            call(i, m)
-    for r in range(reps):
-        for m in MODES:
-            order = IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)]
-            for i in order:
-                t0 = time.perf_counter()
-                call(i, m)
-                times[(i, m)].append(1e3 * (time.perf_counter() - t0))
+        warm_up(call, i)
+    timing = round_robin(call, IMPLS, reps)
     TL.USE_LOWP = True
     path = T.forward_path(q, k, v, None, causal="top_left" if causal else "none",
                           dropout_p=0.0, softcap=0.0)
     return {"L": length, "lowp_ran": path == "lowp", "mask": mask, "dtype": dtype_name, "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "median": {f"{i}/{m}": statistics.median(t) for (i, m), t in times.items()},
-            "min": {f"{i}/{m}": min(t) for (i, m), t in times.items()}}
+            "torch": torch.__version__, **timing}
 
 
 def main(argv=None) -> None:
