@@ -27,14 +27,16 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 
 - ``cpu_inline``: ``True`` (default) or ``False``. With the Inductor inner compiler,
   each fused call on CPU whose score count ``B * Hq * Lq * Lk`` is small
-  (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype) and that has no
-  dropout is replaced by :func:`attnfuse.kernels.torch_inline.inline_attention`: the
-  same semantics and flash backward written as aten ops, which Inductor compiles into
-  its own C++ kernels (faster than the op's runtime kernels at those sizes; memory stays
-  linear: nothing quadratic is kept for the backward). Under dynamic shapes the bound
-  is a guard: a call on its other side recompiles the graph once. The report counts
-  these calls (``report.inlined``); they stay fusions. ``False`` keeps every call on
-  the op's runtime kernels.
+  (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype, one bound for
+  calls whose inputs require grad and one for inference) and that has no dropout is
+  replaced by :func:`attnfuse.kernels.torch_inline.inline_attention`: the same
+  semantics written as aten ops, which Inductor differentiates and compiles into its
+  own C++ kernels (faster than the op's runtime kernels at those sizes). Such a call
+  keeps its (Lq, Lk) probabilities for the backward, as Inductor does for the unfused
+  graph; the bound caps them, and past it nothing quadratic is kept. Under dynamic
+  shapes the bound is a guard: a call on its other side recompiles the graph once. The
+  report counts these calls (``report.inlined``); they stay fusions. ``False`` keeps
+  every call on the op's runtime kernels.
 
 Calls are matched and fused at every length: the rewrite never depends on the
 sequence length; only the CPU lowering of small calls does (``cpu_inline``).
@@ -192,9 +194,12 @@ def _inline_small_calls(gm: fx.GraphModule) -> int:
             continue  # no recorded example value: the shapes are unknown here
         if any(isinstance(bound.arguments[n], fx.Node) and a[n] is None for n in ("bias", "key_mask")):
             continue
+        training = torch.is_grad_enabled() and any(
+            isinstance(a[n], torch.Tensor) and a[n].requires_grad for n in ("q", "k", "v", "bias"))
         if a["impl"] == "triton" or not torch_inline.inline_applicable(
                 tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
-                scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"]):
+                scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],
+                training=training):
             continue
         node.target = torch_inline.inline_attention
         count += 1

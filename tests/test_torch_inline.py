@@ -1,6 +1,6 @@
 """The op written as aten ops for Inductor (``kernels/torch_inline.py``) and the backend
 step that inlines small CPU calls: forward, lse and every gradient against the float64
-reference, eagerly and compiled; which calls are inlined; nothing quadratic saved."""
+reference, eagerly and compiled; which calls are inlined; what is saved for backward."""
 from __future__ import annotations
 
 import math
@@ -216,17 +216,34 @@ def test_compiled_padding_is_inlined(runtime_calls):
 def test_compiled_not_inlined(why, runtime_calls, monkeypatch):
     dtype = torch.float16 if why == "fp16" else F32
     if why == "too_large":
-        monkeypatch.setitem(TI.INLINE_MAX_SCORES, F32, 2 * 4 * 48 * 48 - 1)
+        monkeypatch.setitem(TI.INLINE_MAX_SCORES["train"], F32, 2 * 4 * 48 * 48 - 1)
     q, k, v = make_qkv(2, 4, 4, 48, 48, 16, 16, dtype)
     opts = {"cpu_inline": False} if why == "switched_off" else {}
     assert _compiled_check(Attention(), q, k, v, **opts) == 0
     assert runtime_calls == {"fwd": 1, "bwd": 1}
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_training_and_inference_have_their_own_bound(grad, monkeypatch):
+    """A call whose inputs require grad (under grad mode) is held to the "train" bound,
+    any other to the "eval" bound: here only the one of the mode that runs admits it."""
+    mode, other = ("train", "eval") if grad else ("eval", "train")
+    monkeypatch.setitem(TI.INLINE_MAX_SCORES[mode], F32, 2 * 4 * 48 * 48)
+    monkeypatch.setitem(TI.INLINE_MAX_SCORES[other], F32, 0)
+    q, k, v = make_qkv(2, 4, 4, 48, 48, 16, 16, F32)
+    model = Attention()
+    compiled = _compile(model)
+    q.requires_grad_()  # no_grad still makes it an inference call
+    with collect_reports() as reports, torch.set_grad_enabled(grad):
+        out = compiled(q, k, v)
+    assert [r.inlined for r in reports] == [1]
+    torch.testing.assert_close(out, model(q, k, v), atol=2e-5, rtol=2e-5)
+
+
 def test_dynamic_shapes_guard_the_bound(runtime_calls, monkeypatch):
     """Under dynamic shapes the bound is a guard: lengths on one side share a graph, the
     first length past it recompiles once, and that graph runs the op."""
-    monkeypatch.setitem(TI.INLINE_MAX_SCORES, F32, 2 * 32 * 32)
+    monkeypatch.setitem(TI.INLINE_MAX_SCORES["eval"], F32, 2 * 32 * 32)
     torch._dynamo.reset()
     model = Attention()
     compiled = torch.compile(model, backend="attnfuse", options={"strict": True})
@@ -242,27 +259,31 @@ def test_dynamic_shapes_guard_the_bound(runtime_calls, monkeypatch):
     assert runtime_calls["fwd"] == 2  # lengths 40 and 48
 
 
-def test_nothing_quadratic_is_saved_for_backward():
-    """Only inputs, out and lse cross from the compiled forward to its backward."""
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_saves_no_more_than_inductor_for_backward(dtype):
+    """An inlined call keeps one (Lq, Lk) tensor for its backward, the probabilities in
+    the input dtype: what Inductor alone keeps for the unfused graph, less its mask."""
     L = 64
-    q, k, v = (t.requires_grad_() for t in make_qkv(1, 4, 4, L, L, 16, 16, F32))
-    compiled = _compile(Attention())
-    saved = []
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 4, 4, L, L, 16, 16, dtype))
 
-    def pack(t):
-        saved.append(tuple(t.shape))
-        return t
+    def saved_by(model):
+        saved = []
 
-    with collect_reports() as reports, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = compiled(q, k, v)
+        def pack(t):
+            saved.append(t.numel() * t.element_size() if t.dim() >= 2 and
+                         tuple(t.shape[-2:]) == (L, L) else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(q, k, v)
+        return [n for n in saved if n]
+
+    with collect_reports() as reports:
+        ours = saved_by(_compile(Attention()))
     assert sum(r.inlined for r in reports) == 1
-    assert saved and max(math.prod(s) for s in saved) <= 4 * L * 16, saved
-    out.sum().backward()
-    plain = torch.compile(Attention(), dynamic=False)  # Inductor alone saves the (L, L) probs
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        plain(q, k, v)
-    assert max(math.prod(s) for s in saved) >= 4 * L * L
+    assert ours == [4 * L * L * dtype.itemsize], ours
+    inductor = saved_by(torch.compile(Attention(), dynamic=False))
+    assert sum(inductor) >= sum(ours), (inductor, ours)
 
 
 def test_bad_option_value():
