@@ -27,8 +27,9 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 
 - ``cpu_inline``: ``True`` (default) or ``False``. With the Inductor inner compiler,
   each fused call on CPU whose score count ``B * Hq * Lq * Lk`` is small
-  (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype, one bound for
-  calls whose inputs require grad and one for inference) and that has no dropout is
+  (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype, with bounds of
+  their own for inference, for training (inputs that require grad) and for training
+  with a causal band) and that has no dropout is
   replaced by :func:`attnfuse.kernels.torch_inline.inline_attention`: the same
   semantics written as aten ops, which Inductor differentiates and compiles into its
   own C++ kernels (faster than the op's runtime kernels at those sizes). Such a call

@@ -40,27 +40,32 @@ from . import torch_impl as T
 __all__ = ["INLINE_MAX_SCORES", "USE_INLINE", "max_scores", "inline_applicable",
            "inline_forward", "inline_attention"]
 
-#: Largest ``B * Hq * Lq * Lk`` inlined, per mode and dtype ("train": a call whose inputs
-#: require grad under grad mode). Chosen from ``benchmarks/inline_crossover.py`` (attention
-#: alone, see benchmarks/README.md): in training the inlined call beat both the op's
-#: runtime kernels and Inductor up to 1,024 tokens x 4 heads in bf16 and 512 in fp32, and
-#: lost to the runtime kernels from 1,280 (bf16 causal) and 768 (fp32) on, where the
-#: (L, L) buffers leave the cache; without gradient it won only up to 512 in bf16 and 256
-#: in fp32 (PyTorch's fused kernel skips the causal half).
+#: Largest ``B * Hq * Lq * Lk`` inlined, per kind of call and dtype: "eval" (no backward
+#: follows), "train" (the inputs require grad under grad mode) with every key visible to
+#: every row, "train_banded" (training with a causal or window band). Chosen from
+#: ``benchmarks/inline_crossover.py`` (attention alone, 4 heads; see benchmarks/README.md):
+#: in training the inlined call beat both the op's runtime kernels and Inductor up to
+#: 1,024 tokens with a causal band in bf16 and lost from 1,280 on, where the runtime's
+#: fused kernel skips the masked half; without a band it still won at 2,048 in bf16 (the
+#: bound stops at 1,536 to cap the probabilities kept for the backward at 18 MiB per
+#: call); fp32 won up to 512 tokens and lost from 768. Without gradient it won only up to
+#: 512 in bf16 and 256 in fp32.
 INLINE_MAX_SCORES: dict = {
     "eval": {torch.float32: 4 * 256 * 256, torch.bfloat16: 4 * 512 * 512},
-    "train": {torch.float32: 4 * 512 * 512, torch.bfloat16: 4 * 1024 * 1024},
+    "train": {torch.float32: 4 * 512 * 512, torch.bfloat16: 4 * 1536 * 1536},
+    "train_banded": {torch.float32: 4 * 512 * 512, torch.bfloat16: 4 * 1024 * 1024},
 }
 #: Master switch (the backend option ``cpu_inline`` and the benchmarks turn it off).
 USE_INLINE: bool = True
 
 
-def max_scores(dtype: torch.dtype, training: bool) -> int:
+def max_scores(dtype: torch.dtype, training: bool, banded: bool = False) -> int:
     """The largest score count inlined for ``dtype`` (0: never), with or without a
-    backward to follow."""
+    backward to follow (``training``) and a causal or window band (``banded``)."""
     if not USE_INLINE:
         return 0
-    return INLINE_MAX_SCORES["train" if training else "eval"].get(dtype, 0)
+    kind = ("train_banded" if banded else "train") if training else "eval"
+    return INLINE_MAX_SCORES[kind].get(dtype, 0)
 
 
 def inline_applicable(q_shape, k_shape, dtype: torch.dtype, device: torch.device, *,
@@ -75,11 +80,13 @@ def inline_applicable(q_shape, k_shape, dtype: torch.dtype, device: torch.device
         return False
     if not all(type(x) in (int, float) for x in (dropout_p, scale, softcap, window)):
         return False  # a run-time value (a graph node or a SymFloat)
-    bound = max_scores(dtype, training)
+    b, hq, lq, _ = q_shape
+    lk = k_shape[2]
+    banded = bool(window) or T._effective_causal(causal, lq, lk, window) != "none"
+    bound = max_scores(dtype, training, banded)
     if dropout_p != 0 or bound == 0:
         return False
-    b, hq, lq, _ = q_shape
-    return bool(b * hq * lq * k_shape[2] <= bound)
+    return bool(b * hq * lq * lk <= bound)
 
 
 # --------------------------------------------------------------------------- math

@@ -216,22 +216,24 @@ def test_compiled_padding_is_inlined(runtime_calls):
 def test_compiled_not_inlined(why, runtime_calls, monkeypatch):
     dtype = torch.float16 if why == "fp16" else F32
     if why == "too_large":
-        monkeypatch.setitem(TI.INLINE_MAX_SCORES["train"], F32, 2 * 4 * 48 * 48 - 1)
+        monkeypatch.setitem(TI.INLINE_MAX_SCORES["train_banded"], F32, 2 * 4 * 48 * 48 - 1)
     q, k, v = make_qkv(2, 4, 4, 48, 48, 16, 16, dtype)
     opts = {"cpu_inline": False} if why == "switched_off" else {}
     assert _compiled_check(Attention(), q, k, v, **opts) == 0
     assert runtime_calls == {"fwd": 1, "bwd": 1}
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_training_and_inference_have_their_own_bound(grad, monkeypatch):
-    """A call whose inputs require grad (under grad mode) is held to the "train" bound,
-    any other to the "eval" bound: here only the one of the mode that runs admits it."""
-    mode, other = ("train", "eval") if grad else ("eval", "train")
-    monkeypatch.setitem(TI.INLINE_MAX_SCORES[mode], F32, 2 * 4 * 48 * 48)
-    monkeypatch.setitem(TI.INLINE_MAX_SCORES[other], F32, 0)
+@pytest.mark.parametrize("grad,causal", [(True, True), (True, False), (False, True),
+                                         (False, False)])
+def test_each_kind_of_call_has_its_own_bound(grad, causal, monkeypatch):
+    """A call whose inputs require grad (under grad mode) is held to the "train" bound, or
+    "train_banded" with a causal band; any other call to the "eval" bound: here only the
+    bound of the kind that runs admits it."""
+    kind = ("train_banded" if causal else "train") if grad else "eval"
+    for k in TI.INLINE_MAX_SCORES:
+        monkeypatch.setitem(TI.INLINE_MAX_SCORES[k], F32, 2 * 4 * 48 * 48 if k == kind else 0)
     q, k, v = make_qkv(2, 4, 4, 48, 48, 16, 16, F32)
-    model = Attention()
+    model = Attention(causal=causal)
     compiled = _compile(model)
     q.requires_grad_()  # no_grad still makes it an inference call
     with collect_reports() as reports, torch.set_grad_enabled(grad):
