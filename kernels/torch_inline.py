@@ -98,11 +98,6 @@ def _heads(x: Tensor, g: int) -> Tensor:
     return x[:, :, None].expand(b, hkv, g, l, last).reshape(b, hkv * g, l, last)
 
 
-def _group_sum(x: Tensor, g: int) -> Tensor:
-    """(B, Hkv * g, L, X) -> (B, Hkv, L, X): the gradient of :func:`_heads`."""
-    return x if g == 1 else x.unflatten(1, (-1, g)).sum(2)
-
-
 def _keep(lq: int, lk: int, causal: str, window: int, key_mask: Optional[Tensor],
           device: torch.device) -> Optional[Tensor]:
     """The structural masks as a broadcast bool (B|1, 1, Lq|1, Lk) built from index
