@@ -117,18 +117,26 @@ def _keep(lq: int, lk: int, causal: str, window: int, key_mask: Optional[Tensor]
     return keep
 
 
-def _logits(s: Tensor, bias: Optional[Tensor], keep: Optional[Tensor], *, scale: float,
-            softcap: float) -> Tensor:
-    """float32 logits from the raw scores ``s`` (B, Hq, Lq, Lk)."""
+def _logits(s: Tensor, bias: Optional[Tensor], *, scale: float, softcap: float) -> Tensor:
+    """float32 logits from the raw scores ``s`` (B, Hq, Lq, Lk), before any mask (a bool
+    bias is a mask: see :func:`_masked_out`)."""
     t = s.float() * scale
     if softcap:
         t = torch.tanh(t / softcap) * softcap
-    if bias is not None:
-        t = t.masked_fill(bias.logical_not(), T._NEG_INF) if bias.dtype == torch.bool \
-            else t + bias.float()
-    if keep is not None:
-        t = t.masked_fill(keep.logical_not(), T._NEG_INF)
+    if bias is not None and bias.dtype != torch.bool:
+        t = t + bias.float()
     return t
+
+
+def _masked_out(bias: Optional[Tensor], keep: Optional[Tensor]) -> Optional[Tensor]:
+    """The (broadcast) bool of the logits set to -inf: a bool bias's False entries and
+    those outside the structural masks; None when nothing is masked."""
+    out = None
+    if bias is not None and bias.dtype == torch.bool:
+        out = bias.logical_not()
+    if keep is not None:
+        out = keep.logical_not() if out is None else out | keep.logical_not()
+    return out
 
 
 def _sees_every_row(lq: int, lk: int, causal: str, window: int, bias: Optional[Tensor],
@@ -145,18 +153,22 @@ def _sees_every_row(lq: int, lk: int, causal: str, window: int, bias: Optional[T
 
 
 class _Probs(torch.autograd.Function):
-    """p = softmax(t) over keys, rounded to ``dtype``, 0 on rows that see no key (all
-    -inf, where softmax gives NaN); only p is saved for the backward.
+    """p = softmax(t masked by ``masked_out``) over keys, rounded to ``dtype``, 0 on rows
+    that see no key (all -inf, where softmax gives NaN); only p is saved for the backward.
 
     The forward is ``torch.softmax``, which Inductor lowers as its own softmax kernel. The
     backward is the softmax's own, ``dt = p * (dp - rowsum(p * dp))`` in float32, read
     from the saved p in the input dtype, as eager's bf16 softmax does: autograd through
     the float32 softmax would keep the float32 probabilities, or the scores and row
-    statistics to rebuild them (more bytes per score than Inductor saves). Zero on rows
-    that see no key, as p is."""
+    statistics to rebuild them (more bytes per score than Inductor saves). The mask is
+    applied in here so that its backward is free: dt is already 0 wherever p is (masked
+    entries, rows that see no key), so the mask is not rebuilt in the backward."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, dtype: torch.dtype, may_see_nothing: bool) -> Tensor:
+    def forward(ctx, t: Tensor, masked_out: Optional[Tensor], dtype: torch.dtype,
+                may_see_nothing: bool) -> Tensor:
+        if masked_out is not None:
+            t = t.masked_fill(masked_out, T._NEG_INF)
         p = torch.softmax(t, -1)
         if may_see_nothing:  # one more max pass: left out where no row can be empty
             p = torch.where(t.amax(-1, keepdim=True) == T._NEG_INF, 0.0, p)
@@ -168,7 +180,7 @@ class _Probs(torch.autograd.Function):
     def backward(ctx, dp: Tensor):
         p, = ctx.saved_tensors
         p, dp = p.float(), dp.float()
-        return p * (dp - (p * dp).sum(-1, keepdim=True)), None, None
+        return p * (dp - (p * dp).sum(-1, keepdim=True)), None, None, None
 
 
 def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
@@ -179,13 +191,15 @@ def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, s
     g = q.shape[1] // k.shape[1]
     causal = T._effective_causal(causal, lq, lk, window)
     keep = _keep(lq, lk, causal, window, key_mask, q.device)
-    t = _logits(torch.matmul(q, _heads(k, g).transpose(-1, -2)), bias, keep, scale=scale,
+    t = _logits(torch.matmul(q, _heads(k, g).transpose(-1, -2)), bias, scale=scale,
                 softcap=softcap)
-    p = _Probs.apply(t, q.dtype, not _sees_every_row(lq, lk, causal, window, bias, key_mask))
+    masked_out = _masked_out(bias, keep)
+    p = _Probs.apply(t, masked_out, q.dtype,
+                     not _sees_every_row(lq, lk, causal, window, bias, key_mask))
     out = torch.matmul(p, _heads(v, g))
     # -inf on rows that see no key; Inductor drops it when the graph does not read it
     # (the rewrite reads only out, and the backward does not need it)
-    lse = torch.logsumexp(t, -1)
+    lse = torch.logsumexp(t if masked_out is None else t.masked_fill(masked_out, T._NEG_INF), -1)
     return out, lse
 
 
