@@ -299,7 +299,7 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     opts = _parse_options(options)
     graph_id = next(_graph_counter)
     report, elapsed, backup = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id)
-    if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"] and opts["impl"] != "triton":
+    if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"]:
         report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
     _last_report = report
     for c in _collectors:

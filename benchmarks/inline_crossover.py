@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from roundrobin import MODES, make_call, round_robin, warm_up
+from roundrobin import MODES, make_call, ratio, round_robin, run_children, warm_up
 
 B, H, D = 1, 4, 64
 IMPLS = ("inductor", "runtime", "inline")
@@ -90,18 +88,9 @@ def main(argv=None) -> None:
         print(json.dumps(_child(int(args.child[1]), args.child[2], args.child[0], args.reps,
                                 args.threads)))
         return
-    recs = []
-    for dtype in args.dtypes:
-        for length in args.lengths:
-            for mask in args.masks:
-                cmd = [sys.executable, __file__, "--child", dtype, str(length), mask,
-                       "--reps", str(args.reps), "--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                recs.append(json.loads(out.strip().splitlines()[-1]))
-                print(f"  done {dtype} L={length} mask={mask}", file=sys.stderr, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(recs, f, indent=1)
+    opts = ["--reps", str(args.reps), "--threads", str(args.threads)]
+    recs = run_children(__file__, [[dtype, str(length), mask, *opts] for dtype in args.dtypes
+                                   for length in args.lengths for mask in args.masks], args.json)
     r0 = recs[0]
     print(f"CPU attention alone under torch.compile, B={B} H={H} D={D}, torch {r0['torch']}, "
           f"{r0['threads']} thread(s), {args.reps} round-robin reps; ratios X / inline on "
@@ -112,16 +101,10 @@ def main(argv=None) -> None:
     for r in recs:
         for m in MODES:
             t = {i: r["median"][f"{i}/{m}"] for i in IMPLS}
-            lo = r["min"]
             star = " " if r["inlined"]["inline"] and not r["inlined"]["runtime"] else "*"
-
-            def ratio(i: str) -> str:   # on medians (on minima)
-                return (f"{t[i] / t['inline']:.2f}x "
-                        f"({lo[f'{i}/{m}'] / lo[f'inline/{m}']:.2f}x)")
-
             print(f"| {r['dtype']:5s} | {r['L']:4d} | {r['mask']:6s} | {m:5s} | "
                   f"{t['inductor']:11.2f} | {t['runtime']:10.2f} | {t['inline']:8.2f}{star} | "
-                  f"{ratio('inductor')} | {ratio('runtime')} |")
+                  f"{ratio(r, 'inductor', 'inline', m)} | {ratio(r, 'runtime', 'inline', m)} |")
 
 
 if __name__ == "__main__":

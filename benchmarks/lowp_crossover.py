@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from roundrobin import MODES, make_call, round_robin, warm_up
+from roundrobin import MODES, make_call, ratio, round_robin, run_children, warm_up
 
 B, H, D = 1, 4, 64
 IMPLS = ("eager", "inductor", "lowp", "fused")
@@ -95,18 +93,10 @@ def main(argv=None) -> None:
         print(json.dumps(_child(int(args.child[0]), args.child[1], args.dtype, args.reps,
                                 args.threads, args.max_keys)))
         return
-    recs = []
-    for length in args.lengths:
-        for mask in args.masks:
-            cmd = [sys.executable, __file__, "--child", str(length), mask, "--dtype", args.dtype,
-                   "--reps", str(args.reps), "--threads", str(args.threads),
-                   "--max-keys", str(args.max_keys)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            recs.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  done L={length} mask={mask}", file=sys.stderr, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(recs, f, indent=1)
+    opts = ["--dtype", args.dtype, "--reps", str(args.reps), "--threads", str(args.threads),
+            "--max-keys", str(args.max_keys)]
+    recs = run_children(__file__, [[str(length), mask, *opts] for length in args.lengths
+                                   for mask in args.masks], args.json)
     r0 = recs[0]
     print(f"CPU attention alone, B={B} H={H} D={D} {args.dtype}, torch {r0['torch']}, "
           f"{r0['threads']} thread(s), {args.reps} round-robin reps; ratios X / lowp on "
@@ -118,16 +108,11 @@ def main(argv=None) -> None:
     for r in recs:
         for m in MODES:
             t = {i: r["median"][f"{i}/{m}"] for i in IMPLS}
-            lo = r["min"]
             star = " " if r["lowp_ran"] else "*"
-
-            def ratio(i: str) -> str:   # on medians (on minima)
-                return (f"{t[i] / t['lowp']:.2f}x "
-                        f"({lo[f'{i}/{m}'] / lo[f'lowp/{m}']:.2f}x)")
-
             print(f"| {r['L']:4d} | {r['mask']:6s} | {m:5s} | {t['eager']:8.2f} | "
                   f"{t['inductor']:11.2f} | {t['fused']:8.2f} | {t['lowp']:6.2f}{star} | "
-                  f"{ratio('eager')} | {ratio('inductor')} | {ratio('fused')} |")
+                  f"{ratio(r, 'eager', 'lowp', m)} | {ratio(r, 'inductor', 'lowp', m)} | "
+                  f"{ratio(r, 'fused', 'lowp', m)} |")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Round-robin timing shared by the CPU crossover benchmarks (``lowp_crossover.py``,
 ``inline_crossover.py``): every implementation called on the same inputs, in eval (no
 grad) and train (forward + backward) mode, the starting implementation rotating each
-round so drift on a shared machine spreads evenly."""
+round so drift on a shared machine spreads evenly; one child process per case, and the
+ratio cells of their tables."""
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 MODES = ("eval", "train")
 
@@ -48,3 +52,25 @@ def warm_up(call: Callable[[str, str], None], impl: str) -> None:
     for m in MODES:
         call(impl, m)
         call(impl, m)
+
+
+def run_children(script: str, cases: Sequence[Sequence[str]], json_path: Optional[str]) -> List[dict]:
+    """Runs ``python script --child *case`` for each case, one at a time, and returns the
+    JSON record each prints last (also written to ``json_path`` when given)."""
+    recs = []
+    for case in cases:
+        out = subprocess.run([sys.executable, script, "--child", *case], capture_output=True,
+                             text=True, check=True).stdout
+        recs.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"  done {' '.join(case)}", file=sys.stderr, flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(recs, f, indent=1)
+    return recs
+
+
+def ratio(rec: dict, impl: str, ref: str, mode: str) -> str:
+    """``impl`` time / ``ref`` time of one record: on medians (on minima)."""
+    med, lo = rec["median"], rec["min"]
+    return (f"{med[f'{impl}/{mode}'] / med[f'{ref}/{mode}']:.2f}x "
+            f"({lo[f'{impl}/{mode}'] / lo[f'{ref}/{mode}']:.2f}x)")

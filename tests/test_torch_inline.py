@@ -242,6 +242,16 @@ def test_each_kind_of_call_has_its_own_bound(grad, causal, monkeypatch):
     torch.testing.assert_close(out, model(q, k, v), atol=2e-5, rtol=2e-5)
 
 
+def test_triton_impl_is_not_inlined():
+    """``impl="triton"`` asks for the op's Triton kernels: such a call is never inlined."""
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 16, 16, F32)
+    model = Attention()
+    with collect_reports() as reports, torch.no_grad():
+        out = _compile(model, impl="triton")(q, k, v)
+    assert [len(r.fusions) for r in reports] == [1] and [r.inlined for r in reports] == [0]
+    torch.testing.assert_close(out, model(q, k, v), atol=2e-5, rtol=2e-5)
+
+
 def test_dynamic_shapes_guard_the_bound(runtime_calls, monkeypatch):
     """Under dynamic shapes the bound is a guard: lengths on one side share a graph, the
     first length past it recompiles once, and that graph runs the op."""
