@@ -11,10 +11,11 @@ v (B, Hkv, Lk, Dv), Hq % Hkv == 0::
     out    = dropout(softmax(logits, -1)) @ v       (keep prob 1 - p, kept scaled 1/(1-p))
     lse    = logsumexp(logits, -1)                  (float32, natural log)
 
-Four paths, chosen by :func:`forward_path` / :func:`backward_path` (the first here, the
-others in :mod:`~attnfuse.kernels.torch_blocked`, :mod:`~attnfuse.kernels.torch_banded`
-and :mod:`~attnfuse.kernels.torch_lowp`; ``BLOCK_Q`` / ``BLOCK_ELEMS`` here size the
-row blocks of all three):
+Five paths, chosen by :func:`forward_path` / :func:`backward_path` (the first here, the
+others in :mod:`~attnfuse.kernels.torch_blocked`, :mod:`~attnfuse.kernels.torch_banded`,
+:mod:`~attnfuse.kernels.torch_runs` and :mod:`~attnfuse.kernels.torch_lowp`;
+``BLOCK_Q`` / ``BLOCK_ELEMS`` here size the row blocks of the blocked, banded and lowp
+paths):
 
 1. **Fused**: PyTorch's fused CPU flash attention
    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``),
@@ -42,14 +43,19 @@ row blocks of all three):
    scores (:mod:`attnfuse.kernels.torch_blocked`); it runs everything the others do
    not (softcap, dropout, bottom-right causal with a bias, float64, ...).
 
-3. **Banded** (structural masks): a ``key_mask`` alone becomes a (B, 1, 1, Lk)
-   broadcast mask of the fused path. A ``window`` or an effective bottom-right
-   diagonal (no bias, softcap or dropout) runs the fused kernel per block of query
-   rows over the keys [kmin, kmax) of the block's causal/window band. Otherwise the
-   blocked path runs, masking keys per block and visiting only the keys inside the
-   band (O(Lq * (rows + window)) work for a window, not O(Lq * Lk)).
+3. **Banded** (structural masks): a ``window`` or an effective bottom-right diagonal
+   (no bias, softcap or dropout; a key_mask is sliced per block) runs the fused kernel
+   per block of query rows over the keys [kmin, kmax) of the block's causal/window
+   band. Otherwise the blocked path runs, masking keys per block and visiting only the
+   keys inside the band (O(Lq * (rows + window)) work for a window, not O(Lq * Lk)).
 
-4. **Lowp**: non-causal bf16 attention over at most ``LOWP_MAX_KEYS`` keys runs the
+4. **Runs** (padding): a ``key_mask`` alone (no causal mask or a top-left one) whose
+   visible keys are one contiguous run per batch row, on batch rows of at least
+   ``RUNS_MIN_SCORES`` scores, runs the fused kernel per batch row on that run's keys
+   only, with no mask; smaller calls, or masks with holes, fold the key_mask into a
+   (B, 1, 1, Lk) broadcast mask of the fused path.
+
+5. **Lowp**: non-causal bf16 attention over at most ``LOWP_MAX_KEYS`` keys runs the
    unfused graph's own bf16 recipe (bf16 GEMMs, scores rounded to bf16 as eager rounds
    them) per block of the blocked loop: there PyTorch's fused kernel is slower than
    bf16 GEMMs on CPU (see that module). It comes first: it takes bias, key_mask and
@@ -232,6 +238,12 @@ def uses_fused_sdpa_backward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
     if not uses_fused_sdpa(q, k, v, bias, causal=causal, dropout_p=dropout_p,
                            softcap=softcap):
         return False
+    return _lse_well_conditioned(lse)
+
+
+def _lse_well_conditioned(lse: Tensor) -> bool:
+    """Whether the fused backward can recompute P from this fp32 lse (see
+    :data:`FUSED_BWD_MAX_ABS_LSE`)."""
     finite = lse.masked_fill(torch.isinf(lse), 0.0)
     return finite.numel() == 0 or bool(finite.abs().max() <= FUSED_BWD_MAX_ABS_LSE)
 
@@ -338,18 +350,22 @@ def _fold_key_mask(bias: Optional[Tensor], key_mask: Optional[Tensor],
 def forward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, causal: str,
                  dropout_p: float, softcap: float, window: int = 0,
                  key_mask: Optional[Tensor] = None) -> str:
-    """Which path :func:`forward` takes: "lowp", "fused", "banded" or "blocked"."""
-    from . import torch_banded, torch_lowp  # they import this module: loaded on first use
+    """Which path :func:`forward` takes: "lowp", "runs", "fused", "banded" or "blocked"."""
+    # they import this module: loaded on first use
+    from . import torch_banded, torch_lowp, torch_runs
 
     if torch_lowp.lowp_applicable(q, k, v, bias, causal=causal, window=window, softcap=softcap):
         return "lowp"
+    if torch_runs.runs_applicable(q, k, v, bias, causal=causal, window=window,
+                                  dropout_p=dropout_p, softcap=softcap, key_mask=key_mask):
+        return "runs"
+    if torch_banded.banded_applicable(q, k, v, bias, causal=causal, window=window,
+                                      dropout_p=dropout_p, softcap=softcap):
+        return "banded"  # it takes the key_mask as it is
     bias, key_mask = _fold_key_mask(bias, key_mask, window)
     if key_mask is None and not window and uses_fused_sdpa(
             q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap):
         return "fused"
-    if torch_banded.banded_applicable(q, k, v, bias, causal=causal, window=window,
-                                      dropout_p=dropout_p, softcap=softcap):
-        return "banded"
     return "blocked"
 
 
@@ -360,6 +376,8 @@ def backward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: 
     gives no bias gradient and needs a well-conditioned lse: then "blocked")."""
     path = forward_path(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask)
+    if path == "runs":
+        return "runs" if _lse_well_conditioned(lse) else "blocked"
     if path != "fused":
         return path
     folded, _ = _fold_key_mask(bias, key_mask, window)
@@ -381,7 +399,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
         out = torch.zeros((b, hq, lq, dv), dtype=q.dtype, device=q.device)
         lse = torch.full((b, hq, lq), _NEG_INF, dtype=torch.float32, device=q.device)
         return out, lse
-    from . import torch_banded, torch_blocked, torch_lowp
+    from . import torch_banded, torch_blocked, torch_lowp, torch_runs
 
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
     path = forward_path(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
@@ -389,14 +407,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
     if path == "lowp":
         return torch_lowp.lowp_forward(q, k, v, bias, scale=scale, dropout_p=dropout_p,
                                        seed=int(seed), key_mask=key_mask)
+    if path == "runs":
+        return torch_runs.runs_forward(q, k, v, scale=scale, causal=causal, key_mask=key_mask)
+    if path == "banded":
+        return torch_banded.banded_forward(q, k, v, scale=scale, causal=causal,
+                                           window=window, key_mask=key_mask)
     bias, key_mask = _fold_key_mask(bias, key_mask, window)
     if path == "fused":
         plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
                                softcap=softcap)
         return _fused_forward(q, k, v, bias, plan, scale)
-    if path == "banded":
-        return torch_banded.banded_forward(q, k, v, scale=scale, causal=causal,
-                                           window=window, key_mask=key_mask)
     return torch_blocked.blocked_forward(q, k, v, bias, scale=scale, causal=causal,
                                          dropout_p=dropout_p, softcap=float(softcap),
                                          seed=int(seed), window=window, key_mask=key_mask)
@@ -415,7 +435,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     if min(b, hq, lq, lk) == 0:
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if grad_bias else None
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias)
-    from . import torch_banded, torch_blocked, torch_lowp
+    from . import torch_banded, torch_blocked, torch_lowp, torch_runs
 
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
     path = backward_path(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
@@ -425,6 +445,15 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         return torch_lowp.lowp_backward(dout, q, k, v, bias, lse, scale=scale,
                                         dropout_p=dropout_p, seed=int(seed),
                                         need_dbias=need_dbias, key_mask=key_mask)
+    if path == "runs":
+        dq, dk, dv = torch_runs.runs_backward(dout, q, k, v, out, lse, scale=scale,
+                                              causal=causal, key_mask=key_mask)
+        return dq, dk, dv, None
+    if path == "banded":
+        dq, dk, dv = torch_banded.banded_backward(
+            dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
+            key_mask=key_mask)
+        return dq, dk, dv, None
     folded, key_mask = _fold_key_mask(bias, key_mask, window)
     if folded is not bias:  # the key_mask became a bool bias, which has no gradient
         bias, need_dbias = folded, False
@@ -432,11 +461,6 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         plan = fused_sdpa_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p,
                                softcap=softcap)
         dq, dk, dv = _fused_backward(dout, q, k, v, bias, out, lse, plan, scale)
-        return dq, dk, dv, None
-    if path == "banded":
-        dq, dk, dv = torch_banded.banded_backward(
-            dout, q, k, v, out, lse, scale=scale, causal=causal, window=window,
-            key_mask=key_mask)
         return dq, dk, dv, None
     return torch_blocked.blocked_backward(dout, q, k, v, bias, out, scale=scale,
                                           causal=causal, dropout_p=dropout_p,

@@ -88,6 +88,18 @@ def test_window_with_key_mask_banded(left):
     _check(q, k, v, causal="top_left", window=9, key_mask=_padding(2, 31, left=left))
 
 
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("lq", [9, 40])
+def test_bottom_right_with_key_mask_banded(left, lq):
+    """A bottom-right diagonal (Lq != Lk) with a key_mask runs the banded path, which
+    takes the key_mask per block (no folded (B, 1, 1, Lk) bias)."""
+    q, k, v = _inputs(lq=lq, lk=31)
+    km = _padding(2, 31, left=left)
+    assert T.forward_path(q, k, v, None, causal="bottom_right", dropout_p=0.0, softcap=0.0,
+                          key_mask=km) == "banded"
+    _check(q, k, v, causal="bottom_right", key_mask=km)
+
+
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
 @pytest.mark.parametrize("left", [False, True])
 @pytest.mark.parametrize("batch", [2, 1])
@@ -216,13 +228,17 @@ def test_through_torch_compile(backend):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_path_for_key_mask_alone(monkeypatch):
-    """A key_mask alone runs PyTorch's fused CPU kernel with a broadcast (B,1,1,Lk) mask."""
+def test_fused_path_for_key_mask_with_holes(monkeypatch):
+    """A key_mask whose visible keys are not one run per row (so not the key-run path)
+    runs PyTorch's fused CPU kernel with a broadcast (B,1,1,Lk) mask."""
     ran = []
     real = T._fused_forward
     monkeypatch.setattr(T, "_fused_forward", lambda *a, **kw: ran.append(a[3].shape) or real(*a, **kw))
     q, k, v = _inputs(lq=16, lk=16)
     km = _padding(2, 16)
+    km[0, 5] = False  # a hole between visible keys
+    assert T.forward_path(q, k, v, None, causal="none", dropout_p=0.0, softcap=0.0,
+                          key_mask=km) == "fused"
     _check(q, k, v, key_mask=km)
     assert ran == [torch.Size([2, 1, 1, 16])]
     assert math.prod(ran[0]) == 32  # never an (Lq, Lk) mask
