@@ -27,6 +27,7 @@ run per row (checked on the mask's values: an O(B * Lk) read).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -46,16 +47,36 @@ RUNS_MIN_SCORES: dict = {torch.float32: 4 * 256 * 256, torch.bfloat16: 4 * 512 *
 
 def key_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
     """Per batch row, the run [s, e) of its visible keys (s == e: none visible), or
-    None when some row's visible keys are not one contiguous run."""
-    km = key_mask.to(torch.uint8)
+    None when some row's visible keys are not one contiguous run.
+
+    The last answer is remembered for the same tensor object at the same version (the
+    path choice, the forward and the backward all ask about one mask)."""
+    ref, version, runs = _last_runs
+    if ref is not None and ref() is key_mask and version == key_mask._version:
+        return runs
+    runs = _find_runs(key_mask)
+    globals()["_last_runs"] = (weakref.ref(key_mask), key_mask._version, runs)
+    return runs
+
+
+def _find_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
+    km = key_mask.to(torch.bool)
     lk = km.shape[-1]
-    count = km.sum(-1)
-    first = km.argmax(-1)  # first visible key (0 when none is)
-    last = lk - 1 - km.flip(-1).argmax(-1)
-    # the keys in [first, last] are all visible iff there are last - first + 1 of them
-    if bool(((count > 0) & (last - first + 1 != count)).any()):
-        return None
-    return [(s, s + n) if n else (0, 0) for s, n in zip(first.tolist(), count.tolist())]
+    pos = torch.arange(lk)
+    first = torch.where(km, pos, lk).amin(-1)
+    last = torch.where(km, pos, -1).amax(-1)
+    runs = []
+    for n, s, e in torch.stack((km.sum(-1), first, last + 1), 1).tolist():
+        if n == 0:
+            runs.append((0, 0))
+        elif e - s != n:  # fewer visible keys than [first, last] holds: a hole
+            return None
+        else:
+            runs.append((s, e))
+    return runs
+
+
+_last_runs: tuple = (None, None, None)  # (weakref to the mask, its version, its runs)
 
 
 def runs_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, causal: str,

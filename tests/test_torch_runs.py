@@ -164,3 +164,15 @@ def test_no_padding_is_one_plain_call(kernel_calls):
     _check(q, k, v, causal="top_left", key_mask=km)
     assert [(d, lq, lk, m, c) for d, lq, lk, m, c in kernel_calls] == [
         ("fwd", 19, 19, None, True), ("bwd", 19, 19, None, True)]
+
+
+def test_key_runs_sees_in_place_changes():
+    """key_runs remembers its last answer per mask object; an in-place change of the
+    mask (a new version) is seen."""
+    km = torch.ones(2, 8, dtype=torch.bool)
+    assert TR.key_runs(km) == [(0, 8), (0, 8)]
+    km[1, 6:] = False
+    assert TR.key_runs(km) == [(0, 8), (0, 6)]
+    km[0, 3] = False
+    assert TR.key_runs(km) is None
+    assert TR.key_runs(km.clone()) is None
