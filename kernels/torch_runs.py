@@ -108,7 +108,10 @@ class Segment(NamedTuple):
     is_causal: bool
 
 
-def _segments(runs: list[tuple[int, int]], causal: str, lq: int) -> Iterator[Segment]:
+def _segments(key_mask: Tensor, batch: int, causal: str, lq: int) -> Iterator[Segment]:
+    runs = key_runs(key_mask)
+    if len(runs) == 1:  # a (1, Lk) mask: the same keys for every batch row
+        runs = runs * batch
     for b, (s, e) in enumerate(runs):
         if s == e:
             continue  # no visible key: every row is dead
@@ -138,7 +141,7 @@ def runs_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: str,
     """(out, lse) as :func:`attnfuse.kernels.torch_impl.forward`."""
     b, hq, lq, _ = q.shape
     causal = T._effective_causal(causal, lq, k.shape[2])
-    segments = list(_segments(key_runs(key_mask), causal, lq))
+    segments = list(_segments(key_mask, b, causal, lq))
     if b == 1 and segments == [Segment(0, 0, lq, 0, k.shape[2], causal == "top_left")]:
         qs, plan = _plan(q, k, v, causal == "top_left")  # every key visible: one plain call
         return T._fused_forward(qs, k, v, None, plan, scale)
@@ -166,7 +169,7 @@ def runs_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     # two segments of a causal row add into the same keys: accumulate in fp32
     dk = torch.zeros(k.shape, dtype=cdt)
     dv = torch.zeros(v.shape, dtype=cdt)
-    for sg in _segments(key_runs(key_mask), causal, lq):
+    for sg in _segments(key_mask, q.shape[0], causal, lq):
         rows, keys = slice(sg.i0, sg.i1), slice(sg.s, sg.e)
         bs = slice(sg.b, sg.b + 1)
         ks, vs = k[bs, :, keys], v[bs, :, keys]

@@ -176,3 +176,13 @@ def test_key_runs_sees_in_place_changes():
     km[0, 3] = False
     assert TR.key_runs(km) is None
     assert TR.key_runs(km.clone()) is None
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left"])
+def test_mask_of_one_row_serves_every_batch_row(causal):
+    """A (1, Lk) key_mask is the same padding for every batch row."""
+    q, k, v = _inputs(b=3, lq=21, lk=21)
+    km = _padding(1, 21, keep=(0.6,))
+    assert _runs_path(q, k, v, causal, km) == "runs"
+    out, _ = _check(q, k, v, causal=causal, key_mask=km)
+    assert (out[1:] != 0).any(-1).all()  # no batch row left at zero
