@@ -51,9 +51,10 @@ paths):
 
 4. **Runs** (padding): a ``key_mask`` alone (no causal mask or a top-left one) whose
    visible keys are one contiguous run per batch row, on batch rows of at least
-   ``RUNS_MIN_SCORES`` scores, runs the fused kernel per batch row on that run's keys
-   only, with no mask; smaller calls, or masks with holes, fold the key_mask into a
-   (B, 1, 1, Lk) broadcast mask of the fused path.
+   ``RUNS_MIN_SCORES`` scores and enough parallel tasks per row for the torch threads,
+   runs the fused kernel per batch row on that run's keys only, with no mask; smaller
+   calls, or masks with holes, fold the key_mask into a (B, 1, 1, Lk) broadcast mask of
+   the fused path.
 
 5. **Lowp**: non-causal bf16 attention over at most ``LOWP_MAX_KEYS`` keys runs the
    unfused graph's own bf16 recipe (bf16 GEMMs, scores rounded to bf16 as eager rounds
@@ -374,10 +375,18 @@ def backward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: 
                   window: int = 0, key_mask: Optional[Tensor] = None) -> str:
     """Which path :func:`backward` takes (the forward's, except that the fused backward
     gives no bias gradient and needs a well-conditioned lse: then "blocked")."""
+    from . import torch_runs
+
     path = forward_path(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask)
     if path == "runs":
-        return "runs" if _lse_well_conditioned(lse) else "blocked"
+        if not _lse_well_conditioned(lse):
+            return "blocked"
+        if torch_runs.runs_applicable(q, k, v, bias, causal=causal, window=window,
+                                      dropout_p=dropout_p, softcap=softcap, key_mask=key_mask,
+                                      backward=True):
+            return "runs"
+        path = "fused"  # too few tasks per row for the threads: one call, folded mask
     if path != "fused":
         return path
     folded, _ = _fold_key_mask(bias, key_mask, window)

@@ -17,9 +17,12 @@ keys cost nothing:
 The price is one or two kernel calls per batch row, so the path is taken only where a
 batch row has at least :data:`RUNS_MIN_SCORES` scores (heads x Lq x Lk, per dtype);
 below that, the calls' overhead outweighs the padding saved and one call with the
-folded mask is cheaper (``benchmarks/key_runs.py``). The backward walks the same
-segments through the kernel's backward; rows that see no key get zero dQ and keys
-outside the run zero dK / dV.
+folded mask is cheaper (``benchmarks/key_runs.py``). Per-row calls also parallelise over
+fewer tasks than one call over the batch (:func:`kernel_tasks`): with more torch threads
+than one row's call has tasks, the folded mask is kept (the backward has fewer tasks than
+the forward, so a forward on runs may have its backward on the folded mask; both give
+the same out / lse conventions). The backward walks the same segments through the
+kernel's backward; rows that see no key get zero dQ and keys outside the run zero dK / dV.
 
 Used for: a key_mask with no bias, window, softcap or dropout, no causal mask or a
 top-left one (after :func:`~attnfuse.kernels.torch_impl._effective_causal`), and a
@@ -35,7 +38,8 @@ from torch import Tensor
 
 from . import torch_impl as T
 
-__all__ = ["RUNS_MIN_SCORES", "key_runs", "runs_applicable", "runs_forward", "runs_backward"]
+__all__ = ["RUNS_MIN_SCORES", "key_runs", "kernel_tasks", "runs_applicable", "runs_forward",
+           "runs_backward"]
 
 #: Fewest scores per batch row (heads x Lq x Lk) for which per-row calls on the runs beat
 #: one call with a folded mask, per dtype (benchmarks/key_runs.py, 4 heads: in fp32, 128
@@ -79,10 +83,22 @@ def _find_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
 _last_runs: tuple = (None, None, None)  # (weakref to the mask, its version, its runs)
 
 
+def kernel_tasks(heads: int, rows: int, backward: bool) -> int:
+    """Parallel tasks of one batch row's call of PyTorch's fused CPU kernel (torch 2.13
+    and 2.14): the forward splits its work over (batch, head, block of 32, 64 or 256
+    query rows, by the query length), the backward over (batch, head) only."""
+    if backward:
+        return heads
+    split = 256 if rows >= 768 else 64 if rows >= 192 else 32
+    return heads * -(-rows // split)
+
+
 def runs_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, causal: str,
                     window: int, dropout_p: float, softcap: float,
-                    key_mask: Optional[Tensor]) -> bool:
-    """Whether the key-run path computes exactly the op's semantics here."""
+                    key_mask: Optional[Tensor], backward: bool = False) -> bool:
+    """Whether the key-run path computes exactly the op's semantics here, and is worth it:
+    besides the size gate, one batch row's call must give every torch thread a task (the
+    masked call has B times as many), else the padding saved is lost to idle threads."""
     if key_mask is None or bias is not None or window or softcap or dropout_p:
         return False
     if not (T.USE_FUSED_SDPA and T._HAS_FUSED) or q.device.type != "cpu":
@@ -93,6 +109,8 @@ def runs_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, 
     if q.shape[-1] != v.shape[-1] or scores < RUNS_MIN_SCORES[q.dtype]:
         return False
     if T._effective_causal(causal, q.shape[2], k.shape[2]) == "bottom_right":
+        return False
+    if q.shape[0] > 1 and kernel_tasks(q.shape[1], q.shape[2], backward) < torch.get_num_threads():
         return False
     return key_runs(key_mask) is not None
 

@@ -20,8 +20,13 @@ _DEFAULT_MIN_SCORES = TR.RUNS_MIN_SCORES
 
 @pytest.fixture(autouse=True)
 def runs_at_every_size(monkeypatch):
-    """The tests' small shapes are below the path's size gate: lift it."""
+    """The tests' small shapes are below the path's size gate: lift it; and one torch
+    thread, so that the task gate (tested on its own) does not depend on the machine."""
     monkeypatch.setattr(TR, "RUNS_MIN_SCORES", dict.fromkeys(TR.RUNS_MIN_SCORES, 0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -186,3 +191,39 @@ def test_mask_of_one_row_serves_every_batch_row(causal):
     assert _runs_path(q, k, v, causal, km) == "runs"
     out, _ = _check(q, k, v, causal=causal, key_mask=km)
     assert (out[1:] != 0).any(-1).all()  # no batch row left at zero
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test (restored after)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_few_tasks_per_row_keep_the_folded_mask(threads):
+    """More torch threads than one batch row's kernel call has tasks: per-row calls would
+    leave threads idle, so the masked call over the whole batch runs instead; the
+    backward (tasks = heads) switches before the forward (heads x query blocks)."""
+    q, k, v = _inputs(b=2, hq=4, hkv=4, lq=200, lk=200, d=8)  # 4 blocks of 64 rows per head
+    km = _padding(2, 200)
+    lse = torch.zeros(2, 4, 200)
+    kw = dict(causal="top_left", dropout_p=0.0, softcap=0.0, key_mask=km)
+    paths = {}
+    for n in (4, 8, 32):
+        threads(n)
+        paths[n] = (T.forward_path(q, k, v, None, **kw),
+                    T.backward_path(q, k, v, None, lse, need_dbias=False, **kw))
+    assert paths == {4: ("runs", "runs"), 8: ("runs", "fused"), 32: ("fused", "fused")}
+    threads(8)  # forward on the runs, backward on the folded mask: still exact
+    _check(q, k, v, causal="top_left", key_mask=km)
+    assert TR.kernel_tasks(4, 200, backward=False) == 16
+    assert TR.kernel_tasks(4, 1024, backward=False) == 16
+    assert TR.kernel_tasks(4, 100, backward=False) == 16
+
+
+def test_one_batch_row_ignores_the_task_count(threads):
+    """With one batch row the masked call has no more tasks than the run's call."""
+    threads(64)
+    q, k, v = _inputs(b=1, hq=2, hkv=2, lq=40, lk=40)
+    assert _runs_path(q, k, v, "none", _padding(1, 40, keep=(0.5,))) == "runs"
