@@ -55,11 +55,12 @@ def key_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
 
     The last answer is remembered for the same tensor object at the same version (the
     path choice, the forward and the backward all ask about one mask)."""
+    global _last_runs
     ref, version, runs = _last_runs
     if ref is not None and ref() is key_mask and version == key_mask._version:
         return runs
     runs = _find_runs(key_mask)
-    globals()["_last_runs"] = (weakref.ref(key_mask), key_mask._version, runs)
+    _last_runs = (weakref.ref(key_mask), key_mask._version, runs)
     return runs
 
 
@@ -108,9 +109,13 @@ def runs_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, 
     scores = q.shape[1] * q.shape[2] * k.shape[2]  # per batch row
     if q.shape[-1] != v.shape[-1] or scores < RUNS_MIN_SCORES[q.dtype]:
         return False
-    if T._effective_causal(causal, q.shape[2], k.shape[2]) == "bottom_right":
+    eff = T._effective_causal(causal, q.shape[2], k.shape[2])
+    if eff == "bottom_right":
         return False
-    if q.shape[0] > 1 and kernel_tasks(q.shape[1], q.shape[2], backward) < torch.get_num_threads():
+    heads, rows = q.shape[1], q.shape[2]
+    if eff == "none" and k.shape[1] != heads:  # GQA folded into the kv heads' rows
+        heads, rows = k.shape[1], rows * (heads // k.shape[1])
+    if q.shape[0] > 1 and kernel_tasks(heads, rows, backward) < torch.get_num_threads():
         return False
     return key_runs(key_mask) is not None
 

@@ -254,3 +254,16 @@ def test_padded_hf_models_take_the_runs_path(name, train, monkeypatch):
     assert R.errors(ref, res.out)[1] <= R.TOL
     if train:
         assert R.grad_errors(ref_grads, R.grads(model))[1] <= R.GRAD_TOL
+
+
+def test_gqa_without_causal_counts_the_kv_heads_tasks(threads):
+    """Non-causal GQA runs with the query groups folded into the kv heads' rows: one kv
+    head's call has one backward task whatever the query heads."""
+    q, k, v = _inputs(b=2, hq=4, hkv=1, lq=200, lk=200, d=8)  # folded rows 800: 4 blocks
+    km = _padding(2, 200)
+    kw = dict(causal="none", dropout_p=0.0, softcap=0.0, key_mask=km)
+    threads(2)
+    assert T.forward_path(q, k, v, None, **kw) == "runs"
+    assert T.backward_path(q, k, v, None, torch.zeros(2, 4, 200), need_dbias=False,
+                           **kw) == "fused"
+    _check(q, k, v, key_mask=km)
