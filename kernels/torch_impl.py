@@ -86,6 +86,7 @@ __all__ = [
     "uses_fused_sdpa",
     "uses_fused_sdpa_backward",
     "fused_sdpa_plan",
+    "key_bounds",
     "dropout_keep_mask",
     "BLOCK_Q",
     "BLOCK_ELEMS",
@@ -140,6 +141,21 @@ def _effective_causal(causal: str, lq: int, lk: int, window: int = 0) -> str:
 def _causal_offset(causal: str, lq: int, lk: int) -> int:
     """Row i sees keys j <= i + offset."""
     return (lk - lq) if causal == "bottom_right" else 0
+
+
+def key_bounds(key_mask: Tensor) -> Tensor:
+    """(B|1, 2) int32 from a bool (B|1, Lk) key_mask: per batch item ``[lo, hi)`` =
+    [first visible key, last visible key + 1]. An item that sees no key gets
+    ``(Lk, 0)``: an empty range. Computed on the mask's device without a host sync
+    (the Triton launcher clips its key loops to these bounds; the CPU key-run path
+    compares their width with the visible count to find contiguous runs)."""
+    rows, n = key_mask.shape
+    if n == 0:
+        return torch.zeros((rows, 2), device=key_mask.device, dtype=torch.int32)
+    j = torch.arange(n, device=key_mask.device, dtype=torch.int32)
+    lo = torch.where(key_mask, j, n).amin(1)          # first visible key; n if none
+    hi = torch.where(key_mask, j + 1, 0).amax(1)      # last visible key + 1; 0 if none
+    return torch.stack((lo, hi), 1).to(torch.int32)
 
 
 def _lastdim_contig(x: Tensor) -> Tensor:

@@ -66,12 +66,9 @@ def key_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
 
 def _find_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
     km = key_mask.to(torch.bool)
-    lk = km.shape[-1]
-    pos = torch.arange(lk)
-    first = torch.where(km, pos, lk).amin(-1)
-    last = torch.where(km, pos, -1).amax(-1)
+    bounds = T.key_bounds(km)
     runs = []
-    for n, s, e in torch.stack((km.sum(-1), first, last + 1), 1).tolist():
+    for n, (s, e) in zip(km.sum(-1).tolist(), bounds.tolist()):
         if n == 0:
             runs.append((0, 0))
         elif e - s != n:  # fewer visible keys than [first, last] holds: a hole

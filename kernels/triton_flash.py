@@ -36,6 +36,7 @@ import triton
 # module reference (not ``from .triton_decode import ...``): triton_decode imports this
 # module too, and only its functions are used here, at call time
 from . import triton_decode as _td
+from .torch_impl import key_bounds
 from .triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .triton_fwd import _attn_fwd
 
@@ -265,19 +266,10 @@ def _key_mask_args(key_mask, B, N, q):
     return key_mask.view(torch.uint8), (sz, key_mask.stride(1)), True   # loads as 0/1
 
 
-def _key_bounds(key_mask: torch.Tensor) -> torch.Tensor:
-    """(B|1, 2) int32 from a bool (B|1, Lk) key_mask: per batch item
-    ``[kv_lo, kv_hi)`` = [first visible key, last visible key + 1], the range of keys
-    the kernels' key loops are clipped to (``triton_fwd._clip_to_key_bounds``).  An
-    item that sees no key gets ``(Lk, 0)``: an empty range.  Computed on the mask's
-    device without a host sync."""
-    rows, n = key_mask.shape
-    if n == 0:
-        return torch.zeros((rows, 2), device=key_mask.device, dtype=torch.int32)
-    j = torch.arange(n, device=key_mask.device, dtype=torch.int32)
-    kv_lo = torch.where(key_mask, j, n).amin(1)          # first visible key; n if none
-    kv_hi = torch.where(key_mask, j + 1, 0).amax(1)      # last visible key + 1; 0 if none
-    return torch.stack((kv_lo, kv_hi), 1).to(torch.int32)
+# [first visible key, last visible key + 1] per batch item, the range the kernels' key
+# loops are clipped to (``triton_fwd._clip_to_key_bounds``); a module-level name so that
+# benchmarks/kernel_io.py can swap it for the unclipped bounds.
+_key_bounds = key_bounds
 
 
 def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor]) -> dict:
