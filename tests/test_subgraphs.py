@@ -29,7 +29,6 @@ import torch.utils.checkpoint as cp
 
 import attnfuse
 from attnfuse.backend import attnfuse_backend, collect_reports
-from attnfuse.passes.subgraphs import graph_modules
 
 import real_models as R
 
@@ -43,6 +42,11 @@ def _line(marker: str) -> int:
             if marker in line and "_line(" not in line:
                 return i
     raise AssertionError(marker)
+
+
+def graph_modules(gm: torch.fx.GraphModule) -> list:
+    """(prefix, module) for ``gm`` and every GraphModule under it (higher-order-op bodies)."""
+    return [(f"{name}." if name else "", m) for name, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule)]
 
 
 def _fused_calls(gm: torch.fx.GraphModule) -> list:
