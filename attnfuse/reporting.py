@@ -45,6 +45,11 @@ JSON schema ``attnfuse.report/1`` (:func:`to_json`; one object)::
                                     "code": str | null, "node": str}
     errors        list[str]             internal errors (the graph was left unchanged)
 
+Node names (``softmax``, ``nodes_removed``, ``node_inserted``, a near miss's ``node``) inside
+a higher-order op's body (an activation-checkpoint region) are qualified with the body's
+attribute path, e.g. ``"wrap_body_0.flash_attention"``; the graph code before / after (diff,
+HTML) is the graph's followed by each body's, under a ``# wrap_body_0:`` line.
+
 Shapes under dynamic compilation are symbolic; ``memory_bytes_per_call`` then uses the
 sizes of the example inputs the graph was compiled with (``memory_note`` says so).
 """
@@ -62,7 +67,7 @@ import torch
 from torch import fx
 
 from attnfuse.passes.axes import meta_val
-from attnfuse.passes.subgraphs import graph_modules
+from attnfuse.passes.subgraphs import graph_code, graph_modules, graph_nodes
 
 SCHEMA = "attnfuse.report/1"
 
@@ -174,21 +179,6 @@ def _memory(detail: FusionDetail, softmax: Optional[fx.Node]) -> None:
     symbolic = not all(isinstance(s, int) for s in shape)
     detail.memory_note = (f"scores {detail.scores_shape} {detail.dtype} + probabilities {detail.probs_dtype}"
                           + (" at the compiled example sizes" if symbolic else ""))
-
-
-def graph_nodes(gm: fx.GraphModule) -> Dict[str, fx.Node]:
-    """Every node of ``gm`` and of the higher-order-op bodies under it, by name; a body's
-    names are qualified with its attribute path (``wrap_body_0.softmax``), as in reports."""
-    return {prefix + n.name: n for prefix, mod in graph_modules(gm) for n in mod.graph.nodes}
-
-
-def graph_code(gm: fx.GraphModule) -> str:
-    """The Python code of ``gm``, followed by that of each higher-order-op body under it
-    (each under a ``# <path>:`` line)."""
-    parts = [gm.code]
-    for prefix, mod in graph_modules(gm)[1:]:
-        parts.append(f"\n# {prefix[:-1]}:\n{mod.code}")
-    return "".join(parts)
 
 
 class GraphSnapshot:

@@ -13,7 +13,8 @@ the same way. Owns:
   the call (activation checkpointing recomputes the rewritten body in the backward; a
   fused call's dropout seed is drawn outside the body, :func:`hoist_seeds`, so the
   recompute reuses the forward's mask under every inner compiler);
-- finding a graph's bodies (:func:`bodies`, :func:`graph_modules`) and giving a body the
+- finding a graph's bodies (:func:`bodies`, :func:`graph_modules`; their nodes and code
+  under qualified names, :func:`graph_nodes`, :func:`graph_code`) and giving a body the
   lifted module buffers its operands are (:func:`body_buffer_values`);
 - :func:`rewrite_graph_and_bodies`: rewrite a graph, then each body of a rewritten HOP
   (recursively); in the bodies of every other HOP, report each softmax as a near miss
@@ -132,6 +133,17 @@ def graph_modules(gm: fx.GraphModule, prefix: str = "") -> List[Tuple[str, fx.Gr
     for b in bodies(gm):
         out += graph_modules(b.module, f"{prefix}{b.name}.")
     return out
+
+
+def graph_nodes(gm: fx.GraphModule) -> Dict[str, fx.Node]:
+    """Every node of ``gm`` and of the bodies under it, by name; a body's names qualified
+    with its attribute path (``wrap_body_0.softmax``), as in reports."""
+    return {prefix + n.name: n for prefix, mod in graph_modules(gm) for n in mod.graph.nodes}
+
+
+def graph_code(gm: fx.GraphModule) -> str:
+    """The Python code of ``gm``, then that of each body under it (after a ``# <path>:`` line)."""
+    return gm.code + "".join(f"\n# {prefix[:-1]}:\n{mod.code}" for prefix, mod in graph_modules(gm)[1:])
 
 
 def body_buffer_values(body: Body, parent_values: Dict[fx.Node, torch.Tensor]) -> Dict[fx.Node, torch.Tensor]:
