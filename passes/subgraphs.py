@@ -104,26 +104,24 @@ def hop_name(node: fx.Node) -> Optional[str]:
 
 
 def bodies(gm: fx.GraphModule) -> List[Body]:
-    """The GraphModules ``gm``'s graph reads with ``get_attr`` (HOP bodies), in graph order."""
-    out: Dict[str, Body] = {}
+    """The GraphModules ``gm``'s graph reads with ``get_attr`` (HOP bodies), in graph order.
+    A body read by anything but HOP calls has no calls (no HOP can be said to own it)."""
+    reads: Dict[str, List[fx.Node]] = {}
     for n in gm.graph.nodes:
-        if n.op != "get_attr" or n.target in out:
-            continue
+        if n.op == "get_attr":
+            reads.setdefault(n.target, []).append(n)
+    out = []
+    for target, nodes in reads.items():
         try:
-            mod = gm.get_submodule(n.target)
+            mod = gm.get_submodule(target)
         except AttributeError:
             continue
         if not isinstance(mod, fx.GraphModule):
             continue
-        calls = [u for u in n.users if hop_name(u) is not None]
-        others = [u for u in n.users if hop_name(u) is None]
-        if others:  # read by something else too: no HOP can be said to own it
-            calls = []
-        for other in gm.graph.nodes:  # the same attribute read through another get_attr node
-            if other is not n and other.op == "get_attr" and other.target == n.target:
-                calls += [u for u in other.users if hop_name(u) is not None]
-        out[n.target] = Body(n.target, mod, tuple(calls), tuple(hop_name(c) for c in calls))
-    return list(out.values())
+        users = [u for n in nodes for u in n.users]
+        calls = tuple(users) if users and all(hop_name(u) is not None for u in users) else ()
+        out.append(Body(target, mod, calls, tuple(hop_name(c) for c in calls)))
+    return out
 
 
 def graph_modules(gm: fx.GraphModule, prefix: str = "") -> List[Tuple[str, fx.GraphModule]]:

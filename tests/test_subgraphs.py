@@ -325,3 +325,17 @@ def test_unrecognised_softmax_spelling_is_reported():
     m, = [m for r in reports for m in r.near_misses]
     assert m.kind == "unsupported_op" and "_safe_softmax" in m.reason
     assert m.location == f"{HERE}:{_line('# safe softmax')}"
+
+
+def test_sweep_reports_a_softmax_the_matcher_gave_no_decision(monkeypatch):
+    """The backstop: a path of the matcher that returns no decision (None, as it did for a softmax over a
+    graph input) still leaves a near miss for the softmax."""
+    import attnfuse.passes.rewrite as PR
+
+    monkeypatch.setattr(PR, "match_softmax", lambda *a, **k: None)
+    gm = torch.fx.symbolic_trace(lambda q, k, v: (q @ k.transpose(-2, -1)).softmax(-1) @ v)
+    qkv = tuple(torch.randn(2, 8, 4) for _ in range(3))
+    res = attnfuse.rewrite(gm, qkv, strict=True)
+    m, = res.report.near_misses
+    assert m.kind == "undecided" and m.softmax == "softmax" and "no decision" in m.reason
+    torch.testing.assert_close(res.graph_module(*qkv), (qkv[0] @ qkv[1].transpose(-2, -1)).softmax(-1) @ qkv[2])
