@@ -111,7 +111,15 @@ def _inner_compiler(name: str) -> Callable:
 
 
 def _set_impl(gm: fx.GraphModule, impl: str) -> None:
-    """Make every fused-op call in ``gm`` use ``impl``."""
+    """Make every fused-op call in ``gm`` (and in the higher-order-op bodies under it) use ``impl``."""
+    from attnfuse.passes.subgraphs import graph_modules
+
+    for _, mod in graph_modules(gm):
+        _set_impl_in(mod, impl)
+
+
+def _set_impl_in(gm: fx.GraphModule, impl: str) -> None:
+    """Make every fused-op call in ``gm``'s own graph use ``impl``."""
     ops = (torch.ops.attnfuse.flash_attention, torch.ops.attnfuse.flash_attention.default)
     changed = False
     for node in gm.graph.nodes:
@@ -177,7 +185,14 @@ def _inline_small_calls(gm: fx.GraphModule) -> int:
     """Replace each fused-op call on CPU small enough for Inductor's own kernels to win
     (:func:`attnfuse.kernels.torch_inline.inline_applicable`) by
     :func:`~attnfuse.kernels.torch_inline.inline_attention`, which Inductor traces and
-    fuses; returns how many were replaced."""
+    fuses, in ``gm`` and in the higher-order-op bodies under it; returns how many were replaced."""
+    from attnfuse.passes.subgraphs import graph_modules
+
+    return sum(_inline_small_calls_in(mod) for _, mod in graph_modules(gm))
+
+
+def _inline_small_calls_in(gm: fx.GraphModule) -> int:
+    """:func:`_inline_small_calls` for ``gm``'s own graph."""
     from attnfuse.kernels import torch_inline
     from attnfuse.op import flash_attention_op
 
@@ -213,11 +228,11 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
     """Rewrite ``gm`` in place; returns its report. Restores the graph on an internal error."""
     from attnfuse import reporting
     from attnfuse.passes.report import Report
-    from attnfuse.rewrite import copy_graph, rewrite
+    from attnfuse.rewrite import backup_graphs, restore_graphs, rewrite
 
     start = time.perf_counter()
     try:
-        backup = copy_graph(gm.graph)
+        backup = backup_graphs(gm)
     except Exception as e:  # noqa: BLE001  (cannot restore: do not rewrite at all)
         if strict:
             raise
@@ -238,8 +253,7 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
         msg = f"attnfuse: internal error while rewriting graph {graph_id} ({type(e).__name__}: {e}); " \
               "the graph is compiled unchanged"
         _warn(msg)
-        gm.graph = backup
-        gm.recompile()
+        restore_graphs(backup)
         report = reporting.GraphReport(Report(errors=[f"{type(e).__name__}: {e}"]))
         backup = None
     elapsed = time.perf_counter() - start
@@ -321,6 +335,6 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling it unfused")
         _warn(msg)
         report.errors.append(f"inner compiler: {type(e).__name__}: {e}")
-        gm.graph = backup
-        gm.recompile()
+        from attnfuse.rewrite import restore_graphs
+        restore_graphs(backup)
         return compiler(gm, example_inputs)

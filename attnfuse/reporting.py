@@ -45,6 +45,11 @@ JSON schema ``attnfuse.report/1`` (:func:`to_json`; one object)::
                                     "code": str | null, "node": str}
     errors        list[str]             internal errors (the graph was left unchanged)
 
+Node names (``softmax``, ``nodes_removed``, ``node_inserted``, a near miss's ``node``) inside
+a higher-order op's body (an activation-checkpoint region) are qualified with the body's
+attribute path, e.g. ``"wrap_body_0.flash_attention"``; the graph code before / after (diff,
+HTML) is the graph's followed by each body's, under a ``# wrap_body_0:`` line.
+
 Shapes under dynamic compilation are symbolic; ``memory_bytes_per_call`` then uses the
 sizes of the example inputs the graph was compiled with (``memory_note`` says so).
 """
@@ -62,6 +67,7 @@ import torch
 from torch import fx
 
 from attnfuse.passes.axes import meta_val
+from attnfuse.passes.subgraphs import graph_code, graph_modules, graph_nodes
 
 SCHEMA = "attnfuse.report/1"
 
@@ -177,17 +183,20 @@ def _memory(detail: FusionDetail, softmax: Optional[fx.Node]) -> None:
 
 class GraphSnapshot:
     """What the renderers need of a graph before it is rewritten in place: each node (erased
-    nodes keep their metadata), its printed form and its inputs, by name."""
+    nodes keep their metadata), its printed form and its inputs, by (qualified) name, for the
+    graph and the higher-order-op bodies under it."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.code = gm.code
+        self.code = graph_code(gm)
         self.nodes: Dict[str, fx.Node] = {}
         self.text: Dict[str, str] = {}
         self.inputs: Dict[str, List[str]] = {}
-        for n in gm.graph.nodes:
-            self.nodes[n.name] = n
-            self.text[n.name] = n.format_node() or n.name
-            self.inputs[n.name] = [a.name for a in n.all_input_nodes]
+        for prefix, mod in graph_modules(gm):
+            for n in mod.graph.nodes:
+                name = prefix + n.name
+                self.nodes[name] = n
+                self.text[name] = n.format_node() or n.name
+                self.inputs[name] = [prefix + a.name for a in n.all_input_nodes]
 
 
 def _subgraph(start: List[str], allowed: set, neighbours) -> List[str]:
@@ -223,8 +232,9 @@ def build_context(report: Any, before: GraphSnapshot, after_gm: Optional[fx.Grap
     """Details of ``report`` from a snapshot of the graph taken before the rewrite and the
     module after it."""
     ctx = GraphContext(name=name, before_code=before.code, pass_time_s=pass_time_s,
-                       after_code=after_gm.code if after_gm is not None else None)
-    after_nodes = {n.name: n for n in after_gm.graph.nodes} if after_gm is not None else {}
+                       after_code=graph_code(after_gm) if after_gm is not None else None)
+    after_nodes = graph_nodes(after_gm) if after_gm is not None else {}
+    after_name = {n: name for name, n in after_nodes.items()}
     gone = set(before.nodes) - set(after_nodes)
     new = set(after_nodes) - set(before.nodes)
     users: Dict[str, List[str]] = {}
@@ -248,16 +258,18 @@ def build_context(report: Any, before: GraphSnapshot, after_gm: Optional[fx.Grap
                                         lambda n: _label(before.nodes.get(n)))
         call = after_nodes.get(f.node_inserted)
         if call is not None:
-            inserted = _subgraph([call.name], new | {call.name},
-                                 lambda n: [m.name for m in after_nodes[n].all_input_nodes] +
-                                 [m.name for m in after_nodes[n].users])
+            inserted = _subgraph([f.node_inserted], new | {f.node_inserted},
+                                 lambda n: [after_name.get(m, m.name) for m in after_nodes[n].all_input_nodes] +
+                                 [after_name.get(m, m.name) for m in after_nodes[n].users])
             d.after = [after_nodes[n].format_node() or n for n in after_nodes if n in set(inserted)]
             d.after_graph = _picture_graph([n for n in after_nodes if n in set(inserted)],
-                                           lambda n: [m.name for m in after_nodes[n].all_input_nodes],
+                                           lambda n: [after_name.get(m, m.name) for m in after_nodes[n].all_input_nodes],
                                            lambda n: _label(after_nodes.get(n)))
         ctx.fusions.append(d)
     for m in report.near_misses:
-        ctx.near_miss_code.append(_code_of(before.nodes.get(m.node), m.location))
+        # the code line of the softmax (the near miss's location), else of the node it names
+        node = before.nodes.get(getattr(m, "softmax", "") or "") or before.nodes.get(m.node)
+        ctx.near_miss_code.append(_code_of(node, m.location))
     return ctx
 
 

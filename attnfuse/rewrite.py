@@ -18,15 +18,23 @@ buffer is proven causal. This assumes such a buffer is not mutated in place afte
 compiling (the assumption inductor's freezing makes); user inputs and parameters are
 never read. Shape propagation still runs only when nodes lack shape metadata.
 
-GraphModules are rewritten in place and also returned. An internal error never
-escapes: the graph comes back unchanged with a warning (``strict=True`` raises).
+Inside a graph, the bodies of activation checkpointing (``tag_activation_checkpoint``,
+from ``torch.utils.checkpoint``, Hugging Face's ``gradient_checkpointing_enable()``,
+``checkpoint_wrapper``) and of dynamo's ``wrap`` are rewritten too; softmaxes in the
+bodies of other higher-order ops (``cond``, ``while_loop``, ``map``, ``invoke_subgraph``,
+custom ``autograd.Function``s, ...) are reported as near misses
+(:mod:`attnfuse.passes.subgraphs`). Every softmax left anywhere in the graph has a near
+miss with its reason (:mod:`attnfuse.passes.sweep`).
+
+GraphModules are rewritten in place (bodies included) and also returned. An internal error
+never escapes: the graph comes back unchanged with a warning (``strict=True`` raises).
 """
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -36,6 +44,7 @@ from attnfuse.passes import consts as C
 from attnfuse.passes.report import Report
 from attnfuse.reporting import GraphReport, GraphSnapshot, build_context
 from attnfuse.passes.rewrite import rewrite_graph
+from attnfuse.passes.subgraphs import graph_modules, rewrite_graph_and_bodies
 
 
 @dataclass
@@ -79,6 +88,22 @@ def copy_graph(g: fx.Graph) -> fx.Graph:
     return new
 
 
+GraphBackup = List[Tuple[fx.GraphModule, fx.Graph]]
+
+
+def backup_graphs(gm: fx.GraphModule) -> GraphBackup:
+    """A copy of the graph of ``gm`` and of every higher-order-op body under it (the rewrite
+    changes bodies in place too), for :func:`restore_graphs`."""
+    return [(mod, copy_graph(mod.graph)) for _, mod in graph_modules(gm)]
+
+
+def restore_graphs(backup: GraphBackup) -> None:
+    """Put back every graph :func:`backup_graphs` copied."""
+    for mod, graph in backup:
+        mod.graph = graph
+        mod.recompile()
+
+
 def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, strict: bool = False) -> RewriteResult:
     """Fuse every provable hand-written attention in the graph; see the module doc."""
     gm = _to_graph_module(gm_or_module, example_inputs)
@@ -93,13 +118,13 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
             return RewriteResult(gm, GraphReport(Report(errors=[f"shape propagation: {e!r}"])))
     snapshot = _snapshot(gm)
     start = time.perf_counter()
-    backup_graph = copy_graph(gm.graph)
+    backup = backup_graphs(gm)
     try:
         buffers = C.module_buffer_values(gm, example_inputs)
         if buffers:
             setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
         try:
-            report = rewrite_graph(gm)
+            report = rewrite_graph_and_bodies(gm, rewrite_graph)  # each graph: this module's rewrite_graph
         finally:
             if buffers:
                 delattr(gm, C.BUFFER_VALUES_ATTR)
@@ -107,8 +132,7 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
         if strict:
             raise
         warnings.warn(f"attnfuse.rewrite: internal error ({type(e).__name__}: {e}); graph left unchanged")
-        gm.graph = backup_graph
-        gm.recompile()
+        restore_graphs(backup)
         return RewriteResult(gm, GraphReport(Report(errors=[f"{type(e).__name__}: {e}"])))
     return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start))
 

@@ -19,6 +19,7 @@ from attnfuse.passes import consts as C
 from attnfuse.passes import ops as O
 from attnfuse.passes.matmul import MMSpec, decomposed_matmul, mm_spec
 from attnfuse.passes.assemble import assemble, tags_through_views, view_tags
+from attnfuse.passes.breaks import probs_to_output, scores_from_input
 from attnfuse.passes.decomposed import product_above, product_below
 from attnfuse.passes.types import AttentionMatch, NearMiss, Result, Term, Miss as _Miss, location_of
 
@@ -269,6 +270,8 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
             raise _Miss("probs_other_users",
                         f"probabilities {cur.name} are used by {', '.join(u.name for u in users)}", cur)
         u = users[0]
+        if u.op == "output":  # P·V is not in this graph: a graph break or a subgraph's edge
+            raise _Miss(*probs_to_output(cur, gm), cur)
         op = O.classify(u, gm)
         if op is None:
             raise _Miss("after_softmax", f"{_name(u)} between the softmax and P·V", u)
@@ -388,7 +391,10 @@ def _decomposed_dropout(u: fx.Node, op: O.Op, cur: fx.Node, gm):
 # ---------------------------------------------------------------------------
 
 def match_softmax(sm: fx.Node, gm, order: Dict[fx.Node, int], memo: Dict) -> Optional[Result]:
-    """Match the attention around softmax ``sm``; None when it is plainly not attention."""
+    """Match the attention around softmax ``sm``: an :class:`AttentionMatch`, or a
+    :class:`NearMiss` saying why not (also for a softmax that is plainly not attention, e.g.
+    over an input of the graph). None would mean "no decision"; no path returns it, and
+    :mod:`.sweep` reports any softmax left without a near miss."""
     op = O.classify(sm, gm)
     ctx = {"gm": gm, "order": order, "memo": memo, "tags": {}}
     try:
@@ -406,10 +412,12 @@ def match_softmax(sm: fx.Node, gm, order: Dict[fx.Node, int], memo: Dict) -> Opt
             except _Miss:
                 raise first
     except _Miss as m:
-        if m.kind in ("no_qk_matmul", "no_pv_matmul") and op.kind == O.SOFTMAX and \
-                m.node is not None and m.node.op == "placeholder":
-            return None
-        return NearMiss(m.kind, m.reason, location_of(sm), (m.node or sm).name)
+        if m.kind == "no_qk_matmul" and m.node is not None and m.node.op == "placeholder":
+            # the scores are an input of this graph: a graph break or a higher-order op's
+            # boundary may have split an attention here; say so (never silently skipped)
+            kind, reason = scores_from_input(sm, m.node, gm)
+            return NearMiss(kind, reason, location_of(sm), m.node.name, softmax=sm.name)
+        return NearMiss(m.kind, m.reason, location_of(sm), (m.node or sm).name, softmax=sm.name)
 
 
 def _match(sm: fx.Node, op: O.Op, ctx) -> Result:

@@ -44,7 +44,8 @@ def find_matches(gm: fx.GraphModule):
         if isinstance(res, NearMiss):
             misses.append(res)
         elif any(r in claimed for r in res.removed):
-            misses.append(NearMiss("unsupported_op", "overlaps another attention", res.location, n.name))
+            misses.append(NearMiss("unsupported_op", "overlaps another attention", res.location, n.name,
+                                   softmax=n.name))
         else:
             claimed.update(res.removed)
             matches.append(res)

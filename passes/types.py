@@ -27,10 +27,15 @@ class View4:
 
 @dataclass(frozen=True)
 class NearMiss:
+    """Why a softmax was not fused: ``kind`` (a code), ``reason`` (a sentence), ``location``
+    ("file:line" of the softmax), ``node`` (the node the reason is about) and ``softmax``
+    (the softmax node it is about; "" where unknown). Inside a higher-order op's body both
+    names are qualified with the body's attribute path (``wrap_body_0.softmax``)."""
     kind: str
     reason: str
     location: Optional[str]
     node: str
+    softmax: str = ""
 
 
 @dataclass

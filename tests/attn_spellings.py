@@ -1875,6 +1875,10 @@ def check_case(case: Case, dialect: str, *, train: bool = False, strict: bool = 
     with torch.no_grad():
         got = out_gm(*clone_inputs(ex))
     assert_outputs_close(got, expected, atol=case.atol, rtol=case.rtol, msg="rewritten graph output differs")
+    # no silent miss: every softmax left in the graph is named by a near miss (its softmax, else its node)
+    named = {getattr(nm, "softmax", "") or nm.node for nm in result.report.near_misses}
+    silent = [n.name for n in softmax_nodes(out_gm) if n.name not in named]
+    assert not silent, f"softmax node(s) {silent} left without a near miss: {result.report.to_text()}"
     if fused:
         left = len(softmax_nodes(out_gm))
         assert left == n_softmax_before - len(fused), f"{left} softmax nodes left after fusing {len(fused)}"

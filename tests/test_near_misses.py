@@ -10,7 +10,7 @@ from attn_spellings import NEAR_MISSES, SQUARE_DATAFLOW, check_case
 
 CONTRACT_KINDS = {"softmax_axis", "log_softmax", "probs_other_users", "after_softmax", "mask_fill_value",
                   "key_varying_scale", "scores_other_users", "qk_contraction", "pv_contraction", "no_qk_matmul",
-                  "no_pv_matmul", "unsupported_op", "*"}
+                  "no_pv_matmul", "unsupported_op", "graph_break", "in_subgraph", "undecided", "*"}
 
 CASES = [pytest.param(c, d, id=f"{c.name}-{d}") for c in NEAR_MISSES.values() for d in c.dialects]
 
