@@ -14,9 +14,13 @@ Accepts:
 For a dynamo graph (the torch.compile backend passes its ``example_inputs``), the
 placeholders that dynamo lifted from registered module buffers (``node.meta["grapharg"]``
 source ``<module>._buffers[name]``) are read as constants, so nanoGPT's sliced ``tril``
-buffer is proven causal. This assumes such a buffer is not mutated in place after
-compiling (the assumption inductor's freezing makes); user inputs and parameters are
-never read. Shape propagation still runs only when nodes lack shape metadata.
+buffer is proven causal; ``result.buffers_read`` lists the ones a proof read, and whoever
+runs the graph must check them at run time (the backend does: :mod:`attnfuse.witness`).
+The values of a GraphModule's own tensors (``get_attr``: buffers, parameters, traced
+constants) are never read, since nothing would check them when they change: a
+``symbolic_trace`` graph's ``tril`` buffer mask stays a (fused) mask tensor. User inputs
+and parameters are never read. Shape propagation still runs only when nodes lack shape
+metadata.
 
 GraphModules are rewritten in place and also returned. An internal error never
 escapes: the graph comes back unchanged with a warning (``strict=True`` raises).
@@ -25,8 +29,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import fx
@@ -45,6 +49,9 @@ class RewriteResult:
     renderers ``to_text()``, ``to_json()``, ``diff()``, ``to_html(path)``)."""
     graph_module: fx.GraphModule
     report: GraphReport
+    buffers_read: Dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+    """Placeholders (lifted module buffers) whose values a proof read, with those values:
+    the rewrite holds only while the buffers keep them (see :mod:`attnfuse.witness`)."""
 
     @property
     def fused(self) -> int:
@@ -110,7 +117,8 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
         gm.graph = backup_graph
         gm.recompile()
         return RewriteResult(gm, GraphReport(Report(errors=[f"{type(e).__name__}: {e}"])))
-    return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start))
+    read = {n: buffers[n] for n in buffers.read} if report.fusions else {}
+    return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start), read)
 
 
 def _snapshot(gm: fx.GraphModule) -> Optional[GraphSnapshot]:

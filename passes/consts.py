@@ -7,11 +7,13 @@ size-built mask is probed at (:func:`size_assignments`, :func:`probe_sizes`; the
 proofs that such a mask is a causal band live in :mod:`.bands`). Nothing is
 guessed: anything not evaluable is ``None``.
 
-Constants it may read: literals, ``get_attr`` buffers, sizes the graph is specialised
-to, and (dynamo graphs, given the backend's ``example_inputs``) placeholders that dynamo
-lifted from registered module buffers (:func:`is_module_buffer_placeholder`); this
-assumes such a buffer is not mutated in place after compiling (as inductor's freezing
-does). User inputs are never read. ``x.dtype`` reads the traced dtype from metadata (the
+Constants it may read: literals, sizes the graph is specialised to, and (dynamo graphs,
+given the backend's ``example_inputs``) placeholders that dynamo lifted from registered
+module buffers (:func:`is_module_buffer_placeholder`), through a :class:`BufferValues`
+that records each read so that the backend can check those buffers at run time. The
+values of ``get_attr`` tensors (buffers, parameters and traced constants of a
+GraphModule) are never read: they can change after the rewrite and nothing would check
+them (:func:`state_reads` names them for the near-miss notes). User inputs are never read. ``x.dtype`` reads the traced dtype from metadata (the
 rewrite is specialised to the traced dtypes anyway); ``x.device`` evaluates on the CPU.
 With ``axis_sizes`` a size query of an axis proven (by dataflow) to be the query or key
 length evaluates to a chosen value: how symbolic_trace's run-time masks are proven causal.
@@ -74,13 +76,29 @@ def _lifted_buffer_after_compile(node: fx.Node) -> bool:
     return bool(name) and any(isinstance(f, str) and f.split(".")[-1] == name for f in fqns.values())
 
 
-def module_buffer_values(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, torch.Tensor]:
+class BufferValues(Dict[fx.Node, torch.Tensor]):
+    """Placeholder -> value of the lifted module buffers the matcher may read, recording
+    which ones it did read (``read``): a fusion proven from a buffer's values holds only
+    while the buffer keeps them, so the caller must check them at run time
+    (:mod:`attnfuse.witness`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set = set()
+
+    def __getitem__(self, n: fx.Node) -> torch.Tensor:
+        self.read.add(n)
+        return super().__getitem__(n)
+
+
+def module_buffer_values(gm: fx.GraphModule, example_inputs) -> BufferValues:
     """Concrete values of the placeholders that are lifted module buffers (nanoGPT's ``tril``).
 
     ``example_inputs`` are what dynamo hands its backend: real tensors for lifted
-    parameters and buffers. Reading a buffer's value assumes it is not mutated in place
-    after compiling (the assumption inductor's freezing makes); user inputs are never read."""
-    out: Dict[fx.Node, torch.Tensor] = {}
+    parameters and buffers. A buffer can change after compiling (``fill_``, reassignment,
+    ``load_state_dict``): whoever passes these values must check the ones read
+    (``.read``) at run time, as the backend does; user inputs are never read."""
+    out = BufferValues()
     if example_inputs is None:
         return out
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -91,6 +109,31 @@ def module_buffer_values(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, to
                 and not x.requires_grad and x.numel() <= _MAX_ELEMS:
             out[n] = x
     return out
+
+
+def state_reads(node: Any, gm) -> List[str]:
+    """Names of the ``get_attr`` tensors ``node`` is computed from (within a few nodes): module
+    state whose values the matcher does not read (see the module doc)."""
+    names, seen, todo = [], set(), [node]
+    while todo and len(seen) < 4 * _MAX_NODES:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.Tensor):
+            names.append(str(n.target))
+        todo += n.all_input_nodes
+    return sorted(set(names))
+
+
+def _attr(gm, target: str) -> Any:
+    obj = gm
+    try:
+        for part in target.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None
+    return obj
 
 
 class _NotConst(Exception):
@@ -167,6 +210,8 @@ def _eval(a: Any, gm, memo: Dict, budget, subs=None) -> Any:
         obj = gm
         for part in n.target.split("."):
             obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor):
+            raise _NotConst  # module state: its values may change after the rewrite (see the module doc)
         val = obj
     elif n.op == "placeholder" and n in (getattr(gm, BUFFER_VALUES_ATTR, None) or {}):
         val = getattr(gm, BUFFER_VALUES_ATTR)[n]  # a lifted module buffer (see module_buffer_values)
