@@ -39,6 +39,12 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   report counts these calls (``report.inlined``); they stay fusions. ``False`` keeps
   every call on the op's runtime kernels.
 
+A mask proven from the values of a module buffer that dynamo lifted to a graph input
+(nanoGPT's ``tril``) is checked at every call: the compiled callable is a
+:class:`attnfuse.witness.WitnessedGraph`, which runs the fused graph while the buffer
+keeps the proven values and otherwise a fallback (the graph rewritten without reading
+any buffer), compiled once on the first call that needs it, with a ``RuntimeWarning``.
+
 Calls are matched and fused at every length: the rewrite never depends on the
 sequence length; only the CPU lowering of small calls does (``cpu_inline``).
 

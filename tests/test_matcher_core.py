@@ -263,10 +263,20 @@ def test_nanogpt_tril_buffer_becomes_causal():
 
     m = Fn(f, bias=torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
     q, k, v = qkv()
+    # dynamo lifts the buffer to an input: proven from its values, which the caller must
+    # check at run time (result.buffers_read; the backend does, tests/test_witness.py)
+    gm, ex = dynamo_graph(m, (q, k, v))
+    res = attnfuse.rewrite(gm, ex, strict=True)
+    fus = res.report.fusions
+    assert len(fus) == 1 and fus[0].causal == "top_left" and fus[0].bias == "none"
+    assert [n.name for n in res.buffers_read] == ["l_s_buffers_bias_"]
+    torch.testing.assert_close(gm(*ex), m(q, k, v))
+    # a GraphModule's own buffer (get_attr) could change unchecked: it stays a mask tensor
     for gm in (torch.fx.symbolic_trace(m), make_fx(m)(q, k, v)):
         res = attnfuse.rewrite(gm, (q, k, v), strict=True)
         fus = res.report.fusions
-        assert len(fus) == 1 and fus[0].causal == "top_left" and fus[0].bias == "none"
+        assert len(fus) == 1 and fus[0].causal == "none" and fus[0].bias != "none", fus
+        assert "module state" in fus[0].masks[0] and not res.buffers_read
         torch.testing.assert_close(gm(q, k, v), m(q, k, v))
 
 
