@@ -16,9 +16,11 @@ placeholders that dynamo lifted from registered module buffers (``node.meta["gra
 source ``<module>._buffers[name]``) are read as constants, so nanoGPT's sliced ``tril``
 buffer is proven causal; ``result.buffers_read`` lists the ones a proof read, and whoever
 runs the graph must check them at run time (the backend does: :mod:`attnfuse.witness`).
-The values of a GraphModule's own tensors (``get_attr``: buffers, parameters, traced
-constants) are never read, since nothing would check them when they change: a
-``symbolic_trace`` graph's ``tril`` buffer mask stays a (fused) mask tensor. User inputs
+The values of a GraphModule's module state (``get_attr`` buffers and parameters under the
+user's names, and, for a module ``rewrite`` traces itself, the constants ``make_fx`` makes of
+them) are never read, since nothing would check them when they change: a nanoGPT ``tril``
+buffer mask stays a (fused) mask tensor here. Constants the tracer created
+(``_tensor_constant<N>``: a literal, an ``arange`` of fixed size) are read. User inputs
 and parameters are never read. Shape propagation still runs only when nodes lack shape
 metadata.
 
@@ -103,13 +105,16 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
     backup_graph = copy_graph(gm.graph)
     try:
         buffers = C.module_buffer_values(gm, example_inputs)
-        if buffers:
-            setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
+        setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
+        if gm is not gm_or_module and isinstance(gm_or_module, torch.nn.Module):
+            # make_fx keeps the traced module's buffers as constants: they stay module state
+            setattr(gm, C.STATE_STORAGES_ATTR, C.state_storages(gm_or_module))
         try:
             report = rewrite_graph(gm)
         finally:
-            if buffers:
-                delattr(gm, C.BUFFER_VALUES_ATTR)
+            for attr in (C.BUFFER_VALUES_ATTR, C.STATE_STORAGES_ATTR):
+                if hasattr(gm, attr):
+                    delattr(gm, attr)
     except Exception as e:  # noqa: BLE001
         if strict:
             raise

@@ -10,10 +10,11 @@ guessed: anything not evaluable is ``None``.
 Constants it may read: literals, sizes the graph is specialised to, and (dynamo graphs,
 given the backend's ``example_inputs``) placeholders that dynamo lifted from registered
 module buffers (:func:`is_module_buffer_placeholder`), through a :class:`BufferValues`
-that records each read so that the backend can check those buffers at run time. The
-values of ``get_attr`` tensors (buffers, parameters and traced constants of a
-GraphModule) are never read: they can change after the rewrite and nothing would check
-them (:func:`state_reads` names them for the near-miss notes). User inputs are never read. ``x.dtype`` reads the traced dtype from metadata (the
+that records each read so that the backend can check those buffers at run time, and the
+constants a tracer created (``get_attr`` ``_tensor_constant<N>``). The values of a
+GraphModule's module state (``get_attr`` buffers and parameters, :func:`is_module_state`)
+are never read: they can change after the rewrite and nothing would check them
+(:func:`state_reads` names them for the notes). User inputs are never read. ``x.dtype`` reads the traced dtype from metadata (the
 rewrite is specialised to the traced dtypes anyway); ``x.device`` evaluates on the CPU.
 With ``axis_sizes`` a size query of an axis proven (by dataflow) to be the query or key
 length evaluates to a chosen value: how symbolic_trace's run-time masks are proven causal.
@@ -34,6 +35,7 @@ _RANDOM = ("rand", "randn", "randint", "dropout", "bernoulli", "normal", "unifor
 
 
 BUFFER_VALUES_ATTR = "_attnfuse_buffer_values"
+STATE_STORAGES_ATTR = "_attnfuse_state_storages"
 
 
 def is_module_buffer_placeholder(node: fx.Node) -> bool:
@@ -111,6 +113,32 @@ def module_buffer_values(gm: fx.GraphModule, example_inputs) -> BufferValues:
     return out
 
 
+def is_module_state(gm, node: fx.Node, t: torch.Tensor) -> bool:
+    """Whether the ``get_attr`` tensor ``node`` of ``gm`` is module state, whose values the user
+    may change after the rewrite, rather than a constant of the traced program.
+
+    Tracers name the constants they create ``_tensor_constant<N>``; any other name is a
+    buffer or parameter under the user's own name (``bias``, ``blocks.0.attn.bias``). A
+    constant is state too when it is the module's tensor after all: in an aten graph
+    (``make_fx``) a literal reaches the graph through ``lift_fresh_copy``, so a constant
+    read directly is a tensor the traced code captured (a buffer); in a ``symbolic_trace``
+    graph a constant is a value computed at trace time, state only when it is a view of
+    another tensor (a buffer sliced at trace time); and any constant sharing storage with
+    the tensors of a module the caller traced (:data:`STATE_STORAGES_ATTR`) is state."""
+    if not str(node.target).rsplit(".", 1)[-1].startswith("_tensor_constant"):
+        return True
+    if t.untyped_storage().data_ptr() in (getattr(gm, STATE_STORAGES_ATTR, None) or ()):
+        return True
+    if any(isinstance(u.target, torch._ops.OpOverload) for u in node.users):
+        return any("lift_fresh" not in str(u.target) for u in node.users)
+    return t._base is not None
+
+
+def state_storages(module: torch.nn.Module) -> set:
+    """The storages of ``module``'s parameters and buffers (see :func:`is_module_state`)."""
+    return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+
+
 def state_reads(node: Any, gm) -> List[str]:
     """Names of the ``get_attr`` tensors ``node`` is computed from (within a few nodes): module
     state whose values the matcher does not read (see the module doc)."""
@@ -120,7 +148,8 @@ def state_reads(node: Any, gm) -> List[str]:
         if not isinstance(n, fx.Node) or n in seen:
             continue
         seen.add(n)
-        if n.op == "get_attr" and isinstance(_attr(gm, n.target), torch.Tensor):
+        t = _attr(gm, n.target) if n.op == "get_attr" else None
+        if isinstance(t, torch.Tensor) and is_module_state(gm, n, t):
             names.append(str(n.target))
         todo += n.all_input_nodes
     return sorted(set(names))
@@ -210,8 +239,8 @@ def _eval(a: Any, gm, memo: Dict, budget, subs=None) -> Any:
         obj = gm
         for part in n.target.split("."):
             obj = getattr(obj, part)
-        if isinstance(obj, torch.Tensor):
-            raise _NotConst  # module state: its values may change after the rewrite (see the module doc)
+        if isinstance(obj, torch.Tensor) and is_module_state(gm, n, obj):
+            raise _NotConst  # its values may change after the rewrite (see the module doc)
         val = obj
     elif n.op == "placeholder" and n in (getattr(gm, BUFFER_VALUES_ATTR, None) or {}):
         val = getattr(gm, BUFFER_VALUES_ATTR)[n]  # a lifted module buffer (see module_buffer_values)

@@ -124,20 +124,18 @@ def test_rewrite_of_a_graph_module_does_not_bake_its_buffer():
     """A GraphModule's own buffers (get_attr) can change after the rewrite and nothing would
     check them: the mask stays a (fused) mask tensor, and a change to it is seen."""
     def f(s, q, k, v):
-        att = (q @ k.transpose(-2, -1)) * 0.35
-        att = att.masked_fill(s.bias[:, :, :5, :5] == 0, float("-inf"))
-        return torch.softmax(att, dim=-1) @ v
+        return torch.softmax(torch.where(s.keep, q @ k.transpose(-2, -1) * 0.35, float("-inf")), dim=-1) @ v
 
-    m = Fn(f, bias=torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
+    m = Fn(f, keep=torch.tril(torch.ones(5, 5, dtype=torch.bool)))
     q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
     gm = torch.fx.symbolic_trace(m)
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == ["keep"]
     res = attnfuse.rewrite(gm, (q, k, v), strict=True)
     (fusion,) = res.report.fusions
     assert fusion.causal == "none" and fusion.bias != "none"
     assert any("module state" in note for note in fusion.masks)
     assert (gm(q, k, v) - m(q, k, v)).abs().max() < 1e-5
-    (attr,) = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
     with torch.no_grad():
-        gm.get_buffer(attr).fill_(False)  # the traced mask: nothing masked any more
-    unmasked = torch.softmax(q @ k.transpose(-2, -1) * 0.35, dim=-1) @ v
-    assert (gm(q, k, v) - unmasked).abs().max() < 1e-5
+        m.keep.fill_(True)  # the GraphModule holds the same tensor
+    assert gm.keep is m.keep
+    assert (gm(q, k, v) - m(q, k, v)).abs().max() < 1e-5
