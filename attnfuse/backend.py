@@ -39,6 +39,12 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   report counts these calls (``report.inlined``); they stay fusions. ``False`` keeps
   every call on the op's runtime kernels.
 
+A mask proven from the values of a module buffer that dynamo lifted to a graph input
+(nanoGPT's ``tril``) is checked at every call: the compiled callable is a
+:class:`attnfuse.witness.WitnessedGraph`, which runs the fused graph while the buffer
+keeps the proven values and otherwise a fallback (the graph rewritten without reading
+any buffer), compiled once on the first call that needs it, with a ``RuntimeWarning``.
+
 Calls are matched and fused at every length: the rewrite never depends on the
 sequence length; only the CPU lowering of small calls does (``cpu_inline``).
 
@@ -238,13 +244,14 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
             raise
         msg = f"attnfuse: cannot copy graph {graph_id} ({type(e).__name__}: {e}); it is compiled unchanged"
         _warn(msg)
-        return reporting.GraphReport(Report(errors=[msg])), time.perf_counter() - start, None
+        return reporting.GraphReport(Report(errors=[msg])), time.perf_counter() - start, None, {}
     try:
         # strict here: the backend does its own restore so that any error (the pass's or
         # ours, e.g. in _set_impl) leaves the graph exactly as dynamo handed it over.
         # dynamo graphs carry example_value meta, so no shape propagation runs; the example
         # inputs only give the values of lifted module buffers (e.g. a causal ``tril``)
-        report = rewrite(gm, example_inputs, strict=True).report
+        result = rewrite(gm, example_inputs, strict=True)
+        report, buffers_read = result.report, result.buffers_read
         if impl != "auto":
             _set_impl(gm, impl)
     except Exception as e:  # noqa: BLE001
@@ -255,11 +262,11 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
         _warn(msg)
         restore_graphs(backup)
         report = reporting.GraphReport(Report(errors=[f"{type(e).__name__}: {e}"]))
-        backup = None
+        backup, buffers_read = None, {}
     elapsed = time.perf_counter() - start
     if report.context is not None:
         report.context.name = f"graph_{graph_id:03d}"
-    return report, elapsed, (backup if report.fusions else None)
+    return report, elapsed, (backup if report.fusions else None), buffers_read
 
 
 def _inline_or_warn(gm: fx.GraphModule, graph_id: int, strict: bool) -> int:
@@ -312,7 +319,7 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     global _last_report
     opts = _parse_options(options)
     graph_id = next(_graph_counter)
-    report, elapsed, backup = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id)
+    report, elapsed, backup, buffers_read = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id)
     if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"]:
         report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
     _last_report = report
@@ -325,7 +332,7 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     if backup is None:
         return compiler(gm, example_inputs)
     try:
-        return compiler(gm, example_inputs)
+        compiled = compiler(gm, example_inputs)
     except Exception as e:  # noqa: BLE001
         if opts["strict"]:
             raise
@@ -338,3 +345,46 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
         from attnfuse.rewrite import restore_graphs
         restore_graphs(backup)
         return compiler(gm, example_inputs)
+    if not buffers_read:
+        return compiled
+    return _witnessed(compiled, gm, backup, buffers_read, example_inputs, opts, graph_id)
+
+
+def _witnessed(compiled: Callable, gm: fx.GraphModule, backup: list, buffers_read: dict,
+               example_inputs: list, opts: dict, graph_id: int) -> Callable:
+    """``compiled``, guarded by a run-time check of the buffers its fusions were proven from
+    (:mod:`attnfuse.witness`). The fallback is the graph as it was before the rewrite
+    (``backup``), rewritten without reading any buffer value, compiled by the same inner
+    compiler on the first call that needs it."""
+    from attnfuse.rewrite import rewrite, unrewritten_copy
+    from attnfuse.witness import BufferWitness, WitnessedGraph, snapshot
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept: list = []
+    witnesses = [BufferWitness(placeholders.index(n), n.name, snapshot(value, kept))
+                 for n, value in buffers_read.items() if n in placeholders]
+    original = unrewritten_copy(gm, backup)
+    fake_inputs = [n.meta.get("example_value", n.meta.get("val")) for n in original.graph.nodes
+                   if n.op == "placeholder"]
+    inputs = fake_inputs if all(x is not None for x in fake_inputs) else list(example_inputs)
+
+    def fallback() -> Callable:
+        from attnfuse.rewrite import backup_graphs, restore_graphs
+
+        fb = original
+        undo = backup_graphs(fb)
+        try:
+            rewrite(fb, None, strict=True)  # no example inputs: no buffer value is read
+            if opts["impl"] != "auto":
+                _set_impl(fb, opts["impl"])
+            if opts["inner"] == "inductor" and opts["cpu_inline"]:
+                _inline_small_calls(fb)
+        except Exception as e:  # noqa: BLE001  (the graph as dynamo produced it is exact)
+            if opts["strict"]:
+                raise
+            _warn(f"attnfuse: could not rewrite the fallback of graph {graph_id} ({type(e).__name__}: {e}); "
+                  "it runs unfused")
+            restore_graphs(undo)
+        return _inner_compiler(opts["inner"])(fb, inputs)
+
+    return WitnessedGraph(compiled, witnesses, fallback, f"graph {graph_id}")

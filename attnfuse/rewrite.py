@@ -14,9 +14,15 @@ Accepts:
 For a dynamo graph (the torch.compile backend passes its ``example_inputs``), the
 placeholders that dynamo lifted from registered module buffers (``node.meta["grapharg"]``
 source ``<module>._buffers[name]``) are read as constants, so nanoGPT's sliced ``tril``
-buffer is proven causal. This assumes such a buffer is not mutated in place after
-compiling (the assumption inductor's freezing makes); user inputs and parameters are
-never read. Shape propagation still runs only when nodes lack shape metadata.
+buffer is proven causal; ``result.buffers_read`` lists the ones a proof read, and whoever
+runs the graph must check them at run time (the backend does: :mod:`attnfuse.witness`).
+The values of a GraphModule's module state (``get_attr`` buffers and parameters under the
+user's names, and, for a module ``rewrite`` traces itself, the constants ``make_fx`` makes of
+them) are never read, since nothing would check them when they change: a nanoGPT ``tril``
+buffer mask stays a (fused) mask tensor here. Constants the tracer created
+(``_tensor_constant<N>``: a literal, an ``arange`` of fixed size) are read. User inputs
+and parameters are never read. Shape propagation still runs only when nodes lack shape
+metadata.
 
 Inside a graph, the bodies of activation checkpointing (``tag_activation_checkpoint``,
 from ``torch.utils.checkpoint``, Hugging Face's ``gradient_checkpointing_enable()``,
@@ -33,8 +39,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -54,6 +60,9 @@ class RewriteResult:
     renderers ``to_text()``, ``to_json()``, ``diff()``, ``to_html(path)``)."""
     graph_module: fx.GraphModule
     report: GraphReport
+    buffers_read: Dict[fx.Node, torch.Tensor] = field(default_factory=dict)
+    """Placeholders (lifted module buffers) whose values a proof read, with those values:
+    the rewrite holds only while the buffers keep them (see :mod:`attnfuse.witness`)."""
 
     @property
     def fused(self) -> int:
@@ -97,6 +106,18 @@ def backup_graphs(gm: fx.GraphModule) -> GraphBackup:
     return [(mod, copy_graph(mod.graph)) for _, mod in graph_modules(gm)]
 
 
+def unrewritten_copy(gm: fx.GraphModule, backup: GraphBackup) -> fx.GraphModule:
+    """A new GraphModule tree running the graphs ``backup`` holds (``gm``'s and its bodies'
+    before the rewrite), sharing ``gm``'s parameters and buffers; ``gm`` is left as it is."""
+    graphs = {id(mod): g for mod, g in backup}
+    top = fx.GraphModule(gm, copy_graph(graphs[id(gm)]))
+    top.meta.update(getattr(gm, "meta", {}))
+    for prefix, mod in graph_modules(gm)[1:]:  # parents before the bodies they hold
+        if id(mod) in graphs:
+            top.set_submodule(prefix[:-1], fx.GraphModule(mod, copy_graph(graphs[id(mod)])))
+    return top
+
+
 def restore_graphs(backup: GraphBackup) -> None:
     """Put back every graph :func:`backup_graphs` copied."""
     for mod, graph in backup:
@@ -121,20 +142,24 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
     backup = backup_graphs(gm)
     try:
         buffers = C.module_buffer_values(gm, example_inputs)
-        if buffers:
-            setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
+        setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
+        if gm is not gm_or_module and isinstance(gm_or_module, torch.nn.Module):
+            # make_fx keeps the traced module's buffers as constants: they stay module state
+            setattr(gm, C.STATE_STORAGES_ATTR, C.state_storages(gm_or_module))
         try:
             report = rewrite_graph_and_bodies(gm, rewrite_graph)  # each graph: this module's rewrite_graph
         finally:
-            if buffers:
-                delattr(gm, C.BUFFER_VALUES_ATTR)
+            for attr in (C.BUFFER_VALUES_ATTR, C.STATE_STORAGES_ATTR):
+                if hasattr(gm, attr):
+                    delattr(gm, attr)
     except Exception as e:  # noqa: BLE001
         if strict:
             raise
         warnings.warn(f"attnfuse.rewrite: internal error ({type(e).__name__}: {e}); graph left unchanged")
         restore_graphs(backup)
         return RewriteResult(gm, GraphReport(Report(errors=[f"{type(e).__name__}: {e}"])))
-    return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start))
+    read = {n: buffers[n] for n in buffers.read} if report.fusions else {}
+    return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start), read)
 
 
 def _snapshot(gm: fx.GraphModule) -> Optional[GraphSnapshot]:

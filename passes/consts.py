@@ -7,11 +7,14 @@ size-built mask is probed at (:func:`size_assignments`, :func:`probe_sizes`; the
 proofs that such a mask is a causal band live in :mod:`.bands`). Nothing is
 guessed: anything not evaluable is ``None``.
 
-Constants it may read: literals, ``get_attr`` buffers, sizes the graph is specialised
-to, and (dynamo graphs, given the backend's ``example_inputs``) placeholders that dynamo
-lifted from registered module buffers (:func:`is_module_buffer_placeholder`); this
-assumes such a buffer is not mutated in place after compiling (as inductor's freezing
-does). User inputs are never read. ``x.dtype`` reads the traced dtype from metadata (the
+Constants it may read: literals, sizes the graph is specialised to, and (dynamo graphs,
+given the backend's ``example_inputs``) placeholders that dynamo lifted from registered
+module buffers (:func:`is_module_buffer_placeholder`), through a :class:`BufferValues`
+that records each read so that the backend can check those buffers at run time, and the
+constants a tracer created (``get_attr`` ``_tensor_constant<N>``). The values of a
+GraphModule's module state (``get_attr`` buffers and parameters, :func:`is_module_state`)
+are never read: they can change after the rewrite and nothing would check them
+(:func:`state_reads` names them for the notes). User inputs are never read. ``x.dtype`` reads the traced dtype from metadata (the
 rewrite is specialised to the traced dtypes anyway); ``x.device`` evaluates on the CPU.
 With ``axis_sizes`` a size query of an axis proven (by dataflow) to be the query or key
 length evaluates to a chosen value: how symbolic_trace's run-time masks are proven causal.
@@ -19,7 +22,7 @@ length evaluates to a chosen value: how symbolic_trace's run-time masks are prov
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import fx
@@ -32,6 +35,7 @@ _RANDOM = ("rand", "randn", "randint", "dropout", "bernoulli", "normal", "unifor
 
 
 BUFFER_VALUES_ATTR = "_attnfuse_buffer_values"
+STATE_STORAGES_ATTR = "_attnfuse_state_storages"
 
 
 def is_module_buffer_placeholder(node: fx.Node) -> bool:
@@ -74,13 +78,42 @@ def _lifted_buffer_after_compile(node: fx.Node) -> bool:
     return bool(name) and any(isinstance(f, str) and f.split(".")[-1] == name for f in fqns.values())
 
 
-def module_buffer_values(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, torch.Tensor]:
+class BufferValues(Dict[fx.Node, torch.Tensor]):
+    """Placeholder -> value of the lifted module buffers the matcher may read, recording
+    which ones it did read (``read``): a fusion proven from a buffer's values holds only
+    while the buffer keeps them, so the caller must check them at run time
+    (:mod:`attnfuse.witness`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set = set()
+        self._outer: Optional[Tuple["BufferValues", Dict[fx.Node, List[fx.Node]]]] = None
+
+    def __getitem__(self, n: fx.Node) -> torch.Tensor:
+        self.read.add(n)
+        if self._outer is not None:  # a body's placeholder: the read is of the outer buffer(s)
+            outer, binding = self._outer
+            for o in binding[n]:
+                outer[o]
+        return super().__getitem__(n)
+
+    def for_body(self, binding: Dict[fx.Node, List[fx.Node]]) -> "BufferValues":
+        """The values as a higher-order-op body sees them: ``binding`` maps each body
+        placeholder to the outer nodes bound to it (all with one value); reading a body
+        placeholder records those outer nodes as read here."""
+        body = BufferValues({ph: dict.__getitem__(self, outs[0]) for ph, outs in binding.items()})
+        body._outer = (self, binding)
+        return body
+
+
+def module_buffer_values(gm: fx.GraphModule, example_inputs) -> BufferValues:
     """Concrete values of the placeholders that are lifted module buffers (nanoGPT's ``tril``).
 
     ``example_inputs`` are what dynamo hands its backend: real tensors for lifted
-    parameters and buffers. Reading a buffer's value assumes it is not mutated in place
-    after compiling (the assumption inductor's freezing makes); user inputs are never read."""
-    out: Dict[fx.Node, torch.Tensor] = {}
+    parameters and buffers. A buffer can change after compiling (``fill_``, reassignment,
+    ``load_state_dict``): whoever passes these values must check the ones read
+    (``.read``) at run time, as the backend does; user inputs are never read."""
+    out = BufferValues()
     if example_inputs is None:
         return out
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -91,6 +124,58 @@ def module_buffer_values(gm: fx.GraphModule, example_inputs) -> Dict[fx.Node, to
                 and not x.requires_grad and x.numel() <= _MAX_ELEMS:
             out[n] = x
     return out
+
+
+def is_module_state(gm, node: fx.Node, t: torch.Tensor) -> bool:
+    """Whether the ``get_attr`` tensor ``node`` of ``gm`` is module state, whose values the user
+    may change after the rewrite, rather than a constant of the traced program.
+
+    Tracers name the constants they create ``_tensor_constant<N>``; any other name is a
+    buffer or parameter under the user's own name (``bias``, ``blocks.0.attn.bias``). A
+    constant is state too when it is the module's tensor after all: in an aten graph
+    (``make_fx``) a literal reaches the graph through ``lift_fresh_copy``, so a constant
+    read directly is a tensor the traced code captured (a buffer); in a ``symbolic_trace``
+    graph a constant is a value computed at trace time, state only when it is a view of
+    another tensor (a buffer sliced at trace time); and any constant sharing storage with
+    the tensors of a module the caller traced (:data:`STATE_STORAGES_ATTR`) is state."""
+    if not str(node.target).rsplit(".", 1)[-1].startswith("_tensor_constant"):
+        return True
+    if t.untyped_storage().data_ptr() in (getattr(gm, STATE_STORAGES_ATTR, None) or ()):
+        return True
+    if any(isinstance(u.target, torch._ops.OpOverload) for u in node.users):
+        return any("lift_fresh" not in str(u.target) for u in node.users)
+    return t._base is not None
+
+
+def state_storages(module: torch.nn.Module) -> set:
+    """The storages of ``module``'s parameters and buffers (see :func:`is_module_state`)."""
+    return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+
+
+def state_reads(node: Any, gm) -> List[str]:
+    """Names of the ``get_attr`` tensors ``node`` is computed from (within a few nodes): module
+    state whose values the matcher does not read (see the module doc)."""
+    names, seen, todo = [], set(), [node]
+    while todo and len(seen) < 4 * _MAX_NODES:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        t = _attr(gm, n.target) if n.op == "get_attr" else None
+        if isinstance(t, torch.Tensor) and is_module_state(gm, n, t):
+            names.append(str(n.target))
+        todo += n.all_input_nodes
+    return sorted(set(names))
+
+
+def _attr(gm, target: str) -> Any:
+    obj = gm
+    try:
+        for part in target.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        return None
+    return obj
 
 
 class _NotConst(Exception):
@@ -167,6 +252,8 @@ def _eval(a: Any, gm, memo: Dict, budget, subs=None) -> Any:
         obj = gm
         for part in n.target.split("."):
             obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor) and is_module_state(gm, n, obj):
+            raise _NotConst  # its values may change after the rewrite (see the module doc)
         val = obj
     elif n.op == "placeholder" and n in (getattr(gm, BUFFER_VALUES_ATTR, None) or {}):
         val = getattr(gm, BUFFER_VALUES_ATTR)[n]  # a lifted module buffer (see module_buffer_values)

@@ -353,7 +353,11 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
         ts = _analyse_cached(cond, masked_when, t.pre, gm, sshape, stags, ob, axmap_fn, memo)
         if ts is None:
             out.terms.append(t.as_term())
-            out.notes.append(f"{t.node.name}: kept as a tensor (no causal band or key-padding part proven)")
+            state = C.state_reads(cond, gm)
+            why = (f"built from the values of {', '.join(state)}, module state that may change after the "
+                   "rewrite (torch.compile(backend='attnfuse') checks such buffers at run time)") if state else \
+                "no causal band or key-padding part proven"
+            out.notes.append(f"{t.node.name}: kept as a tensor ({why})")
             continue
         reason, fixup = _why_kept(t, mkind, fill, ts, len(raw), out.causal != "none", softcap, dropout_p)
         resid, kms = [], []

@@ -151,18 +151,21 @@ def body_buffer_values(body: Body, parent_values: Dict[fx.Node, torch.Tensor]) -
     if not parent_values or not body.rewritten:
         return {}
     phs = [n for n in body.module.graph.nodes if n.op == "placeholder"]
-    out: Dict[fx.Node, torch.Tensor] = {}
+    binding: Dict[fx.Node, List[fx.Node]] = {}
     for i, ph in enumerate(phs):
-        vals = []
+        outer = []
         for c in body.calls:
             operands = c.args[1:]
             if len(operands) != len(phs) or not isinstance(operands[i], fx.Node):
-                vals = []
+                outer = []
                 break
-            vals.append(parent_values.get(operands[i]))
+            outer.append(operands[i])
+        vals = [dict.get(parent_values, o) for o in outer]
         if vals and vals[0] is not None and all(v is vals[0] for v in vals):
-            out[ph] = vals[0]
-    return out
+            binding[ph] = outer
+    if isinstance(parent_values, C.BufferValues):
+        return parent_values.for_body(binding)  # a read in the body is a read of the outer buffer
+    return {ph: dict.get(parent_values, outer[0]) for ph, outer in binding.items()}
 
 
 def _seed_draws(body: fx.GraphModule) -> List[fx.Node]:

@@ -263,11 +263,27 @@ def test_nanogpt_tril_buffer_becomes_causal():
 
     m = Fn(f, bias=torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16))
     q, k, v = qkv()
-    for gm in (torch.fx.symbolic_trace(m), make_fx(m)(q, k, v)):
-        res = attnfuse.rewrite(gm, (q, k, v), strict=True)
-        fus = res.report.fusions
-        assert len(fus) == 1 and fus[0].causal == "top_left" and fus[0].bias == "none"
-        torch.testing.assert_close(gm(q, k, v), m(q, k, v))
+    # dynamo lifts the buffer to an input: proven from its values, which the caller must
+    # check at run time (result.buffers_read; the backend does, tests/test_witness.py)
+    gm, ex = dynamo_graph(m, (q, k, v))
+    res = attnfuse.rewrite(gm, ex, strict=True)
+    fus = res.report.fusions
+    assert len(fus) == 1 and fus[0].causal == "top_left" and fus[0].bias == "none"
+    assert [n.name for n in res.buffers_read] == ["l_self_buffers_bias_"]
+    torch.testing.assert_close(gm(*ex)[0], m(q, k, v))
+    # symbolic_trace computes the sliced comparison at trace time: a constant of the graph
+    gm = torch.fx.symbolic_trace(m)
+    fus = attnfuse.rewrite(gm, (q, k, v), strict=True).report.fusions
+    assert len(fus) == 1 and fus[0].causal == "top_left" and fus[0].bias == "none"
+    torch.testing.assert_close(gm(q, k, v), m(q, k, v))
+    # make_fx keeps the buffer itself, which could change unchecked: it stays a mask tensor
+    for gm in (make_fx(m)(q, k, v), None):
+        res = attnfuse.rewrite(gm, (q, k, v), strict=True) if gm is not None else attnfuse.rewrite(m, (q, k, v))
+        gm, fus = res.graph_module, res.report.fusions
+        assert len(fus) == 1 and fus[0].causal == "none" and fus[0].bias != "none", fus
+        assert "module state" in fus[0].masks[0] and not res.buffers_read
+        out = gm(q, k, v)
+        torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, m(q, k, v))
 
 
 def test_inplace_mask_bias_softcap_and_dropout():
