@@ -209,11 +209,15 @@ def _inline_small_calls(gm: fx.GraphModule) -> int:
     return count
 
 
-def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int):
-    """Rewrite ``gm`` in place; returns its report. Restores the graph on an internal error."""
+def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int,
+             leave_unfused: Optional[dict] = None, warn_failed: bool = True):
+    """Rewrite ``gm`` in place; returns its report. A fusion that fails to emit or check is
+    dropped alone (a ``rewrite_failed`` near miss, warned about when ``warn_failed``);
+    any other internal error restores the whole graph. ``leave_unfused``: see
+    :func:`attnfuse.rewrite.fuse_graph_module`."""
     from attnfuse import reporting
     from attnfuse.passes.report import Report
-    from attnfuse.rewrite import copy_graph, rewrite
+    from attnfuse.rewrite import copy_graph, failed_fusion_messages, fuse_graph_module
 
     start = time.perf_counter()
     try:
@@ -225,11 +229,15 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
         _warn(msg)
         return reporting.GraphReport(Report(errors=[msg])), time.perf_counter() - start, None
     try:
-        # strict here: the backend does its own restore so that any error (the pass's or
-        # ours, e.g. in _set_impl) leaves the graph exactly as dynamo handed it over.
-        # dynamo graphs carry example_value meta, so no shape propagation runs; the example
-        # inputs only give the values of lifted module buffers (e.g. a causal ``tril``)
-        report = rewrite(gm, example_inputs, strict=True).report
+        # Errors other than one fusion's propagate to here: the backend does its own restore
+        # so that any of them (the pass's or ours, e.g. in _set_impl) leaves the graph exactly
+        # as dynamo handed it over. dynamo graphs carry example_value meta, so no shape
+        # propagation runs; the example inputs only give the values of lifted module buffers
+        # (e.g. a causal ``tril``).
+        report = fuse_graph_module(gm, example_inputs, strict=strict, leave_unfused=leave_unfused).report
+        if warn_failed:
+            for msg in failed_fusion_messages(report):
+                _warn(f"{msg} (graph {graph_id})")
         if impl != "auto":
             _set_impl(gm, impl)
     except Exception as e:  # noqa: BLE001
@@ -292,35 +300,147 @@ def _write_report(report: Any, folder: str, graph_id: int, strict: bool) -> None
         log.warning("attnfuse: could not write the report to %s: %r", folder, e)
 
 
-def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
-                     **kwargs: Any) -> Callable:
-    """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler."""
-    global _last_report
-    opts = _parse_options(options)
-    graph_id = next(_graph_counter)
-    report, elapsed, backup = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id)
+def _prepare(gm: fx.GraphModule, example_inputs: list, opts: dict, graph_id: int,
+             leave_unfused: Optional[dict] = None, warn_failed: bool = True):
+    """:func:`_rewrite`, then the CPU inlining for Inductor; returns (report, pass time, the
+    graph as dynamo handed it over, or None when nothing was fused)."""
+    report, elapsed, backup = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id,
+                                       leave_unfused, warn_failed)
     if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"]:
         report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
+    return report, elapsed, backup
+
+
+def _publish(report: Any, graph_id: int, n_nodes: int, elapsed: float, opts: dict) -> None:
+    """Make ``report`` the last report, hand it to collectors, log it and write it out."""
+    global _last_report
     _last_report = report
     for c in _collectors:
         c.append(report)
-    _log_report(report, graph_id, len(gm.graph.nodes), elapsed)
+    _log_report(report, graph_id, n_nodes, elapsed)
     if opts["report"]:
         _write_report(report, opts["report"], graph_id, opts["strict"])
-    compiler = _inner_compiler(opts["inner"])
-    if backup is None:
-        return compiler(gm, example_inputs)
+
+
+#: Compiles of partially fused graphs the backend may spend on one graph to find the
+#: fusion(s) its inner compiler rejects, before compiling the graph as dynamo produced it.
+MAX_ISOLATION_COMPILES = 3
+COMPILE_FAILED = "compile_failed"   # near-miss kind: the inner compiler rejected the graph with this fusion
+
+
+def isolate_rejected(fusions: List[str], compile_without: Callable[[List[str]], Any],
+                     budget: int = MAX_ISOLATION_COMPILES) -> Optional[tuple]:
+    """Bisect for the fusion the inner compiler rejects, with at most ``budget`` calls of
+    ``compile_without(dropped)`` (which returns the compiled graph, or None when the
+    compiler failed again). Returns ``(compiled, dropped)`` of the best success, or None.
+
+    Assumes one culprit: each try drops the first half of the fusions still suspected and
+    keeps every other; a success narrows the suspects to that half, a failure to the rest.
+    The last try drops all suspects (a success, if the assumption holds) unless that
+    would not improve on an earlier success. With the default budget of 3, one culprit
+    among n fusions always ends in a success that drops at most ceil(n / 4) of them:
+    exactly the culprit for n <= 4. With several culprits, or none (the graph fails without
+    attnfuse too), the tries fail and the caller compiles the graph unfused. Dropping every
+    fusion is never tried here: that graph is the caller's last resort (so n = 1 costs no
+    try)."""
+    suspects, best = list(fusions), None
+    for attempt in range(budget):
+        if attempt == budget - 1 and (best is None or len(suspects) < len(best[1])):
+            drop = suspects
+        else:
+            drop = suspects[:max(1, len(suspects) // 2)]
+        if len(drop) >= len(fusions):
+            break
+        compiled = compile_without(drop)
+        if compiled is not None:
+            best = (compiled, list(drop))
+            if len(drop) == 1:
+                break
+            suspects = list(drop)
+        else:
+            suspects = [f for f in suspects if f not in drop]
+            if not suspects:
+                break
+    return best
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _compile_per_fusion(gm: fx.GraphModule, example_inputs: list, opts: dict, graph_id: int, compiler: Callable,
+                        report: Any, backup: fx.Graph, publish: Callable[[Any, int], None]) -> Callable:
+    """Compile the rewritten ``gm``. When the inner compiler rejects it, find the fusion(s)
+    it rejects (:func:`isolate_rejected`), keep the others and report the dropped ones as
+    ``compile_failed`` near misses; as a last resort compile the graph as dynamo handed it
+    over. ``publish(report, node count)`` is called once, with the report of the graph
+    compiled last (node count taken before the compiler runs: Inductor's passes work in
+    place)."""
+    from attnfuse.rewrite import copy_graph
+
+    n_nodes = len(gm.graph.nodes)
     try:
-        return compiler(gm, example_inputs)
+        compiled = compiler(gm, example_inputs)
     except Exception as e:  # noqa: BLE001
         if opts["strict"]:
+            publish(report, n_nodes)
             raise
-        # The inner compiler rejected the rewritten graph: compile the graph as dynamo
-        # handed it over instead (a real error in the user's graph will surface again).
-        msg = (f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} "
-               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling it unfused")
-        _warn(msg)
-        report.errors.append(f"inner compiler: {type(e).__name__}: {e}")
-        gm.graph = backup
+        error, full_error = _first_line(e), f"inner compiler: {type(e).__name__}: {e}"
+    else:
+        publish(report, n_nodes)
+        return compiled
+    fusions = [f.softmax for f in report.fusions]
+
+    def rewritten_without(dropped: List[str]):
+        why = f"the {opts['inner']} compiler failed on the graph with this fusion ({error})"
+        if 1 < len(dropped) < len(fusions):
+            why += f"; dropped with {len(dropped) - 1} other(s) while isolating the culprit"
+        gm.graph = copy_graph(backup)
         gm.recompile()
+        return _prepare(gm, example_inputs, opts, graph_id, {f: (COMPILE_FAILED, why) for f in dropped},
+                        warn_failed=False)[0]
+
+    def compile_without(dropped: List[str]):
+        rep = rewritten_without(dropped)
+        n = len(gm.graph.nodes)
+        try:
+            return compiler(gm, example_inputs), rep, n
+        except Exception:  # noqa: BLE001  (the next try, or the last resort, decides)
+            return None
+    found = isolate_rejected(fusions, compile_without)
+    if found is not None:
+        (compiled, final, n_nodes), dropped = found
+        where = ", ".join(str(m.location or m.node) for m in final.near_misses if m.kind == COMPILE_FAILED)
+        _warn(f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} ({error}); "
+              f"{len(dropped)} of {len(fusions)} fusion(s) left unfused ({where}), the others kept")
+        final.errors.append(full_error)
+        publish(final, n_nodes)
+        return compiled
+    # The last resort: every fusion dropped, i.e. the graph as dynamo handed it over (a real
+    # error in the user's graph surfaces here, as it would without attnfuse).
+    _warn(f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} ({error}); "
+          "compiling it unfused")
+    final = rewritten_without(fusions)   # the report of that graph (nothing fused)
+    gm.graph = backup
+    gm.recompile()
+    final.errors.append(full_error)
+    publish(final, len(gm.graph.nodes))
+    return compiler(gm, example_inputs)
+
+
+def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
+                     **kwargs: Any) -> Callable:
+    """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler
+    (dropping only the fusions the inner compiler rejects, see the module doc)."""
+    opts = _parse_options(options)
+    graph_id = next(_graph_counter)
+    report, elapsed, backup = _prepare(gm, example_inputs, opts, graph_id)
+    compiler = _inner_compiler(opts["inner"])
+
+    def publish(final: Any, n_nodes: int) -> None:
+        _publish(final, graph_id, n_nodes, elapsed, opts)
+    if backup is None:
+        publish(report, len(gm.graph.nodes))
         return compiler(gm, example_inputs)
+    return _compile_per_fusion(gm, example_inputs, opts, graph_id, compiler, report, backup, publish)

@@ -19,14 +19,17 @@ compiling (the assumption inductor's freezing makes); user inputs and parameters
 never read. Shape propagation still runs only when nodes lack shape metadata.
 
 GraphModules are rewritten in place and also returned. An internal error never
-escapes: the graph comes back unchanged with a warning (``strict=True`` raises).
+escapes (``strict=True`` raises it instead): an error in emitting or checking one
+fusion drops only that fusion (a ``rewrite_failed`` near miss with the error as its
+reason, and a ``RuntimeWarning``; the other fusions stay); any other error leaves the
+whole graph unchanged, with a warning.
 """
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -35,7 +38,7 @@ from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
 from attnfuse.passes.report import Report
 from attnfuse.reporting import GraphReport, GraphSnapshot, build_context
-from attnfuse.passes.rewrite import rewrite_graph
+from attnfuse.passes.rewrite import REWRITE_FAILED, rewrite_graph
 
 
 @dataclass
@@ -91,18 +94,9 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
                 raise
             warnings.warn(f"attnfuse.rewrite: shape propagation failed ({e!r}); graph left unchanged")
             return RewriteResult(gm, GraphReport(Report(errors=[f"shape propagation: {e!r}"])))
-    snapshot = _snapshot(gm)
-    start = time.perf_counter()
     backup_graph = copy_graph(gm.graph)
     try:
-        buffers = C.module_buffer_values(gm, example_inputs)
-        if buffers:
-            setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
-        try:
-            report = rewrite_graph(gm)
-        finally:
-            if buffers:
-                delattr(gm, C.BUFFER_VALUES_ATTR)
+        result = fuse_graph_module(gm, example_inputs, strict=strict)
     except Exception as e:  # noqa: BLE001
         if strict:
             raise
@@ -110,7 +104,35 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
         gm.graph = backup_graph
         gm.recompile()
         return RewriteResult(gm, GraphReport(Report(errors=[f"{type(e).__name__}: {e}"])))
+    for msg in failed_fusion_messages(result.report):
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return result
+
+
+def fuse_graph_module(gm: fx.GraphModule, example_inputs: Optional[Sequence] = None, *, strict: bool = False,
+                      leave_unfused: Optional[Mapping[str, Tuple[str, str]]] = None) -> RewriteResult:
+    """Rewrite ``gm`` (which carries shape metadata) in place, fusion by fusion: an error in
+    one fusion drops only it (a ``rewrite_failed`` near miss; ``strict`` raises). Any other
+    error propagates and may leave the graph half rewritten: the caller restores its copy.
+    ``leave_unfused``: softmax node name -> ``(kind, reason)`` of the near miss to report
+    instead of fusing there (:func:`attnfuse.passes.rewrite.rewrite_graph`)."""
+    snapshot = _snapshot(gm)
+    start = time.perf_counter()
+    buffers = C.module_buffer_values(gm, example_inputs)
+    if buffers:
+        setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
+    try:
+        report = rewrite_graph(gm, strict=strict, leave_unfused=leave_unfused)
+    finally:
+        if buffers:
+            delattr(gm, C.BUFFER_VALUES_ATTR)
     return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start))
+
+
+def failed_fusion_messages(report: Any) -> List[str]:
+    """One warning line per fusion that failed to emit or check (``rewrite_failed``)."""
+    return [f"attnfuse: the attention at {m.location or m.node} was left unfused: {m.reason}"
+            for m in report.near_misses if m.kind == REWRITE_FAILED]
 
 
 def _snapshot(gm: fx.GraphModule) -> Optional[GraphSnapshot]:
