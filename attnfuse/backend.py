@@ -13,9 +13,8 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 - ``inner``: the compiler the rewritten graph goes to: ``"inductor"`` (default),
   ``"aot_eager"`` or ``"eager"`` (runs the rewritten FX graph as Python; no
   AOTAutograd, so training uses autograd on the fused op directly).
-- ``strict``: ``False`` (default): an internal error of the pass leaves the graph
-  unchanged, logs a warning and compiles it as if attnfuse were not there.
-  ``True``: the error is raised (use it in tests and CI).
+- ``strict``: ``False`` (default): a failure costs only the fusion it concerns, with a
+  warning (below). ``True``: the error is raised (use it in tests and CI).
 - ``impl``: ``"auto"`` (default: Triton kernels on CUDA, PyTorch's CPU path
   otherwise), ``"triton"`` or ``"torch"``: the implementation every fused op in
   the graph uses.
@@ -48,10 +47,24 @@ and each near miss, with its source location). ``attnfuse.last_report()`` return
 the report of the last graph compiled by this backend.
 
 The backend never makes a compile fail for its own sake: unknown or invalid
-options raise ``ValueError`` (a user error); an internal error of the pass, or the
-inner compiler failing on the rewritten graph, is a ``RuntimeWarning`` (also logged)
-and the graph is compiled exactly as dynamo handed it over (``strict`` raises
-instead). Errors that only show when the compiled code runs are not caught.
+options raise ``ValueError`` (a user error); every other failure is a
+``RuntimeWarning`` (also logged) that costs only what it concerns (``strict`` raises
+instead):
+
+- a fusion that fails to emit, or to check on fake tensors, is undone alone (near
+  miss ``rewrite_failed``, the error as reason); any other internal error of the pass
+  leaves the whole graph as dynamo handed it over;
+- when the inner compiler rejects the rewritten graph, :func:`isolate_rejected`
+  bisects for the fusion it rejects with at most :data:`MAX_ISOLATION_COMPILES` (3)
+  more compiles of partially fused graphs (the rewrite is re-run on the graph dynamo
+  handed over, leaving the dropped fusions unfused), keeps the others and reports the
+  dropped ones as ``compile_failed`` near misses with the compiler's error as reason;
+  only when none of those compiles is the graph compiled exactly as dynamo handed it
+  over (where a real error in the user's graph surfaces, as without attnfuse). The
+  report (``last_report()``, the report folder, the log line) is that of the graph
+  finally compiled: its fusions are the fusions in that graph.
+
+Errors that only show when the compiled code runs are not caught.
 """
 from __future__ import annotations
 

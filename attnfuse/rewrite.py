@@ -74,11 +74,18 @@ def _to_graph_module(obj: Any, example_inputs: Optional[Sequence]) -> fx.GraphMo
 
 
 def copy_graph(g: fx.Graph) -> fx.Graph:
-    """A copy of ``g`` to restore on failure (same owning module and code generator)."""
+    """A copy of ``g`` to restore on failure (same owning module and code generator). Nodes
+    keep their names and metadata, and placeholders the ``_dynamo_source`` attribute that
+    dynamo sets on them and AOTAutograd requires of a dynamo graph (without it the
+    ``aot_eager`` and ``inductor`` compilers reject the copy)."""
     new = fx.Graph(owning_module=g.owning_module, tracer_cls=g._tracer_cls)
     new._codegen = g._codegen
-    out = new.graph_copy(g, {})
+    copies: dict = {}
+    out = new.graph_copy(g, copies)
     new.output(out)
+    for old, copied in copies.items():
+        if hasattr(old, "_dynamo_source"):
+            copied._dynamo_source = old._dynamo_source
     return new
 
 

@@ -7,7 +7,8 @@
   reason, outputs equal eager, ``strict=True`` raises.
 - The backend drops only the fusion its inner compiler rejects (a fake inner compiler
   that refuses one fused call), within a bounded number of extra compiles, and the
-  report lists exactly the fusions of the graph that was compiled.
+  report lists exactly the fusions of the graph that was compiled; graphs it restores
+  stay compilable by AOTAutograd-based compilers.
 """
 import math
 import os
@@ -93,11 +94,13 @@ def _break_site(monkeypatch, site: int, how: str):
     monkeypatch.setattr(passes_rewrite, "_emit", emit)
 
 
-DIALECTS = ("fx", "aten", "dynamo", "dynamo_dynamic")
+# every fault in the two main dialects (their values come from tensor_meta and from dynamo's
+# fake mode); one in the others (make_fx's per-node fake modes, symbolic sizes)
+FAULTS = [(d, h) for d in ("fx", "dynamo") for h in ("shape", "dtype", "stride")] + \
+    [("aten", "stride"), ("dynamo_dynamic", "shape")]
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
-@pytest.mark.parametrize("how", ["shape", "dtype", "stride"])
+@pytest.mark.parametrize("dialect,how", FAULTS)
 @pytest.mark.parametrize("site", [0, 1])
 def test_failed_check_drops_only_that_fusion(monkeypatch, dialect, how, site):
     model, inputs = _inputs()
@@ -220,13 +223,13 @@ def _compile(model, **opts):
     return torch.compile(model, backend="attnfuse", options={"inner": "eager", "impl": "torch", **opts})
 
 
-@pytest.mark.parametrize("bad_site", [0, 1])
-def test_inner_compiler_rejection_drops_only_that_fusion(monkeypatch, bad_site):
+@pytest.mark.parametrize("bad_site,inner", [(0, "eager"), (1, "eager"), (0, "aot_eager")])
+def test_inner_compiler_rejection_drops_only_that_fusion(monkeypatch, bad_site, inner):
     model, inputs = _inputs()
     picky = Picky(monkeypatch, [SCALES[bad_site]])
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="cannot lower the attention"):
-            out = _compile(model)(*inputs)
+            out = _compile(model, inner=inner)(*inputs)
         ref = model(*inputs)
     assert_outputs_close(out, ref)
     good = SCALES[1 - bad_site]
@@ -254,7 +257,7 @@ def test_inner_compiler_rejecting_everything_compiles_unfused(monkeypatch):
     picky = Picky(monkeypatch, SCALES)
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match="compiling it unfused"):
-            out = _compile(model)(*inputs)
+            out = _compile(model, inner="aot_eager")(*inputs)
         ref = model(*inputs)
     assert_outputs_close(out, ref)
     assert picky.seen[-1] == [] and len(picky.seen) <= 2 + backend_mod.MAX_ISOLATION_COMPILES
@@ -289,3 +292,22 @@ def test_isolate_rejected_finds_one_culprit_within_budget(n):
     calls = []
     assert backend_mod.isolate_rejected(names, lambda d: calls.append(d) or None, budget) is None
     assert len(calls) <= budget
+
+
+def test_whole_graph_fallback_compiles_with_aot_autograd(monkeypatch):
+    """An internal error outside any one fusion restores the graph dynamo handed over; the
+    restored copy must still be a dynamo graph to AOTAutograd (``aot_eager``, ``inductor``):
+    its placeholders keep ``_dynamo_source``. Before, the user's compile failed here."""
+    rw = sys.modules["attnfuse.rewrite"]     # the module (attnfuse.rewrite is the function)
+    real = rw.rewrite_graph
+
+    def broken(gm, **kwargs):
+        real(gm, **kwargs)
+        raise RuntimeError("injected failure")
+    monkeypatch.setattr(rw, "rewrite_graph", broken)
+    model, inputs = _inputs()
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="injected failure"):
+            out = _compile(model, inner="aot_eager")(*inputs)
+        assert_outputs_close(out, model(*inputs))
+    assert not attnfuse.last_report().fusions
