@@ -13,9 +13,8 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 - ``inner``: the compiler the rewritten graph goes to: ``"inductor"`` (default),
   ``"aot_eager"`` or ``"eager"`` (runs the rewritten FX graph as Python; no
   AOTAutograd, so training uses autograd on the fused op directly).
-- ``strict``: ``False`` (default): an internal error of the pass leaves the graph
-  unchanged, logs a warning and compiles it as if attnfuse were not there.
-  ``True``: the error is raised (use it in tests and CI).
+- ``strict``: ``False`` (default): a failure costs only the fusion it concerns, with a
+  warning (below). ``True``: the error is raised (use it in tests and CI).
 - ``impl``: ``"auto"`` (default: Triton kernels on CUDA, PyTorch's CPU path
   otherwise), ``"triton"`` or ``"torch"``: the implementation every fused op in
   the graph uses.
@@ -54,10 +53,24 @@ and each near miss, with its source location). ``attnfuse.last_report()`` return
 the report of the last graph compiled by this backend.
 
 The backend never makes a compile fail for its own sake: unknown or invalid
-options raise ``ValueError`` (a user error); an internal error of the pass, or the
-inner compiler failing on the rewritten graph, is a ``RuntimeWarning`` (also logged)
-and the graph is compiled exactly as dynamo handed it over (``strict`` raises
-instead). Errors that only show when the compiled code runs are not caught.
+options raise ``ValueError`` (a user error); every other failure is a
+``RuntimeWarning`` (also logged) that costs only what it concerns (``strict`` raises
+instead):
+
+- a fusion that fails to emit, or to check on fake tensors, is undone alone (near
+  miss ``rewrite_failed``, the error as reason); any other internal error of the pass
+  leaves the whole graph as dynamo handed it over;
+- when the inner compiler rejects the rewritten graph, :func:`isolate_rejected`
+  bisects for the fusion it rejects with at most :data:`MAX_ISOLATION_COMPILES` (3)
+  more compiles of partially fused graphs (the rewrite is re-run on the graph dynamo
+  handed over, leaving the dropped fusions unfused), keeps the others and reports the
+  dropped ones as ``compile_failed`` near misses with the compiler's error as reason;
+  only when none of those compiles is the graph compiled exactly as dynamo handed it
+  over (where a real error in the user's graph surfaces, as without attnfuse). The
+  report (``last_report()``, the report folder, the log line) is that of the graph
+  finally compiled: its fusions are the fusions in that graph.
+
+Errors that only show when the compiled code runs are not caught.
 """
 from __future__ import annotations
 
@@ -230,11 +243,15 @@ def _inline_small_calls_in(gm: fx.GraphModule) -> int:
     return count
 
 
-def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int):
-    """Rewrite ``gm`` in place; returns its report. Restores the graph on an internal error."""
+def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int,
+             leave_unfused: Optional[dict] = None, warn_failed: bool = True):
+    """Rewrite ``gm`` in place; returns its report. A fusion that fails to emit or check is
+    dropped alone (a ``rewrite_failed`` near miss, warned about when ``warn_failed``);
+    any other internal error restores the whole graph. ``leave_unfused``: see
+    :func:`attnfuse.rewrite.fuse_graph_module`."""
     from attnfuse import reporting
     from attnfuse.passes.report import Report
-    from attnfuse.rewrite import backup_graphs, restore_graphs, rewrite
+    from attnfuse.rewrite import backup_graphs, failed_fusion_messages, fuse_graph_module, restore_graphs
 
     start = time.perf_counter()
     try:
@@ -246,12 +263,16 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
         _warn(msg)
         return reporting.GraphReport(Report(errors=[msg])), time.perf_counter() - start, None, {}
     try:
-        # strict here: the backend does its own restore so that any error (the pass's or
-        # ours, e.g. in _set_impl) leaves the graph exactly as dynamo handed it over.
-        # dynamo graphs carry example_value meta, so no shape propagation runs; the example
-        # inputs only give the values of lifted module buffers (e.g. a causal ``tril``)
-        result = rewrite(gm, example_inputs, strict=True)
+        # Errors other than one fusion's propagate to here: the backend does its own restore
+        # so that any of them (the pass's or ours, e.g. in _set_impl) leaves the graph exactly
+        # as dynamo handed it over. dynamo graphs carry example_value meta, so no shape
+        # propagation runs; the example inputs only give the values of lifted module buffers
+        # (e.g. a causal ``tril``), which the compiled graph then checks (:func:`_witnessed`).
+        result = fuse_graph_module(gm, example_inputs, strict=strict, leave_unfused=leave_unfused)
         report, buffers_read = result.report, result.buffers_read
+        if warn_failed:
+            for msg in failed_fusion_messages(report):
+                _warn(f"{msg} (graph {graph_id})")
         if impl != "auto":
             _set_impl(gm, impl)
     except Exception as e:  # noqa: BLE001
@@ -313,52 +334,164 @@ def _write_report(report: Any, folder: str, graph_id: int, strict: bool) -> None
         log.warning("attnfuse: could not write the report to %s: %r", folder, e)
 
 
-def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
-                     **kwargs: Any) -> Callable:
-    """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler."""
-    global _last_report
-    opts = _parse_options(options)
-    graph_id = next(_graph_counter)
-    report, elapsed, backup, buffers_read = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id)
+def _prepare(gm: fx.GraphModule, example_inputs: list, opts: dict, graph_id: int,
+             leave_unfused: Optional[dict] = None, warn_failed: bool = True):
+    """:func:`_rewrite`, then the CPU inlining for Inductor; returns (report, pass time, the
+    graphs as dynamo handed them over, or None when nothing was fused, the buffers read)."""
+    report, elapsed, backup, buffers_read = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id,
+                                                     leave_unfused, warn_failed)
     if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"]:
         report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
+    return report, elapsed, backup, buffers_read
+
+
+def _publish(report: Any, graph_id: int, n_nodes: int, elapsed: float, opts: dict) -> None:
+    """Make ``report`` the last report, hand it to collectors, log it and write it out."""
+    global _last_report
     _last_report = report
     for c in _collectors:
         c.append(report)
-    _log_report(report, graph_id, len(gm.graph.nodes), elapsed)
+    _log_report(report, graph_id, n_nodes, elapsed)
     if opts["report"]:
         _write_report(report, opts["report"], graph_id, opts["strict"])
-    compiler = _inner_compiler(opts["inner"])
-    if backup is None:
-        return compiler(gm, example_inputs)
+
+
+#: Compiles of partially fused graphs the backend may spend on one graph to find the
+#: fusion(s) its inner compiler rejects, before compiling the graph as dynamo produced it.
+MAX_ISOLATION_COMPILES = 3
+COMPILE_FAILED = "compile_failed"   # near-miss kind: the inner compiler rejected the graph with this fusion
+
+
+def isolate_rejected(fusions: List[str], compile_without: Callable[[List[str]], Any],
+                     budget: int = MAX_ISOLATION_COMPILES) -> Optional[tuple]:
+    """Bisect for the fusion the inner compiler rejects, with at most ``budget`` calls of
+    ``compile_without(dropped)`` (which returns the compiled graph, or None when the
+    compiler failed again). Returns ``(compiled, dropped)`` of the best success, or None.
+
+    Assumes one culprit: each try drops the first half of the fusions still suspected and
+    keeps every other; a success narrows the suspects to that half, a failure to the rest.
+    The last try drops all suspects (a success, if the assumption holds) unless that
+    would not improve on an earlier success. With the default budget of 3, one culprit
+    among n fusions always ends in a success that drops at most ceil(n / 4) of them:
+    exactly the culprit for n <= 4. With several culprits, or none (the graph fails without
+    attnfuse too), the tries fail and the caller compiles the graph unfused. Dropping every
+    fusion is never tried here: that graph is the caller's last resort (so n = 1 costs no
+    try)."""
+    suspects, best = list(fusions), None
+    for attempt in range(budget):
+        if attempt == budget - 1 and (best is None or len(suspects) < len(best[1])):
+            drop = suspects
+        else:
+            drop = suspects[:max(1, len(suspects) // 2)]
+        if len(drop) >= len(fusions):
+            break
+        compiled = compile_without(drop)
+        if compiled is not None:
+            best = (compiled, list(drop))
+            if len(drop) == 1:
+                break
+            suspects = list(drop)
+        else:
+            suspects = [f for f in suspects if f not in drop]
+            if not suspects:
+                break
+    return best
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _compile_per_fusion(gm: fx.GraphModule, example_inputs: list, opts: dict, graph_id: int, compiler: Callable,
+                        report: Any, backup: list, buffers_read: dict,
+                        publish: Callable[[Any, int], None]) -> Callable:
+    """Compile the rewritten ``gm``. When the inner compiler rejects it, find the fusion(s)
+    it rejects (:func:`isolate_rejected`), keep the others and report the dropped ones as
+    ``compile_failed`` near misses; as a last resort compile the graph as dynamo handed it
+    over. ``publish(report, node count)`` is called once, with the report of the graph
+    compiled last (node count taken before the compiler runs: Inductor's passes work in
+    place). A graph whose fusions read buffer values is returned guarded
+    (:func:`_witnessed`)."""
+    from attnfuse.rewrite import restore_graphs
+
+    n_nodes = len(gm.graph.nodes)
     try:
         compiled = compiler(gm, example_inputs)
     except Exception as e:  # noqa: BLE001
         if opts["strict"]:
+            publish(report, n_nodes)
             raise
-        # The inner compiler rejected the rewritten graph: compile the graph as dynamo
-        # handed it over instead (a real error in the user's graph will surface again).
-        msg = (f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} "
-               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); compiling it unfused")
-        _warn(msg)
-        report.errors.append(f"inner compiler: {type(e).__name__}: {e}")
-        from attnfuse.rewrite import restore_graphs
+        error, full_error = _first_line(e), f"inner compiler: {type(e).__name__}: {e}"
+    else:
+        publish(report, n_nodes)
+        return _witnessed(compiled, gm, example_inputs, backup, buffers_read, opts, graph_id)
+    fusions = [f.softmax for f in report.fusions]
+
+    def rewritten_without(dropped: List[str]):
+        why = f"the {opts['inner']} compiler failed on the graph with this fusion ({error})"
+        if 1 < len(dropped) < len(fusions):
+            why += f"; dropped with {len(dropped) - 1} other(s) while isolating the culprit"
         restore_graphs(backup)
-        return compiler(gm, example_inputs)
-    if not buffers_read:
+        rep, _, _, read = _prepare(gm, example_inputs, opts, graph_id, {f: (COMPILE_FAILED, why) for f in dropped},
+                                   warn_failed=False)
+        return rep, read
+
+    def compile_without(dropped: List[str]):
+        rep, read = rewritten_without(dropped)
+        n = len(gm.graph.nodes)
+        try:
+            return _witnessed(compiler(gm, example_inputs), gm, example_inputs, backup, read, opts, graph_id), rep, n
+        except Exception:  # noqa: BLE001  (the next try, or the last resort, decides)
+            return None
+    found = isolate_rejected(fusions, compile_without)
+    if found is not None:
+        (compiled, final, n_nodes), dropped = found
+        where = ", ".join(str(m.location or m.node) for m in final.near_misses if m.kind == COMPILE_FAILED)
+        _warn(f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} ({error}); "
+              f"{len(dropped)} of {len(fusions)} fusion(s) left unfused ({where}), the others kept")
+        final.errors.append(full_error)
+        publish(final, n_nodes)
         return compiled
-    return _witnessed(compiled, gm, backup, buffers_read, example_inputs, opts, graph_id)
+    # The last resort: every fusion dropped, i.e. the graph as dynamo handed it over (a real
+    # error in the user's graph surfaces here, as it would without attnfuse).
+    _warn(f"attnfuse: the {opts['inner']} compiler failed on rewritten graph {graph_id} ({error}); "
+          "compiling it unfused")
+    final = rewritten_without(fusions)[0]   # the report of that graph (nothing fused)
+    restore_graphs(backup)
+    final.errors.append(full_error)
+    publish(final, len(gm.graph.nodes))
+    return compiler(gm, example_inputs)
 
 
-def _witnessed(compiled: Callable, gm: fx.GraphModule, backup: list, buffers_read: dict,
-               example_inputs: list, opts: dict, graph_id: int) -> Callable:
+def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
+                     **kwargs: Any) -> Callable:
+    """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler
+    (dropping only the fusions the inner compiler rejects, see the module doc)."""
+    opts = _parse_options(options)
+    graph_id = next(_graph_counter)
+    report, elapsed, backup, buffers_read = _prepare(gm, example_inputs, opts, graph_id)
+    compiler = _inner_compiler(opts["inner"])
+
+    def publish(final: Any, n_nodes: int) -> None:
+        _publish(final, graph_id, n_nodes, elapsed, opts)
+    if backup is None:
+        publish(report, len(gm.graph.nodes))
+        return compiler(gm, example_inputs)
+    return _compile_per_fusion(gm, example_inputs, opts, graph_id, compiler, report, backup, buffers_read, publish)
+
+
+def _witnessed(compiled: Callable, gm: fx.GraphModule, example_inputs: list, backup: list, buffers_read: dict,
+               opts: dict, graph_id: int) -> Callable:
     """``compiled``, guarded by a run-time check of the buffers its fusions were proven from
     (:mod:`attnfuse.witness`). The fallback is the graph as it was before the rewrite
     (``backup``), rewritten without reading any buffer value, compiled by the same inner
-    compiler on the first call that needs it."""
+    compiler on the first call that needs it. Without buffers read, ``compiled`` itself."""
     from attnfuse.rewrite import rewrite, unrewritten_copy
     from attnfuse.witness import BufferWitness, WitnessedGraph, snapshot
 
+    if not buffers_read:
+        return compiled
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept: list = []
     witnesses = [BufferWitness(placeholders.index(n), n.name, snapshot(value, kept))
@@ -366,6 +499,7 @@ def _witnessed(compiled: Callable, gm: fx.GraphModule, backup: list, buffers_rea
     original = unrewritten_copy(gm, backup)
     fake_inputs = [n.meta.get("example_value", n.meta.get("val")) for n in original.graph.nodes
                    if n.op == "placeholder"]
+    # dynamo's fake inputs, so that the real ones are not kept alive (always there in practice)
     inputs = fake_inputs if all(x is not None for x in fake_inputs) else list(example_inputs)
 
     def fallback() -> Callable:

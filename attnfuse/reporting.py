@@ -43,7 +43,10 @@ JSON schema ``attnfuse.report/1`` (:func:`to_json`; one object)::
         after           list[str]       the inserted subgraph, one FX node per line
     near_misses   list of objects: {"kind": str, "reason": str, "location": str | null,
                                     "code": str | null, "node": str}
-    errors        list[str]             internal errors (the graph was left unchanged)
+    errors        list[str]             internal errors: of the pass (the graph was left unchanged),
+                                        or the backend's inner compiler failing on the rewritten
+                                        graph (only the fusions it rejected were dropped: they are
+                                        near misses of kind "compile_failed")
 
 Node names (``softmax``, ``nodes_removed``, ``node_inserted``, a near miss's ``node``) inside
 a higher-order op's body (an activation-checkpoint region) are qualified with the body's
@@ -525,7 +528,7 @@ def to_html(report: Any, path: Optional[str] = None, context: Optional[GraphCont
                 f"<td>{e(m['reason'])}</td><td>{e(m['node'])}</td></tr>" for m in d["near_misses"]]
         out.append("</table>")
     if d["errors"]:
-        out.append("<h2 class='err'>Errors (graph left unchanged)</h2><ul>"
+        out.append("<h2 class='err'>Errors</h2><ul>"
                    + "".join(f"<li>{e(x)}</li>" for x in d["errors"]) + "</ul>")
     if ctx.before_code is not None and ctx.after_code is not None:
         out.append("<h2>Graph code before / after</h2>")

@@ -32,15 +32,18 @@ custom ``autograd.Function``s, ...) are reported as near misses
 (:mod:`attnfuse.passes.subgraphs`). Every softmax left anywhere in the graph has a near
 miss with its reason (:mod:`attnfuse.passes.sweep`).
 
-GraphModules are rewritten in place (bodies included) and also returned. An internal error
-never escapes: the graph comes back unchanged with a warning (``strict=True`` raises).
+GraphModules are rewritten in place (bodies included) and also returned. An internal
+error never escapes (``strict=True`` raises it instead): an error in emitting or checking
+one fusion drops only that fusion (a ``rewrite_failed`` near miss with the error as its
+reason, and a ``RuntimeWarning``; the other fusions stay); any other error leaves the
+whole graph unchanged, with a warning.
 """
 from __future__ import annotations
 
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -49,7 +52,7 @@ from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
 from attnfuse.passes.report import Report
 from attnfuse.reporting import GraphReport, GraphSnapshot, build_context
-from attnfuse.passes.rewrite import rewrite_graph
+from attnfuse.passes.rewrite import REWRITE_FAILED, rewrite_graph
 from attnfuse.passes.subgraphs import graph_modules, rewrite_graph_and_bodies
 
 
@@ -89,11 +92,18 @@ def _to_graph_module(obj: Any, example_inputs: Optional[Sequence]) -> fx.GraphMo
 
 
 def copy_graph(g: fx.Graph) -> fx.Graph:
-    """A copy of ``g`` to restore on failure (same owning module and code generator)."""
+    """A copy of ``g`` to restore on failure (same owning module and code generator). Nodes
+    keep their names and metadata, and placeholders the ``_dynamo_source`` attribute that
+    dynamo sets on them and AOTAutograd requires of a dynamo graph (without it the
+    ``aot_eager`` and ``inductor`` compilers reject the copy)."""
     new = fx.Graph(owning_module=g.owning_module, tracer_cls=g._tracer_cls)
     new._codegen = g._codegen
-    out = new.graph_copy(g, {})
+    copies: dict = {}
+    out = new.graph_copy(g, copies)
     new.output(out)
+    for old, copied in copies.items():
+        if hasattr(old, "_dynamo_source"):
+            copied._dynamo_source = old._dynamo_source
     return new
 
 
@@ -119,9 +129,10 @@ def unrewritten_copy(gm: fx.GraphModule, backup: GraphBackup) -> fx.GraphModule:
 
 
 def restore_graphs(backup: GraphBackup) -> None:
-    """Put back every graph :func:`backup_graphs` copied."""
+    """Put back (a copy of) every graph :func:`backup_graphs` copied: ``backup`` stays
+    usable for another restore."""
     for mod, graph in backup:
-        mod.graph = graph
+        mod.graph = copy_graph(graph)
         mod.recompile()
 
 
@@ -137,29 +148,61 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
                 raise
             warnings.warn(f"attnfuse.rewrite: shape propagation failed ({e!r}); graph left unchanged")
             return RewriteResult(gm, GraphReport(Report(errors=[f"shape propagation: {e!r}"])))
-    snapshot = _snapshot(gm)
-    start = time.perf_counter()
     backup = backup_graphs(gm)
     try:
-        buffers = C.module_buffer_values(gm, example_inputs)
-        setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
-        if gm is not gm_or_module and isinstance(gm_or_module, torch.nn.Module):
-            # make_fx keeps the traced module's buffers as constants: they stay module state
-            setattr(gm, C.STATE_STORAGES_ATTR, C.state_storages(gm_or_module))
-        try:
-            report = rewrite_graph_and_bodies(gm, rewrite_graph)  # each graph: this module's rewrite_graph
-        finally:
-            for attr in (C.BUFFER_VALUES_ATTR, C.STATE_STORAGES_ATTR):
-                if hasattr(gm, attr):
-                    delattr(gm, attr)
+        result = fuse_graph_module(gm, example_inputs, strict=strict, traced_from=gm_or_module)
     except Exception as e:  # noqa: BLE001
         if strict:
             raise
         warnings.warn(f"attnfuse.rewrite: internal error ({type(e).__name__}: {e}); graph left unchanged")
         restore_graphs(backup)
         return RewriteResult(gm, GraphReport(Report(errors=[f"{type(e).__name__}: {e}"])))
-    read = {n: buffers[n] for n in buffers.read} if report.fusions else {}
+    for msg in failed_fusion_messages(result.report):
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return result
+
+
+def fuse_graph_module(gm: fx.GraphModule, example_inputs: Optional[Sequence] = None, *, strict: bool = False,
+                      leave_unfused: Optional[Mapping[str, Tuple[str, str]]] = None,
+                      traced_from: Any = None) -> RewriteResult:
+    """Rewrite ``gm`` (which carries shape metadata) and its bodies in place, fusion by
+    fusion: an error in one fusion drops only it (a ``rewrite_failed`` near miss; ``strict``
+    raises). Any other error propagates and may leave the graphs half rewritten: the caller
+    restores its copy (:func:`backup_graphs`). ``leave_unfused``: softmax node name (qualified
+    with the body's path inside a body, as in reports) -> ``(kind, reason)`` of the near miss
+    to report instead of fusing there (:func:`attnfuse.passes.rewrite.rewrite_graph`).
+    ``traced_from``: the module ``gm`` was traced from, if this module traced it (its buffers
+    stay module state, :func:`attnfuse.passes.consts.is_module_state`)."""
+    snapshot = _snapshot(gm)
+    start = time.perf_counter()
+    prefixes = {id(mod): prefix for prefix, mod in graph_modules(gm)}
+
+    def rewrite_one(g: fx.GraphModule) -> Report:
+        p = prefixes.get(id(g), "")
+        own = {k[len(p):]: v for k, v in (leave_unfused or {}).items()
+               if k.startswith(p) and "." not in k[len(p):]}
+        return rewrite_graph(g, strict=strict, leave_unfused=own)
+
+    buffers = C.module_buffer_values(gm, example_inputs)
+    setattr(gm, C.BUFFER_VALUES_ATTR, buffers)
+    if traced_from is not gm and isinstance(traced_from, torch.nn.Module) and \
+            not isinstance(traced_from, fx.GraphModule):
+        # make_fx keeps the traced module's buffers as constants: they stay module state
+        setattr(gm, C.STATE_STORAGES_ATTR, C.state_storages(traced_from))
+    try:
+        report = rewrite_graph_and_bodies(gm, rewrite_one)
+    finally:
+        for attr in (C.BUFFER_VALUES_ATTR, C.STATE_STORAGES_ATTR):
+            if hasattr(gm, attr):
+                delattr(gm, attr)
+    read = {n: dict.__getitem__(buffers, n) for n in buffers.read} if report.fusions else {}
     return RewriteResult(gm, _graph_report(report, snapshot, gm, time.perf_counter() - start), read)
+
+
+def failed_fusion_messages(report: Any) -> List[str]:
+    """One warning line per fusion that failed to emit or check (``rewrite_failed``)."""
+    return [f"attnfuse: the attention at {m.location or m.node} was left unfused: {m.reason}"
+            for m in report.near_misses if m.kind == REWRITE_FAILED]
 
 
 def _snapshot(gm: fx.GraphModule) -> Optional[GraphSnapshot]:

@@ -2,15 +2,18 @@
 
 Owns :func:`rewrite_graph`: find softmaxes, match each (:mod:`.match`), emit the
 fused call on strided views of q/k/v (no copies, no materialised repeats or bias
-broadcasts), view the output back to the P·V layout, erase the dead nodes, lint
-and recompile. Running it again on its output changes nothing (no softmax is left
-to anchor on). Cost is linear in the graph size (each match walks its own chain).
+broadcasts), view the output back to the P·V layout, check it on fake tensors
+(:mod:`.validate`), erase the dead nodes, lint and recompile. Each match is fused
+all or nothing: one that fails to emit or to check is undone alone and reported as a
+``rewrite_failed`` near miss. Running it again on its output changes nothing (no
+softmax is left to anchor on). Cost is linear in the graph size (each match walks its
+own chain).
 """
 from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import List
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 from torch import fx  # noqa: F401
@@ -21,6 +24,7 @@ from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
 from attnfuse.passes.report import Fusion, Report
 from attnfuse.passes.types import AttentionMatch, NearMiss, View4
+from attnfuse.passes.validate import check_replacement, strides_of
 from attnfuse.passes.views import size_at
 
 _PURE = (O.LAYOUT, O.CAST, O.SCALE, O.ADD, O.MASK, O.COMPARE, O.GETITEM, O.ELEMENTWISE, O.MATMUL,
@@ -98,12 +102,32 @@ def _emit(m: AttentionMatch, em: Emitter):
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
-        out = em.contiguous(em.permute(out, m.out_perm))
+        out = em.permute(out, m.out_perm)
+        out = out if _permute_keeps_layout(m) else em.contiguous(out)
     for d in m.info.get("out_unsqueeze", ()):
         out = em.unsqueeze(out, d)
     if m.out_dtype is not None and A.dtype(m.q.base) != m.out_dtype:
         out = em.cast(out, m.out_dtype)
     return out, call
+
+
+def _permute_keeps_layout(m: AttentionMatch) -> bool:
+    """The op's (contiguous) output, squeezed and permuted to the P·V layout, has the strides
+    P·V recorded: eager's ``einsum`` returns such a permuted view (e.g. ``bhqk,bkhd->bqhd``),
+    and the rewrite then keeps that layout instead of copying to a contiguous one."""
+    shape, stride = A.shape(m.pv), strides_of(A.meta_val(m.pv))
+    if shape is None or stride is None or len(shape) != len(stride):
+        return False
+    kept = [d for d in range(len(shape)) if d not in m.info.get("out_unsqueeze", ())]
+    sizes, strides = [shape[d] for d in kept], [stride[d] for d in kept]
+    perm = list(m.out_perm)
+    if len(perm) != len(sizes):
+        return False
+    before = [None] * len(perm)  # the squeezed op output: before[perm[j]] = sizes[j]
+    for j, p in enumerate(perm):
+        before[p] = sizes[j]
+    contiguous = [A.prod(before[i + 1:]) for i in range(len(before))]
+    return all(A.is_one(sizes[j]) or A.size_eq(contiguous[p], strides[j]) for j, p in enumerate(perm))
 
 
 def _empty_row_fixup(em: Emitter, m: AttentionMatch, q, k, v, call, out, scale):
@@ -234,51 +258,133 @@ def _erase_dead_mask_nodes(gm: fx.GraphModule, cand: set) -> None:
             gm.graph.erase_node(n)
 
 
-def rewrite_graph(gm: fx.GraphModule) -> Report:
-    """Rewrite ``gm`` in place; returns what was fused and what was not (and why)."""
+REWRITE_FAILED = "rewrite_failed"   # near-miss kind: emitting or checking this fusion raised
+
+
+def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
+                  leave_unfused: Optional[Mapping[str, Tuple[str, str]]] = None) -> Report:
+    """Rewrite ``gm`` in place; returns what was fused and what was not (and why).
+
+    Each match is fused on its own (:func:`_fuse_one`): when emitting or checking one
+    raises, only that match is undone and it becomes a ``rewrite_failed`` near miss whose
+    reason is the error (``strict`` raises the error instead); the other matches are fused.
+    ``leave_unfused`` maps the name of a softmax to ``(kind, reason)``: a match anchored
+    there is left as it is and reported as a near miss of that kind (the backend uses it
+    for fusions its inner compiler rejected)."""
     matches, misses = find_matches(gm)
     report = Report(near_misses=misses)
-    if not matches:
+    leave = dict(leave_unfused or {})
+    todo = []
+    for m in matches:
+        if m.softmax.name in leave:
+            kind, reason = leave[m.softmax.name]
+            report.near_misses.append(NearMiss(kind, reason, m.location, m.softmax.name))
+        else:
+            todo.append(m)
+    if not todo:
         return report
     em = Emitter(gm.graph, is_aten_graph(gm.graph))
     replaced: dict = {}  # P·V node of an earlier match -> the node now standing for it
     dead_masks: set = set()  # nodes of masks that became structure: erased once nothing reads them
-    for m in matches:
-        if replaced:
-            m = _remap(m, replaced)
-        with gm.graph.inserting_before(m.pv):
-            out, call = _emit(m, em)
-        for key in ("val", "example_value", "tensor_meta"):  # same shape and dtype as P·V
-            if key in m.pv.meta and key not in out.meta:
-                out.meta[key] = m.pv.meta[key]
-        m.pv.replace_all_uses_with(out)
+    for m in todo:
+        try:
+            if replaced:
+                m = _remap(m, replaced)
+            out, call, stale = _fuse_one(gm, em, m)
+        except Exception as e:  # noqa: BLE001  (this fusion only; the graph is as before it)
+            if strict:
+                raise
+            report.near_misses.append(NearMiss(REWRITE_FAILED, f"{type(e).__name__}: {e}", m.location,
+                                               m.softmax.name))
+            continue
         replaced[m.pv] = out
-        for u, src, how in m.info.get("shape_fix", ()):
-            if how == "args" and src != 1:
-                u.args = (src[0], src[1])
-            else:
-                with gm.graph.inserting_before(u):
-                    new = 1 if src == 1 else em.size(src[0], src[1], symbolic=True)
-                u.replace_all_uses_with(new) if isinstance(new, fx.Node) else _replace_with_const(u, new)
-                gm.graph.erase_node(u)
-        for n in m.removed:
-            for u in list(n.users):
-                if A.is_shape_tuple(u) and not u.users:
-                    gm.graph.erase_node(u)
-        names = [n.name for n in m.removed]
-        for n in m.removed:
-            for u in list(n.users):
-                if A.is_meta_assert(u) or A.is_dead_alias(u):
-                    gm.graph.erase_node(u)
+        _erase_replaced(gm, m, stale)
         dead_masks |= _mask_ancestors(list(m.info.get("mask_roots", ())))
-        _erase(gm, list(reversed(m.removed)))
-        scale = repr(m.scale) + (" * tensor(s) folded into q" if m.q_factors else "") + \
-            (" * run-time scalar(s)" if m.info.get("scale_nodes") else "")
-        key_mask = "&".join(("~" if neg else "") + kv_.base.name for kv_, neg in m.key_masks)
-        report.fusions.append(Fusion(m.location, scale, m.causal, _describe_bias(m), m.gqa, m.dropout_p,
-                                     m.softcap, names, call.name, m.softmax.name, window=m.window,
-                                     key_mask=key_mask, masks=list(m.mask_notes), empty_row_fixup=m.fixup))
+        report.fusions.append(_fusion_of(m, call))
     _erase_dead_mask_nodes(gm, dead_masks)
     gm.graph.lint()
     gm.recompile()
     return report
+
+
+def _fuse_one(gm: fx.GraphModule, em: Emitter, m: AttentionMatch) -> Tuple[fx.Node, fx.Node, List[fx.Node]]:
+    """Emit ``m``'s fused call before its P·V node, check it on fake tensors
+    (:func:`~attnfuse.passes.validate.check_replacement`), then point P·V's users and the
+    size queries of removed nodes at it. Returns the node standing for P·V, the fused call,
+    and the size queries it made dead (erased by the caller).
+
+    All or nothing: on any error, every node inserted is erased and every node whose
+    arguments changed gets them back before the error propagates; nothing is erased
+    before this returns."""
+    graph = gm.graph
+    marks: List[Tuple[fx.Node, fx.Node]] = []   # (node before, node after): what lies between is new
+    saved: List[Tuple[fx.Node, tuple, dict]] = []   # nodes whose arguments changed, with the old ones
+    stale: List[fx.Node] = []
+    try:
+        marks.append((m.pv.prev, m.pv))
+        with graph.inserting_before(m.pv):
+            out, call = _emit(m, em)
+        check_replacement(_between(*marks[0]), out, m.pv, gm)
+        for key in ("val", "example_value", "tensor_meta"):  # same shape and dtype as P·V (checked)
+            if key in m.pv.meta and key not in out.meta:
+                out.meta[key] = m.pv.meta[key]
+        saved += [(u, u.args, dict(u.kwargs)) for u in m.pv.users]
+        m.pv.replace_all_uses_with(out)
+        for u, src, how in m.info.get("shape_fix", ()):
+            if how == "args" and src != 1:
+                saved.append((u, u.args, dict(u.kwargs)))
+                u.args = (src[0], src[1])
+                continue
+            marks.append((u.prev, u))
+            with graph.inserting_before(u):
+                new = 1 if src == 1 else em.size(src[0], src[1], symbolic=True)
+            saved += [(w, w.args, dict(w.kwargs)) for w in u.users]
+            u.replace_all_uses_with(new) if isinstance(new, fx.Node) else _replace_with_const(u, new)
+            stale.append(u)
+    except BaseException:
+        _undo(graph, marks, saved)
+        raise
+    return out, call, stale
+
+
+def _between(first: fx.Node, last: fx.Node) -> List[fx.Node]:
+    """The nodes strictly between ``first`` and ``last``, in graph order."""
+    nodes, n = [], first.next
+    while n is not last:
+        nodes.append(n)
+        n = n.next
+    return nodes
+
+
+def _undo(graph: fx.Graph, marks: List[Tuple[fx.Node, fx.Node]], saved: List[Tuple[fx.Node, tuple, dict]]) -> None:
+    """Give changed nodes their old arguments back, then erase the inserted nodes (users first)."""
+    for node, args, kwargs in reversed(saved):
+        node.args, node.kwargs = args, kwargs
+    for first, last in reversed(marks):
+        for n in reversed(_between(first, last)):
+            graph.erase_node(n)
+
+
+def _erase_replaced(gm: fx.GraphModule, m: AttentionMatch, stale: List[fx.Node]) -> None:
+    """Erase what a fused match made dead: its size queries, shape tuples, metadata asserts
+    and aliases of removed nodes, and the removed nodes themselves."""
+    for u in stale:
+        gm.graph.erase_node(u)
+    for n in m.removed:
+        for u in list(n.users):
+            if A.is_shape_tuple(u) and not u.users:
+                gm.graph.erase_node(u)
+    for n in m.removed:
+        for u in list(n.users):
+            if A.is_meta_assert(u) or A.is_dead_alias(u):
+                gm.graph.erase_node(u)
+    _erase(gm, list(reversed(m.removed)))
+
+
+def _fusion_of(m: AttentionMatch, call: fx.Node) -> Fusion:
+    scale = repr(m.scale) + (" * tensor(s) folded into q" if m.q_factors else "") + \
+        (" * run-time scalar(s)" if m.info.get("scale_nodes") else "")
+    key_mask = "&".join(("~" if neg else "") + kv_.base.name for kv_, neg in m.key_masks)
+    return Fusion(m.location, scale, m.causal, _describe_bias(m), m.gqa, m.dropout_p, m.softcap,
+                  [n.name for n in m.removed], call.name, m.softmax.name, window=m.window, key_mask=key_mask,
+                  masks=list(m.mask_notes), empty_row_fixup=m.fixup)

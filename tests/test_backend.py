@@ -334,8 +334,8 @@ def _break_after_partial_rewrite(monkeypatch):
     rw = sys.modules["attnfuse.rewrite"]     # the module (attnfuse.rewrite is the function)
     real = rw.rewrite_graph
 
-    def broken(gm):
-        real(gm)               # mutate the graph first: the backend must restore it
+    def broken(gm, **kwargs):
+        real(gm, **kwargs)     # mutate the graph first: the backend must restore it
         raise RuntimeError("injected failure")
     monkeypatch.setattr(rw, "rewrite_graph", broken)
 

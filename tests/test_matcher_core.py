@@ -381,7 +381,7 @@ def test_internal_error_warns_and_leaves_graph_unchanged(monkeypatch):
     gm = make_fx(Basic())(q, k, v)
     code = gm.code
 
-    def boom(gm):
+    def boom(gm, **kwargs):
         m = R.find_matches(gm)[0][0]
         gm.graph.erase_node(next(iter(m.pv.users)))  # half-done damage, then fail
         raise RuntimeError("boom")
