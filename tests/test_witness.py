@@ -139,3 +139,36 @@ def test_rewrite_of_a_graph_module_does_not_bake_its_buffer():
         m.keep.fill_(True)  # the GraphModule holds the same tensor
     assert gm.keep is m.keep
     assert (gm(q, k, v) - m(q, k, v)).abs().max() < 1e-5
+
+
+class CheckpointedBlock(torch.nn.Module):
+    """The nanoGPT block inside activation checkpointing: the buffer reaches the checkpoint
+    body as an operand of the higher-order op, and is read there."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = NanoGPTBlock(dropout=0.0)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_buffer_read_inside_a_checkpoint_body_is_witnessed():
+    torch.manual_seed(4)
+    m = CheckpointedBlock()
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    cm = torch.compile(m, backend="attnfuse", options={"inner": "aot_eager"})
+
+    def err():
+        ref, out = m(x), cm(x)
+        gr = torch.autograd.grad(ref.sum(), [x, m.block.c_attn.weight])
+        go = torch.autograd.grad(out.sum(), [x, m.block.c_attn.weight])
+        return max([(out - ref).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(go, gr)])
+
+    with attnfuse.backend.collect_reports() as reports:
+        assert err() < 1e-5
+    assert [f.causal for r in reports for f in r.fusions] == ["top_left"]
+    with torch.no_grad():
+        m.block.bias.fill_(1)
+    with pytest.warns(RuntimeWarning, match="no longer hold the values"):
+        assert err() < 1e-5
