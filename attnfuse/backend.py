@@ -56,6 +56,7 @@ instead). Errors that only show when the compiled code runs are not caught.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -107,6 +108,11 @@ def _inner_compiler(name: str) -> Callable:
         return lambda gm, example_inputs: gm.forward
     from torch._dynamo.backends.registry import lookup_backend
 
+    if name == "inductor":
+        # Inductor's own attention patterns must not rewrite what attnfuse declined
+        from attnfuse import inductor_guard
+
+        return functools.partial(lookup_backend(name), config_patches=inductor_guard.config_patches())
     return lookup_backend(name)
 
 
