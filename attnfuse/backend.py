@@ -12,7 +12,14 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 
 - ``inner``: the compiler the rewritten graph goes to: ``"inductor"`` (default),
   ``"aot_eager"`` or ``"eager"`` (runs the rewritten FX graph as Python; no
-  AOTAutograd, so training uses autograd on the fused op directly).
+  AOTAutograd, so training uses autograd on the fused op directly). With Inductor,
+  Inductor's own attention patterns (``torch/_inductor/fx_passes/fuse_attention.py``,
+  which ignore the softmax dim and so turn a softmax over the query axis into SDPA over
+  the keys) never run on the graph; every other Inductor pass does. The switch is
+  :func:`attnfuse.inductor_guard.config_patches`, passed as ``compile_fx``'s
+  ``config_patches`` (thread-local, part of Inductor's cache keys, gone after the
+  compile): a public joint-graph pre pass hides each ``exp``/softmax behind an opaque
+  barrier op from those patterns and a post pass removes the barriers.
 - ``strict``: ``False`` (default): an internal error of the pass leaves the graph
   unchanged, logs a warning and compiles it as if attnfuse were not there.
   ``True``: the error is raised (use it in tests and CI).

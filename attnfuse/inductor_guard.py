@@ -42,6 +42,7 @@ On a torch without these hooks, the backend turns Inductor's pattern matcher off
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
@@ -74,7 +75,7 @@ def _hidden_targets() -> Tuple[Any, ...]:
 
 
 _HIDDEN = _hidden_targets()
-_UUID = hashlib.sha256(open(__file__, "rb").read()).hexdigest()
+_UUID = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 try:  # torch's public custom-pass interface (present in 2.13 and 2.14)
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes
