@@ -83,12 +83,13 @@ def test_guard_is_scoped_to_the_attnfuse_compile():
     assert counters["inductor"]["fuse_attention"] >= 1   # plain Inductor still fuses its SDPA pattern
 
 
-# The catalog's declined spellings that Inductor's attention patterns reach: those they
-# fired on through the backend before the guard (torch 2.14.1, measured case by case:
-# nm_softmax_dim_m2 and nm_softmax_over_heads gave errors of 1.6 and 1.7, gradients 2.2 and
-# 2.3; on the square-dataflow cases the rewrite happened to be right) and the other
-# softmax-axis near misses. Every other near miss is left unchanged by attnfuse
-# (test_near_misses.py) and has no softmax-then-matmul shape for those patterns to take.
+# The catalog's cases that Inductor's attention patterns reached through the backend
+# before the guard. Measured case by case on torch 2.14.1 (every near-miss and
+# square-dataflow case, default options, inference and training): they fired on
+# nm_softmax_dim_m2 and nm_softmax_over_heads (errors 1.6 and 1.7, gradients 2.2 and 2.3)
+# and, in inference, on the three square-dataflow cases below (right there: attnfuse had
+# fused and inlined them); on no other case. The other softmax-axis near misses are their
+# closest relatives. attnfuse's own handling of every case is tested in test_near_misses.py.
 INDUCTOR_REACHED = ["nm_softmax_dim_m2", "nm_softmax_over_heads", "nm_softmax_dim_m2_square",
                     "nm_softmax_bqkh_query_axis", "nm_pv_probs_transposed_square",
                     "sq_permute_0231_inductor_pattern", "sq_bmm_no_transpose_square", "sq_pv_transposed_square"]
