@@ -12,7 +12,14 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 
 - ``inner``: the compiler the rewritten graph goes to: ``"inductor"`` (default),
   ``"aot_eager"`` or ``"eager"`` (runs the rewritten FX graph as Python; no
-  AOTAutograd, so training uses autograd on the fused op directly).
+  AOTAutograd, so training uses autograd on the fused op directly). With Inductor,
+  Inductor's own attention patterns (``torch/_inductor/fx_passes/fuse_attention.py``,
+  which ignore the softmax dim and so turn a softmax over the query axis into SDPA over
+  the keys) never run on the graph; every other Inductor pass does. The switch is
+  :func:`attnfuse.inductor_guard.config_patches`, passed as ``compile_fx``'s
+  ``config_patches`` (thread-local, part of Inductor's cache keys, gone after the
+  compile): a public joint-graph pre pass hides each ``exp``/softmax behind an opaque
+  barrier op from those patterns and a post pass removes the barriers.
 - ``strict``: ``False`` (default): a failure costs only the fusion it concerns, with a
   warning (below). ``True``: the error is raised (use it in tests and CI).
 - ``impl``: ``"auto"`` (default: Triton kernels on CUDA, PyTorch's CPU path
@@ -75,6 +82,7 @@ Errors that only show when the compiled code runs are not caught.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -126,6 +134,11 @@ def _inner_compiler(name: str) -> Callable:
         return lambda gm, example_inputs: gm.forward
     from torch._dynamo.backends.registry import lookup_backend
 
+    if name == "inductor":
+        # Inductor's own attention patterns must not rewrite what attnfuse declined
+        from attnfuse import inductor_guard
+
+        return functools.partial(lookup_backend(name), config_patches=inductor_guard.config_patches())
     return lookup_backend(name)
 
 
