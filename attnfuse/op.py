@@ -268,10 +268,18 @@ def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
+def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t``, or a copy of it where ``t`` is an inference tensor (made under
+    ``torch.inference_mode()``): autograd cannot save one for backward, while eager
+    accepts it wherever its own ops need not save it (a padding mask behind ``~``, an
+    added bias, q and k when only v needs a gradient)."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, seed, key_mask)
+    ctx.save_for_backward(*map(_savable, (q, k, v, bias)), out, lse, *map(_savable, (seed, key_mask)))
     ctx.args = (scale, causal, dropout_p, softcap, impl, window)
     ctx.bias_is_float = bias is not None and bias.dtype.is_floating_point
     ctx.mark_non_differentiable(lse)
