@@ -9,9 +9,13 @@ Public surface:
 - :func:`last_report` — the report of the last graph the backend compiled
   (renderers in :mod:`attnfuse.reporting`).
 """
-from attnfuse.op import flash_attention
-from attnfuse.rewrite import RewriteResult, rewrite
-from attnfuse.backend import last_report
+from attnfuse import _layout
+
+_layout.mount_subpackages(__name__, __path__[0])  # attnfuse.kernels / .passes in an editable install
+
+from attnfuse.op import flash_attention  # noqa: E402
+from attnfuse.rewrite import RewriteResult, rewrite  # noqa: E402
+from attnfuse.backend import last_report  # noqa: E402
 
 __version__ = "0.1.0"
 

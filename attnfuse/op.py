@@ -141,16 +141,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _backend(impl: str, device: torch.device):
-    """The module implementing forward/backward for ``impl`` on ``device``."""
+def _resolved_impl(impl: str, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"``: what ``impl`` runs on ``device``; raises where it cannot."""
     if impl == "auto":
         impl = "triton" if device.type == "cuda" else "torch"
-    if impl == "triton":
-        if device.type != "cuda" and not _interpreting():
-            raise ValueError(
-                "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing attnfuse "
-                f"to run the kernels on CPU); got tensors on {device}. Use impl='torch' or 'auto'."
-            )
+    if impl == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before importing attnfuse "
+            f"to run the kernels on CPU); got tensors on {device}. Use impl='torch' or 'auto'."
+        )
+    return impl
+
+
+def _backend(impl: str, device: torch.device):
+    """The module implementing forward/backward for ``impl`` on ``device``."""
+    if _resolved_impl(impl, device) == "triton":
         from attnfuse.kernels import triton_flash
 
         return triton_flash
@@ -167,11 +172,23 @@ def _bias_4d(bias: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _seed_int(seed: Optional[Tensor], dropout_p: float) -> int:
-    if dropout_p == 0.0:
-        return 0
-    if seed is None:
-        raise ValueError("dropout_p > 0 needs a seed tensor (int64, 0-d)")
-    return int(seed.item())
+    return 0 if dropout_p == 0.0 else int(seed.item())
+
+
+SEED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask) -> None:
+    """Everything the graph-level op checks, raised before any kernel runs: :func:`validate`,
+    the dropout seed, and whether ``impl`` runs on the inputs' device. The real kernel and
+    the fake (tracing) kernel both run it, so a call the fake kernel accepts also runs for
+    real (tests/test_op_contract.py checks this over the argument space), and a bad call
+    fails when the graph is traced, not at its first run."""
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask)
+    if dropout_p > 0.0 and (not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype not in SEED_DTYPES):
+        got = type(seed).__name__ if not isinstance(seed, Tensor) else f"{seed.dtype} of shape {_shape(seed)}"
+        raise ValueError(f"dropout_p > 0 needs a seed tensor (int64, 0-d), got {got}")
+    _resolved_impl(impl, q.device)
 
 
 def _is_empty(q: Tensor, k: Tensor) -> bool:
@@ -199,7 +216,7 @@ def flash_attention_op(
     key_mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention; returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32, natural log)."""
-    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask)
+    validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask)
     seed_int = _seed_int(seed, dropout_p)
     if _is_empty(q, k):
         out = q.new_zeros(q.shape[:3] + (v.shape[3],))
@@ -217,6 +234,7 @@ def flash_attention_op(
 @flash_attention_op.register_fake
 def _flash_attention_fake(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
                           seed=None, impl="auto", window=0, key_mask=None):
+    validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask)
     B, Hq, Lq, _ = q.shape
     out = q.new_empty((B, Hq, Lq, v.shape[3]))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -268,10 +286,18 @@ def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal,
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
+def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t``, or a copy of it where ``t`` is an inference tensor (made under
+    ``torch.inference_mode()``): autograd cannot save one for backward, while eager
+    accepts it wherever its own ops need not save it (a padding mask behind ``~``, an
+    added bias, q and k when only v needs a gradient)."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, seed, key_mask)
+    ctx.save_for_backward(*map(_savable, (q, k, v, bias)), out, lse, *map(_savable, (seed, key_mask)))
     ctx.args = (scale, causal, dropout_p, softcap, impl, window)
     ctx.bias_is_float = bias is not None and bias.dtype.is_floating_point
     ctx.mark_non_differentiable(lse)

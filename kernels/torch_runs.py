@@ -54,8 +54,13 @@ def key_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
     None when some row's visible keys are not one contiguous run.
 
     The last answer is remembered for the same tensor object at the same version (the
-    path choice, the forward and the backward all ask about one mask)."""
+    path choice, the forward and the backward all ask about one mask). An inference
+    tensor (made under ``torch.inference_mode()``) has no version counter, so an
+    in-place change could not be told from the remembered one: its runs are found anew
+    at each ask."""
     global _last_runs
+    if key_mask.is_inference():
+        return _find_runs(key_mask)
     ref, version, runs = _last_runs
     if ref is not None and ref() is key_mask and version == key_mask._version:
         return runs

@@ -9,7 +9,7 @@ key_mask), and decides how the op's output is viewed back. Raises ``Miss``.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import fx
@@ -142,6 +142,21 @@ def _score_items(items, spec, stags0=None) -> Dict:
     return {"scale": scale, "softcap": softcap, "tscales": tscales, "terms": raw_terms, "dscales": dscales}
 
 
+def promoted_to(term: fx.Node, add: fx.Node) -> Optional[torch.dtype]:
+    """The dtype eager converts an added tensor ``term`` to, where it is not a float: an
+    integer or bool tensor added to float scores takes the scores' dtype, which is the
+    dtype of the addition's result (``add``); None for a float term (the op adds it as is)."""
+    dt = A.dtype(term)
+    if dt is None:
+        raise Miss("unsupported_op", f"{add.name}: the dtype of the added {term.name} is unknown", add)
+    if dt.is_floating_point:
+        return None
+    out = A.dtype(add)
+    if dt.is_complex or out is None or not out.is_floating_point:
+        raise Miss("unsupported_op", f"{add.name}: adds a {dt} tensor to scores of dtype {out}", add)
+    return out
+
+
 def _right_tags(n: fx.Node, stags: List, what: str) -> List:
     s = A.shape(n)
     if s is None:
@@ -245,7 +260,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
                 raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes", where)
             pre = (tuple(st_shape), tuple(co_shape))
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
-        raw.append(S.RawTerm(kind, n, coef, flag, view, pre))
+        raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None))
     axmap: Dict = {}
 
     def axmap_fn():

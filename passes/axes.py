@@ -14,12 +14,14 @@ Owns:
   resembles; sizes never decide this.
 
 Pure functions; the only state is an explicit memo dict passed by the caller.
+sympy is imported by the functions that use it, on first use: ``import attnfuse`` runs
+inside every ``import torch`` (torch's backend autoload, see attnfuse/_autoload.py) and
+must stay light.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import sympy
 import torch
 from torch import fx
 
@@ -65,6 +67,8 @@ def rank(node: Any) -> Optional[int]:
 
 def expr(size) -> Any:
     """A size (int or SymInt) as a sympy expression."""
+    import sympy
+
     if isinstance(size, torch.SymInt):
         return _exact_div(size.node.expr)
     if isinstance(size, sympy.Basic):
@@ -78,6 +82,8 @@ def _is_div(x) -> bool:
 
 def _exact_div(e):
     """Rewrite ``FloorDiv(a, b)`` as ``a / b`` where b divides a as polynomials (exact)."""
+    import sympy
+
     if not any(_is_div(x) for x in sympy.preorder_traversal(e)):
         return e
 
@@ -92,6 +98,8 @@ def size_eq(a, b) -> bool:
     try:
         if isinstance(a, int) and isinstance(b, int):
             return a == b
+        import sympy
+
         d = sympy.expand(expr(a) - expr(b))
         return d == 0
     except Exception:  # noqa: BLE001
@@ -103,6 +111,8 @@ def is_one(size) -> bool:
 
 
 def prod(sizes: Sequence) -> Any:
+    import sympy
+
     p = sympy.Integer(1)
     for s in sizes:
         p = p * expr(s)
@@ -132,6 +142,8 @@ def view_groups(ins: Sequence, outs: Sequence) -> Optional[List[Tuple[List[int],
     factor provably. A group with one input and several outputs is a split, with
     several inputs and one output a merge.
     """
+    import sympy
+
     i_ax = [i for i, s in enumerate(ins) if not is_one(s)]
     o_ax = [o for o, s in enumerate(outs) if not is_one(s)]
     groups = []

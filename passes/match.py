@@ -139,9 +139,7 @@ def _score_op(node: fx.Node, op: O.Op, chain_in: fx.Node, gm) -> Tuple[str, tupl
             if other != other or other in (float("inf"), float("-inf")):
                 raise _Miss("unsupported_op", f"{_name(node)}: adds {other}", node)
             return ("shift", ())
-        if isinstance(other, fx.Node):
-            if A.dtype(other) == torch.bool:
-                raise _Miss("unsupported_op", f"{_name(node)}: adds a bool tensor", node)
+        if isinstance(other, fx.Node):  # an integer or bool tensor is promoted (assemble.promoted_to)
             return ("bias", (other, coef))
         raise _Miss("unsupported_op", f"{_name(node)}: unreadable addend", node)
     if op.kind == O.MASK:

@@ -72,6 +72,8 @@ def _emit(m: AttentionMatch, em: Emitter):
     floats, keeps = [], []
     for t in m.terms:
         x = em.view4(t.view, t.pre)
+        if t.cast is not None:  # an integer or bool term: eager's promotion to the scores' dtype
+            x = em.cast(x, t.cast)
         if t.kind == "float":
             floats.append(x if t.coef == 1.0 else em.mul(x, t.coef))
         elif t.kind == "keep":

@@ -269,10 +269,11 @@ class RawTerm:
     flag: Any                 # keep/fill: the condition value that masks
     view: View4
     pre: Optional[Tuple] = None
+    cast: Optional[torch.dtype] = None   # float: the dtype an integer/bool term is promoted to
 
     def as_term(self) -> Term:
         if self.kind == "float":
-            return Term("float", self.view, self.coef, pre=self.pre)
+            return Term("float", self.view, self.coef, pre=self.pre, cast=self.cast)
         if self.kind == "keep":
             return Term("keep", self.view, 0.0, invert=bool(self.flag), pre=self.pre)
         return Term("fill", self.view, self.coef, invert=not self.flag, pre=self.pre)
@@ -342,7 +343,7 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
     for t in raw:
         mask = None
         if t.kind == "float":
-            if t.pre is None:
+            if t.pre is None and t.cast is None:  # an integer fill changes in the promotion (fp16: -inf)
                 mask = float_term_as_mask(t.node, t.coef, gm)
         else:
             mask = (t.kind, t.node, bool(t.flag), t.coef)

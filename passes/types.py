@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
 from torch import fx
 
 
@@ -42,9 +43,11 @@ class NearMiss:
 class Term:
     """One bias/mask term as a 4-D op-order view.
 
-    kind "float": ``coef * view`` is added. kind "keep": a bool view, True = keep
-    (negated first when ``invert``). kind "fill": positions where the (possibly
-    negated) bool view is True get ``coef`` added (an absorbing finite fill).
+    kind "float": ``coef * view`` is added; where ``cast`` is set (an integer or bool
+    term), the view is first converted to that dtype, the scores' dtype at the addition
+    (eager's type promotion). kind "keep": a bool view, True = keep (negated first when
+    ``invert``). kind "fill": positions where the (possibly negated) bool view is True
+    get ``coef`` added (an absorbing finite fill).
     """
 
     kind: str
@@ -52,6 +55,7 @@ class Term:
     coef: float = 1.0
     invert: bool = False
     pre: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None  # expand to [0], reshape to [1] first
+    cast: Optional[torch.dtype] = None
 
 
 @dataclass

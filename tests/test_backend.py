@@ -464,6 +464,9 @@ def test_entry_point_discovery_in_fresh_process(tmp_path):
         print("OK")
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # torch's extension autoload would import attnfuse with torch (attnfuse/_autoload.py):
+    # off here, so that only the torch_dynamo_backends entry point can find the backend
+    env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]

@@ -152,6 +152,33 @@ def test_dropout_reproducible_by_global_seed():
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("what", ["bias", "key_mask", "qk"])
+def test_trains_with_inference_tensors_where_eager_does(what):
+    """Tensors made under torch.inference_mode() cannot be saved for backward; eager
+    trains with one wherever its own ops need not save it (an added bias, a mask behind
+    ``~``, q and k when only v needs a gradient): so must the op."""
+    q, k, v = _qkv()
+    bias, km = None, None
+    with torch.inference_mode():
+        if what == "bias":
+            bias = torch.randn(19, 23)
+        elif what == "key_mask":
+            km = torch.arange(23)[None, :] < torch.tensor([[23], [11]])
+        else:
+            q, k = q.clone(), k.clone()
+    leaves = [q, k, v.requires_grad_()] if what == "qk" else [t.requires_grad_() for t in (q, k, v)]
+    out = attnfuse.flash_attention(*leaves, bias, key_mask=km, impl="torch")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
+    ref = attention_reference(*ref_leaves, None if bias is None else bias.double(), key_mask=km)
+    want = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], g.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
+    assert len(grads) == (1 if what == "qk" else 3)
+    for a, w in zip(grads, want):
+        torch.testing.assert_close(a.double(), w, atol=5e-4, rtol=5e-4)
+
+
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _qkv()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnfuse
 from attnfuse.kernels import torch_impl as T
 from attnfuse.kernels import torch_runs as TR
+from tests.reference import attention_reference
 from tests.test_structural_masks import _check, _inputs, _padding
 
 
@@ -181,6 +183,28 @@ def test_key_runs_sees_in_place_changes():
     km[0, 3] = False
     assert TR.key_runs(km) is None
     assert TR.key_runs(km.clone()) is None
+
+
+@pytest.mark.parametrize("causal", ["none", "top_left"])
+def test_mask_made_in_inference_mode(causal):
+    """A mask made under torch.inference_mode() has no version counter: the runs are
+    found without the memo (the path crashed on it), an in-place change made in
+    inference mode is seen, and the op still trains with such a mask (as eager's
+    ``masked_fill(~mask, -inf)`` does)."""
+    q, k, v = _inputs(b=2, lq=21, lk=21)
+    with torch.inference_mode():
+        km = _padding(2, 21, keep=(1.0, 0.6))
+    assert km.is_inference()
+    assert _runs_path(q, k, v, causal, km) == "runs"
+    _check(q, k, v, causal=causal, key_mask=km)
+    with torch.inference_mode():
+        km[0, 9:] = False
+        assert TR.key_runs(km) == [(0, 9), (0, 13)]
+        qi, ki, vi = (t.detach().clone() for t in (q, k, v))
+        out = attnfuse.flash_attention(qi, ki, vi, causal=causal, key_mask=km, impl="torch")
+    ref = attention_reference(qi.double(), ki.double(), vi.double(), causal=causal, key_mask=km,
+                              dead_rows="zero")
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("causal", ["none", "top_left"])
