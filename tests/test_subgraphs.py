@@ -86,7 +86,12 @@ def _grads_close(got: dict, ref: dict, rtol: float) -> None:
 def test_hf_gradient_checkpointing_fuses_every_site(name, source):
     """Training with ``gradient_checkpointing_enable()``: every attention site (each in its own
     ``tag_activation_checkpoint`` body) is fused and reported at its source line; outputs and
-    gradients match eager float64 (attnfuse fused 0 of 2 sites here before)."""
+    gradients match eager float64 (attnfuse fused 0 of 2 sites here before).
+
+    transformers 5.25's output-capturing hooks mutate a context variable inside the checkpointed
+    layer: dynamo then cannot trace the checkpoint op and runs the whole layer uncompiled (no graph
+    reaches any backend; 5.23 and 5.24 trace it). The README's workaround, dynamo's
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint``, is what this test runs with."""
     torch.manual_seed(0)
     model, inputs, sites = R.CASES[name].build(train=True, dropout=0.0)
     model.model.gradient_checkpointing_enable()
@@ -94,10 +99,10 @@ def test_hf_gradient_checkpointing_fuses_every_site(name, source):
     ref = R._run(ref_model, R._clone(inputs), train=True)
     _loss(ref).backward()
     ref_grads = R.grads(ref_model)
-    with collect_reports() as reports:
+    with collect_reports() as reports, torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
         res = R.compile_attnfuse(model, inputs, inner="aot_eager", train=True, strict=True)
-    assert res.ok, res.error
-    _loss(res.out).backward()
+        assert res.ok, res.error
+        _loss(res.out).backward()
     assert res.fused == sites == 2, f"{res.fused}/{sites} fused; {res.near_misses}"
     fusions = [f for r in reports for f in r.fusions]
     assert len(fusions) == sites
