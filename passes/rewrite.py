@@ -20,6 +20,7 @@ from torch import fx  # noqa: F401
 
 from attnfuse.passes import axes as A
 from attnfuse.passes import ops as O
+from attnfuse.passes.dead import dead_closure
 from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
 from attnfuse.passes.report import Fusion, Report
@@ -208,7 +209,8 @@ def _erase(gm: fx.GraphModule, removed: List[fx.Node]) -> None:
                     continue
                 op = O.classify(a, gm)
                 if (op is not None and op.kind in _PURE and not op.inplace) or \
-                        A.shape_query(a) is not None or (a.op == "call_method" and a.target == "size"):
+                        A.shape_query(a) is not None or (a.op == "call_method" and a.target == "size") or \
+                        A.is_dtype_read(a):
                     todo.append(a)
         if not progress:
             break
@@ -369,7 +371,8 @@ def _undo(graph: fx.Graph, marks: List[Tuple[fx.Node, fx.Node]], saved: List[Tup
 
 def _erase_replaced(gm: fx.GraphModule, m: AttentionMatch, stale: List[fx.Node]) -> None:
     """Erase what a fused match made dead: its size queries, shape tuples, metadata asserts
-    and aliases of removed nodes, and the removed nodes themselves."""
+    and aliases of removed nodes, the dead users of removed nodes (:mod:`.dead`), and the
+    removed nodes themselves."""
     for u in stale:
         gm.graph.erase_node(u)
     for n in m.removed:
@@ -380,7 +383,27 @@ def _erase_replaced(gm: fx.GraphModule, m: AttentionMatch, stale: List[fx.Node])
         for u in list(n.users):
             if A.is_meta_assert(u) or A.is_dead_alias(u):
                 gm.graph.erase_node(u)
+    _erase_dead_users(gm, m.removed)
     _erase(gm, list(reversed(m.removed)))
+
+
+def _erase_dead_users(gm: fx.GraphModule, removed: List[fx.Node]) -> None:
+    """Erase the dead values read from removed nodes (a dropped ``attn.to(dtype)``), which the
+    matcher did not count as users; a closure that reaches a removed node is left to :func:`_erase`."""
+    rem, erased = set(removed), set()
+    todo = [u for n in removed for u in n.users if u not in rem]
+    while todo:
+        u = todo.pop()
+        if u in erased or u.graph is not gm.graph:
+            continue
+        closure = dead_closure(u)
+        if not closure or rem.intersection(closure):
+            continue
+        inputs = {a for x in closure for a in x.all_input_nodes} - set(closure) - rem
+        for x in closure:
+            gm.graph.erase_node(x)
+        erased.update(closure)
+        todo += [a for a in inputs if not a.users]  # what only the dead values read (``q.dtype``)
 
 
 def _fusion_of(m: AttentionMatch, call: fx.Node) -> Fusion:
