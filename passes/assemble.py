@@ -92,9 +92,10 @@ def _score_items(items, spec, stags0=None) -> Dict:
         if kind == "view":
             stage = _view_stage(node, stage, stags0, spec)
             continue
-        if kind == "shift":
+        if kind in ("shift", "rowshift"):  # a constant, or a row maximum (match._prove_row_shifts)
             if has_softcap and phase == 0:
-                raise Miss("unsupported_op", f"{where.name}: constant added before the softcap", where)
+                what = "constant added" if kind == "shift" else "row maximum subtracted"
+                raise Miss("unsupported_op", f"{where.name}: {what} before the softcap", where)
             continue
         if kind == "scale":
             (c,) = pl
