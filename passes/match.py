@@ -21,6 +21,7 @@ from attnfuse.passes.matmul import MMSpec, decomposed_matmul, mm_spec
 from attnfuse.passes.assemble import assemble, tags_through_views, view_tags
 from attnfuse.passes.breaks import probs_to_output, scores_from_input
 from attnfuse.passes.decomposed import product_above, product_below
+from attnfuse.passes.rowfill import row_fill
 from attnfuse.passes.shift import row_max
 from attnfuse.passes.types import AttentionMatch, NearMiss, Result, Term, Miss as _Miss, location_of
 
@@ -369,6 +370,11 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
                 cur = gets[0]
             else:
                 cur = u
+            continue
+        if op.kind == O.MASK:  # a fill of whole query rows commutes with P·V (rowfill.py); else Miss
+            ctx.setdefault("row_fills", []).append(row_fill(u, op, cur, tags, gm))
+            chain.append(u)
+            cur = u
             continue
         dec = _decomposed_dropout(u, op, cur, gm)
         if dec is not None:

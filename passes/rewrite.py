@@ -102,6 +102,9 @@ def _emit(m: AttentionMatch, em: Emitter):
     out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
+    for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
+        c = em.view4(rv)
+        out = em.zero_where(out, c if zero_when else em.logical_not(c))
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
@@ -181,7 +184,7 @@ def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
     return dataclasses.replace(
         m, q=v(m.q), k=v(m.k), v=v(m.v), q_factors=[(v(f), how) for f, how in m.q_factors],
         terms=[dataclasses.replace(t, view=v(t.view)) for t in m.terms], info=info,
-        key_masks=[(v(kv_), neg) for kv_, neg in m.key_masks])
+        key_masks=[(v(kv_), neg) for kv_, neg in m.key_masks], row_zero=[(v(rv), z) for rv, z in m.row_zero])
 
 
 def _replace_with_const(u: fx.Node, value) -> None:
