@@ -92,9 +92,10 @@ def _score_items(items, spec, stags0=None) -> Dict:
         if kind == "view":
             stage = _view_stage(node, stage, stags0, spec)
             continue
-        if kind == "shift":
+        if kind in ("shift", "rowshift"):  # a constant, or a row maximum (match._prove_row_shifts)
             if has_softcap and phase == 0:
-                raise Miss("unsupported_op", f"{where.name}: constant added before the softcap", where)
+                what = "constant added" if kind == "shift" else "row maximum subtracted"
+                raise Miss("unsupported_op", f"{where.name}: {what} before the softcap", where)
             continue
         if kind == "scale":
             (c,) = pl
@@ -272,6 +273,8 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     ms = S.choose(raw, gm, sshape, stags, ob, axmap_fn, softcap=float(folded["softcap"]),
                   dropout_p=float(dropout_p), memo=ctx["memo"])
     terms, causal = ms.terms, ms.causal
+    row_zero = [(build_view(c, ctags, ob + ["q", None], "row fill"), zero_when)
+                for c, ctags, zero_when in ctx.get("row_fills", ())]
     # output: op (B, H, Lq, Dv) -> P·V layout
     op_out = ob + ["q", "dv"]
     squeeze = tuple(i for i in (1, 0) if op_out[i] is None)
@@ -293,7 +296,9 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         softmax=sm, qk=qk, pv=pv, q=q, k=k, v=v, scale=float(folded["scale"]), q_factors=q_factors,
         terms=terms, causal=causal, softcap=float(folded["softcap"]), dropout_p=float(dropout_p),
         window=ms.window, key_masks=ms.key_masks, fixup=ms.fixup,
-        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes,
+        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + [
+            f"{c.name}: rows of P filled with 0, applied to the output" for c, _, _ in ctx.get("row_fills", ())],
+        row_zero=row_zero,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
         location=location_of(sm) or location_of(pv),
         info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq,

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx
 
+from attnfuse.passes import dead as D
 from attnfuse.passes import ops as O
 
 ONE = ("one",)  # label of a size-1 axis
@@ -364,7 +365,8 @@ def is_dtype_read(u: fx.Node) -> bool:
 
 
 def data_users(n: fx.Node) -> List[fx.Node]:
-    """Users that read ``n``'s values (not only one of its sizes, dtype or metadata)."""
+    """Users that read ``n``'s values (not only one of its sizes, dtype or metadata) and
+    whose value is used (:func:`.dead.is_dead`: a dead user is no user)."""
     return [u for u in n.users if shape_query(u) is None and not is_meta_assert(u) and not is_shape_tuple(u)
             and not is_dtype_read(u) and not is_like_read(u) and not is_expand_as_of(u, n)
-            and not is_dead_alias(u) and not reads_only_dtype(u, n)]
+            and not is_dead_alias(u) and not reads_only_dtype(u, n) and not D.is_dead(u)]

@@ -140,6 +140,12 @@ class Emitter:
     def detach(self, x):
         return self._f(aten.detach.default, (x,)) if self.aten else self._m("detach", (x,))
 
+    def zero_where(self, x, cond):
+        """``x`` with 0 where ``cond`` (bool, broadcast to x) is True."""
+        if self.aten:
+            return self._f(aten.masked_fill.Scalar, (x, cond, 0.0))
+        return self._m("masked_fill", (x, cond, 0.0))
+
     def where(self, c, a, b):
         return self._f(aten.where.self, (c, a, b)) if self.aten else self._f(torch.where, (c, a, b))
 

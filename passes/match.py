@@ -21,6 +21,8 @@ from attnfuse.passes.matmul import MMSpec, decomposed_matmul, mm_spec
 from attnfuse.passes.assemble import assemble, tags_through_views, view_tags
 from attnfuse.passes.breaks import probs_to_output, scores_from_input
 from attnfuse.passes.decomposed import product_above, product_below
+from attnfuse.passes.rowfill import row_fill
+from attnfuse.passes.shift import row_max
 from attnfuse.passes.types import AttentionMatch, NearMiss, Result, Term, Miss as _Miss, location_of
 
 Tag = Any
@@ -139,8 +141,11 @@ def _score_op(node: fx.Node, op: O.Op, chain_in: fx.Node, gm) -> Tuple[str, tupl
             if other != other or other in (float("inf"), float("-inf")):
                 raise _Miss("unsupported_op", f"{_name(node)}: adds {other}", node)
             return ("shift", ())
-        if isinstance(other, fx.Node):  # an integer or bool tensor is promoted (assemble.promoted_to)
-            return ("bias", (other, coef))
+        if isinstance(other, fx.Node):
+            shift = row_max(other, chain_in, gm)
+            if shift is not None:  # a maximum of the scores (proven over the key axis in _match)
+                return ("rowshift", shift)
+            return ("bias", (other, coef))  # an integer or bool tensor is promoted (assemble.promoted_to)
         raise _Miss("unsupported_op", f"{_name(node)}: unreadable addend", node)
     if op.kind == O.MASK:
         if op.sub == "masked_fill":
@@ -167,19 +172,37 @@ def _score_op(node: fx.Node, op: O.Op, chain_in: fx.Node, gm) -> Tuple[str, tupl
     raise _Miss("unsupported_op", f"{_name(node)} in the score chain", node)
 
 
-def _walk_up(cur: fx.Node, consumer: fx.Node, sshape_ref: List, ctx) -> Tuple[fx.Node, List, List]:
-    """Walk from the softmax input up to the Q·Kᵀ matmul; returns (qk, items, chain)."""
+def _shift_nodes(item: tuple) -> List[fx.Node]:
+    """The nodes computing a row maximum that a "rowshift" score item subtracts."""
+    return list(item[-1][1]) if item[1] == "rowshift" else []
+
+
+def _walk_up(cur: fx.Node, consumer: fx.Node, sshape_ref: List, ctx,
+             exempt: Tuple[fx.Node, ...] = ()) -> Tuple[fx.Node, List, List]:
+    """Walk from the softmax input up to the Q·Kᵀ matmul; returns (qk, items, chain).
+    ``exempt``: readers of ``cur`` that belong to the chain (a max shift's reduction)."""
     gm, order = ctx["gm"], ctx["order"]
     items: List = []  # reverse order
     chain: List[fx.Node] = []
+    exempt = set(exempt)
     for _ in range(256):
         inpl = _inplace_users(cur, consumer, order, gm)
-        others = [u for u in A.data_users(cur) if u is not consumer and u not in inpl]
+        inpl_items = []
+        for u in reversed(inpl):  # read first: an in-place max shift's reduction reads cur too
+            try:
+                inpl_items.append((u,) + _score_op(u, O.classify(u, gm), cur, gm))
+            except _Miss as m:
+                inpl_items.append(m)
+            exempt.update(_shift_nodes(inpl_items[-1]) if isinstance(inpl_items[-1], tuple) else ())
+        others = [u for u in A.data_users(cur) if u is not consumer and u not in inpl and u not in exempt]
         if others:
             raise _Miss("scores_other_users",
                         f"scores {cur.name} are also used by {', '.join(u.name for u in others)}", cur)
-        for u in reversed(inpl):
-            items.append((u,) + _score_op(u, O.classify(u, gm), cur, gm))
+        for it in inpl_items:
+            if isinstance(it, _Miss):
+                raise it
+            items.append(it)
+            chain.extend(_shift_nodes(it))
         chain.extend(inpl)
         op = O.classify(cur, gm)
         if op is None:
@@ -204,9 +227,9 @@ def _walk_up(cur: fx.Node, consumer: fx.Node, sshape_ref: List, ctx) -> Tuple[fx
             first = None
             for cand in cands:
                 try:
-                    it = _score_op(cur, op, cand, gm)
-                    qk, rest, ch = _walk_up(cand, cur, sshape_ref, ctx)
-                    return qk, rest + [(cur,) + it] + list(reversed(items)), chain + [cur] + ch
+                    it = (cur,) + _score_op(cur, op, cand, gm)
+                    qk, rest, ch = _walk_up(cand, cur, sshape_ref, ctx, tuple(_shift_nodes(it)))
+                    return qk, rest + [it] + list(reversed(items)), chain + [cur] + _shift_nodes(it) + ch
                 except _Miss as m:
                     first = first or m
             raise first
@@ -224,6 +247,8 @@ def _walk_up(cur: fx.Node, consumer: fx.Node, sshape_ref: List, ctx) -> Tuple[fx
             raise _Miss("unsupported_op", f"{_name(cur)} in the score chain", cur)
         items.append((cur,) + _score_op(cur, op, nxt, gm))
         chain.append(cur)
+        exempt = set(_shift_nodes(items[-1]))
+        chain.extend(exempt)
         consumer, cur = cur, nxt
     raise _Miss("unsupported_op", "score chain too long", cur)
 
@@ -346,6 +371,11 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
             else:
                 cur = u
             continue
+        if op.kind == O.MASK:  # a fill of whole query rows commutes with P·V (rowfill.py); else Miss
+            ctx.setdefault("row_fills", []).append(row_fill(u, op, cur, tags, gm))
+            chain.append(u)
+            cur = u
+            continue
         dec = _decomposed_dropout(u, op, cur, gm)
         if dec is not None:
             p, nodes = dec
@@ -448,8 +478,12 @@ def _match(sm: fx.Node, op: O.Op, ctx) -> Result:
     if smtags[A.norm_dim(dim, r)] != "k":
         raise _Miss("softmax_axis", f"{sm.name}: softmax over axis {dim} of the scores, not the key axis "
                                     f"({smtags.index('k') - r})", sm)
+    _prove_row_shifts(items, ctx)
     for n in chain:
         ctx["tags"].setdefault(n, list(stags))
+    for it in items:
+        for n in _shift_nodes(it):
+            ctx["tags"][n] = None  # reduced values: no size of theirs is a size of q, k or v
     pv, p_node, ptags, pchain, dropout_p, pspec = _walk_down(sm, list(smtags), ctx)
     if any(isinstance(t, tuple) and t[0] == "split" for t in ptags):
         raise _Miss("unsupported_op", "P·V reads the probabilities with split batch axes", pv)
@@ -457,6 +491,20 @@ def _match(sm: fx.Node, op: O.Op, ctx) -> Result:
         raise _Miss("pv_contraction", f"{_name(pv)}: not a plain two-operand product", pv)
     return assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags, pchain,
                      dropout_p, ctx)
+
+
+def _prove_row_shifts(items: List, ctx) -> None:
+    """A row maximum subtracted from the scores is a no-op only when the key axis is among
+    the axes it reduces (then it is constant along the keys)."""
+    for node, kind, pl in items:
+        if kind != "rowshift":
+            continue
+        tags = ctx["tags"].get(node)
+        dims = pl[0]
+        if tags is None or len(tags) <= max(dims) or not any(tags[d] == "k" for d in dims):
+            axes = ", ".join(str(d - len(tags or ())) for d in dims)
+            raise _Miss("unsupported_op", f"{node.name} subtracts the maximum of the scores over axis {axes}, "
+                                          f"not over the key axis (a shift that varies along the keys)", node)
 
 
 def _qk_roles(spec: MMSpec, gm, memo) -> Dict:

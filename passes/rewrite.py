@@ -20,6 +20,7 @@ from torch import fx  # noqa: F401
 
 from attnfuse.passes import axes as A
 from attnfuse.passes import ops as O
+from attnfuse.passes.dead import dead_closure
 from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
 from attnfuse.passes.report import Fusion, Report
@@ -101,6 +102,9 @@ def _emit(m: AttentionMatch, em: Emitter):
     out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
+    for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
+        c = em.view4(rv)
+        out = em.zero_where(out, c if zero_when else em.logical_not(c))
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
@@ -180,7 +184,7 @@ def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
     return dataclasses.replace(
         m, q=v(m.q), k=v(m.k), v=v(m.v), q_factors=[(v(f), how) for f, how in m.q_factors],
         terms=[dataclasses.replace(t, view=v(t.view)) for t in m.terms], info=info,
-        key_masks=[(v(kv_), neg) for kv_, neg in m.key_masks])
+        key_masks=[(v(kv_), neg) for kv_, neg in m.key_masks], row_zero=[(v(rv), z) for rv, z in m.row_zero])
 
 
 def _replace_with_const(u: fx.Node, value) -> None:
@@ -208,7 +212,8 @@ def _erase(gm: fx.GraphModule, removed: List[fx.Node]) -> None:
                     continue
                 op = O.classify(a, gm)
                 if (op is not None and op.kind in _PURE and not op.inplace) or \
-                        A.shape_query(a) is not None or (a.op == "call_method" and a.target == "size"):
+                        A.shape_query(a) is not None or (a.op == "call_method" and a.target == "size") or \
+                        A.is_dtype_read(a):
                     todo.append(a)
         if not progress:
             break
@@ -369,7 +374,8 @@ def _undo(graph: fx.Graph, marks: List[Tuple[fx.Node, fx.Node]], saved: List[Tup
 
 def _erase_replaced(gm: fx.GraphModule, m: AttentionMatch, stale: List[fx.Node]) -> None:
     """Erase what a fused match made dead: its size queries, shape tuples, metadata asserts
-    and aliases of removed nodes, and the removed nodes themselves."""
+    and aliases of removed nodes, the dead users of removed nodes (:mod:`.dead`), and the
+    removed nodes themselves."""
     for u in stale:
         gm.graph.erase_node(u)
     for n in m.removed:
@@ -380,7 +386,27 @@ def _erase_replaced(gm: fx.GraphModule, m: AttentionMatch, stale: List[fx.Node])
         for u in list(n.users):
             if A.is_meta_assert(u) or A.is_dead_alias(u):
                 gm.graph.erase_node(u)
+    _erase_dead_users(gm, m.removed)
     _erase(gm, list(reversed(m.removed)))
+
+
+def _erase_dead_users(gm: fx.GraphModule, removed: List[fx.Node]) -> None:
+    """Erase the dead values read from removed nodes (a dropped ``attn.to(dtype)``), which the
+    matcher did not count as users; a closure that reaches a removed node is left to :func:`_erase`."""
+    rem, erased = set(removed), set()
+    todo = [u for n in removed for u in n.users if u not in rem]
+    while todo:
+        u = todo.pop()
+        if u in erased or u.graph is not gm.graph:
+            continue
+        closure = dead_closure(u)
+        if not closure or rem.intersection(closure):
+            continue
+        inputs = {a for x in closure for a in x.all_input_nodes} - set(closure) - rem
+        for x in closure:
+            gm.graph.erase_node(x)
+        erased.update(closure)
+        todo += [a for a in inputs if not a.users]  # what only the dead values read (``q.dtype``)
 
 
 def _fusion_of(m: AttentionMatch, call: fx.Node) -> Fusion:

@@ -42,6 +42,7 @@ from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
 from attnfuse.passes import ops as O
 from attnfuse.passes.bands import Sampler, band_of, classify_band, length_axes  # noqa: F401 (re-exported)
+from attnfuse.passes.lift import bool_negation, lower
 from attnfuse.passes.types import Miss, Term, View4
 from attnfuse.passes.views import build_view
 
@@ -105,6 +106,10 @@ def split_and(n: fx.Node, negate: bool, gm) -> List[Tuple[fx.Node, bool]]:
         op = O.classify(x, gm)
         if op is not None and op.kind == O.COMPARE and op.sub == "not" and _is_bool(op["x"]):
             todo.append((op["x"], not neg))
+            continue
+        eq = bool_negation(x, gm)  # m == 0 of a bool m is ~m (lift.py)
+        if eq is not None:
+            todo.append((eq[0], neg != eq[1]))
             continue
         if op is not None and (op.kind == O.CAST or (op.kind == O.LAYOUT and op.sub in ("expand", "identity"))) \
                 and _is_bool(op.get("x")):
@@ -175,6 +180,7 @@ class TermStructure:
     key_masks: List[Tuple[fx.Node, bool]] = field(default_factory=list)
     residual: List[Tuple[fx.Node, bool]] = field(default_factory=list)
     dropped: List[fx.Node] = field(default_factory=list)   # index factors proven all True
+    frame: Optional[List] = None   # the score tags the leaves align with (fewer when lowered, lift.py)
 
     @property
     def useful(self) -> bool:
@@ -197,6 +203,8 @@ def analyse_term(n: fx.Node, negate: bool, pre, gm, sshape, stags, ob,
                  axmap_fn: Callable[[], Optional[Dict]]) -> Optional[TermStructure]:
     """How the keep-mask ``n`` (``~n`` when ``negate``) splits into structure, or None
     when no part of it is proven structure."""
+    if pre is None:  # (pad & causal)[:, None]: analysed without the axes it only inserts (lift.py)
+        n, negate, sshape, stags = lower(n, negate, gm, sshape, stags, lambda x: _binary_kind(x) is not None)
     factors = [(n, negate)] if pre is not None else split_and(n, negate, gm)
     best = None
     for mode in ("sizes", "dataflow"):
@@ -216,7 +224,7 @@ def analyse_term(n: fx.Node, negate: bool, pre, gm, sshape, stags, ob,
         points = sampler.points([f for f, _ in const]) if const else None
         if points and (best is None or len(const) > len(best[1])):
             best = (sampler, const, points)
-    ts = TermStructure()
+    ts = TermStructure(frame=list(stags))
     const: List = []
     if best is not None and best[1]:
         sampler, const, points = best
@@ -364,11 +372,12 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
         resid, kms = [], []
         if reason is None:
             try:
+                frame = ts.frame if ts.frame is not None else stags
                 for leaf, neg in ts.residual:
-                    tags = check_view(leaf, stags, "mask")
+                    tags = check_view(leaf, frame, "mask")
                     resid.append(Term("keep", build_view(leaf, tags, ob + ["q", "k"], "mask"), 0.0, invert=neg))
                 for leaf, neg in ts.key_masks:
-                    kms.append((build_view(leaf, key_mask_tags(leaf, stags, ob), ob + ["q", "k"], "key mask"), neg))
+                    kms.append((build_view(leaf, key_mask_tags(leaf, frame, ob), ob + ["q", "k"], "key mask"), neg))
             except Miss as e:
                 reason = e.reason
         if reason is not None:

@@ -85,6 +85,8 @@ class AttentionMatch:
     fixup_scores_grad: bool = False  # ... and eager's softmax gradient to q, k (an added fill; a
                                      # masked_fill / where fill replaces the scores: none)
     mask_notes: List[str] = field(default_factory=list)  # per mask term: the structure, or why a tensor
+    row_zero: List[Tuple[View4, bool]] = field(default_factory=list)  # (B, H, Lq, 1) bool views: output rows
+                                     # where the view equals the flag are 0 (a row fill of P, rowfill.py)
 
 
 Result = Union[AttentionMatch, NearMiss]

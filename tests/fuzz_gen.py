@@ -33,7 +33,8 @@ KT = ["transpose", "transpose_pos", "mT", "permute", "stored"]
 SCALES = ["none", "mul", "div", "rmul", "mul0d", "div0d", "head_temp", "q_before", "k_before", "split", "shape_pow",
           "inplace_div", "torch_mul"]
 BIASES = ["none", "add4d", "add2d", "keypad_add", "alibi", "fill_neginf", "fill_finfo", "where_finfo",
-          "where_inverted", "tril_buffer", "arange_causal", "inplace_fill", "keypad_fill_plus_add"]
+          "where_inverted", "tril_buffer", "arange_causal", "inplace_fill", "keypad_fill_plus_add",
+          "joint_lift", "bool_ones"]
 SOFTMAX = ["F", "torch", "method", "module", "dtype", "upcast", "dim3"]
 DROPOUT = ["none", "F", "module", "torch"]
 PV = ["at", "matmul", "einsum", "bmm"]
@@ -41,7 +42,9 @@ GQA = ["none", "repeat_kv", "repeat_interleave", "mqa_expand", "mqa_repeat", "re
 OUT = ["none", "transpose_reshape", "permute_contig"]
 SIZES = ["literal", "expr"]
 PERTURB = ["softmax_dim", "log_softmax", "return_probs", "return_scores", "after_mul", "after_mask", "fill_finite",
-           "key_scale", "relu", "bad_permute", "pv_transpose"]
+           "key_scale", "relu", "bad_permute", "pv_transpose", "max_other_axis", "row_fill_one"]
+# issue 18's algebra: dead users (cat. 1), row fills after the softmax (2), the max shift (4)
+EXTRAS = ["none", "none", "none", "dead_cast", "dead_record", "max_shift", "row_fill", "row_where"]
 DIALECTS = ["fx", "aten", "dynamo"]
 
 PERTURB_KINDS = {
@@ -56,6 +59,8 @@ PERTURB_KINDS = {
     "relu": ("unsupported_op",),
     "bad_permute": ("qk_contraction",),
     "pv_transpose": ("pv_contraction", "softmax_axis"),
+    "max_other_axis": ("unsupported_op",),
+    "row_fill_one": ("after_softmax",),
 }
 
 Choose = Callable[[str, list], object]
@@ -78,6 +83,7 @@ class Recipe:
     dv: bool = False
     sizes: str = "literal"
     perturb: str = "none"
+    extra: str = "none"
     dialect: str = "aten"
     b: int = 2
     hq: int = 4
@@ -118,6 +124,7 @@ def draw_recipe(choose: Choose, *, dialects=DIALECTS, perturb_rate: float = 0.3)
     r.cross = choose("cross", [False, True])
     r.dv = choose("dv", [False, True])
     r.sizes = choose("sizes", SIZES)
+    r.extra = choose("extra", EXTRAS)
     # about 70% unperturbed compositions, 30% with one near-miss perturbation
     r.perturb = choose("perturb", ["none"] * (len(PERTURB) * 7 // 3) + PERTURB) if perturb_rate > 0 else "none"
     r.b = choose("b", [1, 2])
@@ -355,11 +362,25 @@ def build(r: Recipe) -> Built:
         add_input("kp", ~keep_mask((B, 1, 1, Lk)))
         add_input("bias", torch.randn(1, Hq, Lq, Lk, generator=g))
         lines.append('s = s.masked_fill(kp, float("-inf")) + bias')
+    elif bias == "joint_lift":  # causal & key padding in one (B, Lq, Lk) expression, lifted by [:, None]
+        add_input("lens", torch.randint(1, Lk + 1, (B,), generator=g))
+        lines.append(f"i = torch.arange({lqs})")
+        lines.append(f"j = torch.arange({lks})")
+        lines.append("m = (j[None, None, :] < lens[:, None, None]) & (i[None, :, None] >= j[None, None, :])")
+        lines.append("s = s.masked_fill(~m[:, None], float('-inf'))")
+    elif bias == "bool_ones":  # a bool added to the scores is its 0/1 float cast
+        lines.append(f"s = s + q.new_ones(({lqs}, {lks}), dtype=torch.bool)")
     if r.perturb == "fill_finite":
         add_input("masked2", ~keep_mask((B, 1, Lq, Lk)))
         lines.append("s = s.masked_fill(masked2, -10000.0)")
     if r.perturb == "return_scores":
         extra_outputs.append("s")
+    if r.extra == "dead_record":
+        lines.append("_record = s.detach()")
+    if r.extra == "max_shift":
+        lines.append("s = s - s.amax(dim=-1, keepdim=True).detach()")
+    if r.perturb == "max_other_axis":
+        lines.append("s = s - s.amax(dim=-2, keepdim=True)")
     # ---- softmax
     dim = -1 if r.softmax != "dim3" else 3
     if r.perturb == "softmax_dim":
@@ -387,6 +408,17 @@ def build(r: Recipe) -> Built:
         lines.append("p = self.drop(p)")
     elif r.dropout == "torch":
         lines.append("p = torch.dropout(p, 0.1, self.training)")
+    if r.extra == "dead_cast":
+        lines.append("_weights = p.to(torch.float16)")
+    if r.extra in ("row_fill", "row_where") or r.perturb == "row_fill_one":
+        rows = torch.rand(B, 1, Lq, 1, generator=g) > 0.3
+        add_input("qrows", rows)
+        if r.perturb == "row_fill_one":
+            lines.append("p = p.masked_fill(~qrows, 1.0)")
+        elif r.extra == "row_fill":
+            lines.append("p = p.masked_fill(~qrows, 0.0)")
+        else:
+            lines.append("p = torch.where(qrows, p, 0.0)")
     # ---- perturbations after the softmax
     if r.perturb == "after_mul":
         lines.append("p = p * 0.5")

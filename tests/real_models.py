@@ -403,6 +403,92 @@ def _unet(train: bool = False, dropout: float = 0.0):
     return _UNet(model), (sample, torch.tensor([10]), ctx), 2 * blocks
 
 
+# ---- hand-written reproductions of attention in projects not installed here (issue 18's algebra).
+# Each mirrors the attention code of the named project as it is written there; the projection
+# layers around it are plain Linears.
+
+class _Block(nn.Module):
+    """``depth`` pre-LN self-attention blocks over (B, L, C); ``attend(q, k, v, *extra)`` is the
+    project's attention core on (B, H, L, D)."""
+
+    def __init__(self, attend, depth: int = 2, dim: int = 32, heads: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.attend, self.heads, self.dropout = attend, heads, dropout
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
+        self.qkv = nn.ModuleList([nn.Linear(dim, 3 * dim) for _ in range(depth)])
+        self.out = nn.ModuleList([nn.Linear(dim, dim) for _ in range(depth)])
+
+    def forward(self, x, *extra):
+        b, n, c = x.shape
+        for norm, qkv, out in zip(self.norms, self.qkv, self.out):
+            q, k, v = qkv(norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            o = self.attend(self, q, k, v, *extra)
+            x = x + out(o.transpose(1, 2).reshape(b, n, c))
+        return (x,)
+
+
+def _x_transformers_attend(self, q, k, v):
+    """lucidrains/x-transformers ``Attend`` (causal, non-flash path): the causal mask from
+    ``ones(i, j).triu(j - i + 1)``, the detached row max subtracted for stability, dropout."""
+    sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5
+    i, j = sim.shape[-2:]
+    causal_mask = torch.ones((i, j), dtype=torch.bool, device=q.device).triu(j - i + 1)
+    sim = sim.masked_fill(causal_mask, -torch.finfo(sim.dtype).max)
+    sim = sim - sim.amax(dim=-1, keepdim=True).detach()
+    attn = sim.softmax(dim=-1)
+    attn = nn.functional.dropout(attn, self.dropout, training=self.training)
+    return torch.einsum("b h i j, b h j d -> b h i d", attn, v)
+
+
+def _flash_attn_ref(self, q, k, v, lengths):
+    """Dao-AILab/flash-attention ``attention_ref`` (tests/test_flash_attn.py), causal with key and
+    query padding: -inf fills, the fill of rows that see no key, the query-padding fill."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    kpad = torch.arange(lk, device=q.device)[None, :] < lengths[:, None]
+    qpad = torch.arange(lq, device=q.device)[None, :] < lengths[:, None]
+    scores = torch.einsum("bhtd,bhsd->bhts", q / q.shape[-1] ** 0.5, k)
+    scores = scores.masked_fill(~kpad[:, None, None, :], float("-inf"))
+    local_mask = torch.arange(lk, device=q.device)[None, :] > torch.arange(lq, device=q.device)[:, None] + lk - lq
+    scores = scores.masked_fill(local_mask, float("-inf"))
+    attention = torch.softmax(scores, dim=-1).to(v.dtype)
+    attention = attention.masked_fill(torch.all(local_mask, dim=-1, keepdim=True), 0.0)
+    attention = attention.masked_fill(~qpad[:, None, :, None], 0.0)
+    return torch.einsum("bhts,bhsd->bhtd", attention, v)
+
+
+def _joint_mask_weights(self, q, k, v, lengths):
+    """A fairseq/HF-eager-style layer that builds causal & padding as one (B, L, L) mask, lifts it
+    with ``[:, None]``, and returns ``(out, attn_weights.to(dtype))``; the block drops the weights."""
+    n = q.shape[-2]
+    idx = torch.arange(n, device=q.device)
+    mask = (idx[None, None, :] < lengths[:, None, None]) & (idx[None, :, None] >= idx[None, None, :])
+    w = torch.matmul(q, k.transpose(2, 3)) / q.shape[-1] ** 0.5
+    w = w.masked_fill(mask[:, None] == 0, torch.finfo(w.dtype).min)
+    w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = w.to(torch.float16)  # noqa: F841  (output_attentions=False: dropped by the caller)
+    w = nn.functional.dropout(w, self.dropout, training=self.training)
+    return torch.matmul(w, v)
+
+
+def _handwritten(attend, with_lengths: bool):
+    def build(train: bool = False, dropout: float = 0.0):
+        torch.manual_seed(0)
+        model = _Block(attend, dropout=dropout).train(train)
+        x = torch.randn(B, SEQ, 32, generator=_gen(7))
+        inputs = (x, torch.tensor([SEQ, SEQ - 4])) if with_lengths else (x,)
+        return model, inputs, 2
+    return build
+
+
+case("xtransformers-attend", library="hand-written", variant="causal, max shift")(
+    _handwritten(_x_transformers_attend, False))
+case("flash-attn-attention-ref", library="hand-written", variant="causal+padded, row fills",
+     attn_dropout=False)(
+    _handwritten(_flash_attn_ref, True))
+case("joint-mask-dead-weights", library="hand-written", variant="causal+padded in one mask, dead weights")(
+    _handwritten(_joint_mask_weights, True))
+
+
 # --------------------------------------------------------------------------------------------- checks
 
 def flatten(out) -> List[torch.Tensor]:
