@@ -25,7 +25,7 @@ from attnfuse.passes.match import match_softmax
 from attnfuse.passes.report import Fusion, Report
 from attnfuse.passes.types import AttentionMatch, NearMiss, View4
 from attnfuse.passes.validate import check_replacement, strides_of
-from attnfuse.passes.views import size_at
+from attnfuse.passes.views import axis_at, size_at
 
 _PURE = (O.LAYOUT, O.CAST, O.SCALE, O.ADD, O.MASK, O.COMPARE, O.GETITEM, O.ELEMENTWISE, O.MATMUL,
          O.SOFTMAX, O.LOG_SOFTMAX)
@@ -101,6 +101,10 @@ def _emit(m: AttentionMatch, em: Emitter):
     out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
+    if m.info.get("unmerge"):  # merged batch axes (passes/batchaxes.py): split them back
+        sizes = [1 if r == 1 else em.size(r[0], r[1]) for r in m.info["unmerge"]]
+        tail = [1 if axis_at(x, i) is None else em.size(x.base, axis_at(x, i)) for x, i in ((m.q, 2), (m.v, 3))]
+        out = em.reshape(out, sizes + tail)
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
@@ -153,9 +157,9 @@ def _empty_row_fixup(em: Emitter, m: AttentionMatch, q, k, v, call, out, scale):
     if not m.fixup_scores_grad:
         reps = em.floordiv(em.size(q, 1, symbolic=True), em.size(k, 1, symbolic=True))
         return em.where(empty, em.repeat_heads(vbar, reps), out)
-    lk = A.static_int(size_at(m.k, 2)) if m.k.axes[2] is not None else 1
+    lk = A.static_int(size_at(m.k, 2)) if axis_at(m.k, 2) is not None else 1
     if lk is None:
-        lk = em.size(m.k.base, m.k.axes[2], symbolic=True)
+        lk = em.size(m.k.base, axis_at(m.k, 2), symbolic=True)
     kv_m = em.div(em.matmul(em.transpose_last(k), em.detach(em.sub(v, vbar))), lk)   # (B, Hkv, D, Dv)
     reps = em.floordiv(em.size(q, 1, symbolic=True), em.size(k, 1, symbolic=True))
     vbar, kv_m = em.repeat_heads(vbar, reps), em.repeat_heads(kv_m, reps)
@@ -175,6 +179,8 @@ def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
 
     info = dict(m.info)
     info["scale_nodes"] = [(n(x), how) for x, how in info.get("scale_nodes", ())]
+    if info.get("unmerge"):
+        info["unmerge"] = tuple(r if r == 1 else (n(r[0]), r[1]) for r in info["unmerge"])
     info["shape_fix"] = [(u, src if src == 1 or not isinstance(src, tuple) else (n(src[0]), src[1]), how)
                          for u, src, how in info.get("shape_fix", ())]
     return dataclasses.replace(
