@@ -22,6 +22,7 @@ from attnfuse.passes import axes as A
 from attnfuse.passes import ops as O
 from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
+from attnfuse.passes.mha import erase_calls, inline_mha, undo_inlines
 from attnfuse.passes.report import Fusion, Report
 from attnfuse.passes.types import AttentionMatch, NearMiss, View4
 from attnfuse.passes.validate import check_replacement, strides_of
@@ -279,8 +280,11 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
     ``leave_unfused`` maps the name of a softmax to ``(kind, reason)``: a match anchored
     there is left as it is and reported as a near miss of that kind (the backend uses it
     for fusions its inner compiler rejected)."""
+    inlined, mha_misses = inline_mha(gm)   # nn.MultiheadAttention's explicit path, written out
     matches, misses = find_matches(gm)
-    report = Report(near_misses=misses)
+    if inlined:  # a written-out call whose attention is not fused goes back as it was
+        inlined = undo_inlines(gm, inlined, {m.softmax for m in matches})
+    report = Report(near_misses=mha_misses + misses)
     leave = dict(leave_unfused or {})
     todo = []
     for m in matches:
@@ -290,6 +294,10 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
         else:
             todo.append(m)
     if not todo:
+        if inlined:
+            erase_calls(gm, inlined)
+            gm.graph.lint()
+            gm.recompile()
         return report
     em = Emitter(gm.graph, is_aten_graph(gm.graph))
     replaced: dict = {}  # P·V node of an earlier match -> the node now standing for it
@@ -310,6 +318,7 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
         dead_masks |= _mask_ancestors(list(m.info.get("mask_roots", ())))
         report.fusions.append(_fusion_of(m, call))
     _erase_dead_mask_nodes(gm, dead_masks)
+    erase_calls(gm, inlined)
     gm.graph.lint()
     gm.recompile()
     return report
