@@ -201,7 +201,8 @@ def build_batch5(r: Recipe) -> Built:
         tensors += [torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, G, Lk, D, generator=g),
                     torch.randn(B, G, Lk, Dv, generator=g)]
         lines.append(f"q = q.view(q.shape[0], {G}, {Hq // G}, q.shape[2], q.shape[3])")
-        lines += ["k = k[:, :, None]", "v = v[:, :, None]"] if r.qk != "einsum" else []
+        lines += ["k = k[:, :, None]"] if r.qk != "einsum" else []   # (B, G, 1, L, D) broadcasts over R
+        lines += ["v = v[:, :, None]"] if r.pv != "einsum" else []
         bshape, s_shape = (G, Hq // G), (B, G, Hq // G, Lq, Lk)
     else:
         a1, a2 = (U, Hq) if r.batch5 == "window" else (Hq, U)
