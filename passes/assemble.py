@@ -9,16 +9,18 @@ key_mask), and decides how the op's output is viewed back. Raises ``Miss``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional
 
 import torch
 from torch import fx
 
 from attnfuse.passes import axes as A
+from attnfuse.passes import batchaxes as BA
 from attnfuse.passes import consts as C
 from attnfuse.passes import structure as S
 from attnfuse.passes.types import AttentionMatch, Miss, View4, location_of
-from attnfuse.passes.views import build_view, peel, size_at
+from attnfuse.passes.views import axis_at, build_view, peel, size_at, slot_tags
 
 MAX_HEAD_DIM = 256
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -208,9 +210,6 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     folded = _score_items(items, spec, stags)
     r = len(stags)
     batch = [t for t in stags if t not in ("q", "k")]
-    if len(batch) > 2:
-        raise Miss("unsupported_op", f"scores have {len(batch)} batch axes (at most 2: batch, head)", qk)
-    ob = [None] * (2 - len(batch)) + batch
     feat = roles["feat"]
     qtags = ["d" if c == feat else roles["tag"].get(c) for c in spec.la]
     ktags = ["d" if c == feat else roles["tag"].get(c) for c in spec.lb]
@@ -222,13 +221,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             if isinstance(t, tuple) and t in ktags and A.labels_conflict(kl_[ktags.index(t)], vl_[j]):
                 raise Miss("pv_contraction", f"P·V pairs V axis {j} with an axis that means something else "
                                              f"(a permute that is not the transpose it resembles?)", v_node)
-    q = peel(build_view(spec.a, qtags, ob + ["q", "d"], "q"), gm, gqa=False)
-    k0 = build_view(spec.b, ktags, ob + ["k", "d"], "k")
-    v0 = build_view(v_node, vtags, ob + ["k", "dv"], "v")
-    k, v = peel(k0, gm, gqa=True), peel(v0, gm, gqa=True)
-    if not A.size_eq(size_at(k, 1), size_at(v, 1)) and not (A.is_one(size_at(k, 1)) or A.is_one(size_at(v, 1))):
-        k, v = peel(k0, gm, gqa=False), peel(v0, gm, gqa=False)
-    q, k, v = _expand(q, k, v, qk, stags, ob)
+    ob, (q, k, v), refs = _operands(spec, qtags, ktags, v_node, vtags, batch, qk, stags, gm)
     dts = {A.dtype(x.base) for x in (q, k, v)}
     if len(dts) != 1 or dts.pop() not in FLOATS:
         raise Miss("unsupported_op", "q, k and v do not share one float dtype (float32/float16/bfloat16)", qk)
@@ -242,7 +235,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         tags = _right_tags(f, stags, "scale")
         if "k" in tags:
             raise Miss("key_varying_scale", f"{where.name}: scale {f.name} varies along the key axis", where)
-        q_factors.append((build_view(f, tags, ob + ["q", None], "scale"), how))
+        q_factors.append((BA.complete(build_view(f, tags, ob + ["q", None], "scale"), refs), how))
     sshape = A.shape(qk)
     rem_early = set(chain) | {qk}
     raw = []
@@ -255,6 +248,9 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
         else:  # a term added while the scores were split (B·H -> B, H): broadcast and merge it
+            if BA.is_merged(ob):
+                raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with more than two "
+                                             f"batch axes", where)
             st_shape = [A.static_int(x) for x in stage[1]]
             co_shape = [A.static_int(x) for x in sshape]
             if None in st_shape or None in co_shape:
@@ -272,11 +268,12 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
 
     ms = S.choose(raw, gm, sshape, stags, ob, axmap_fn, softcap=float(folded["softcap"]),
                   dropout_p=float(dropout_p), memo=ctx["memo"])
-    terms, causal = ms.terms, ms.causal
-    row_zero = [(build_view(c, ctags, ob + ["q", None], "row fill"), zero_when)
+    terms = [dataclasses.replace(t, view=BA.complete(t.view, refs)) for t in ms.terms]
+    causal = ms.causal
+    row_zero = [(BA.complete(build_view(c, ctags, ob + ["q", None], "row fill"), refs), zero_when)
                 for c, ctags, zero_when in ctx.get("row_fills", ())]
-    # output: op (B, H, Lq, Dv) -> P·V layout
-    op_out = ob + ["q", "dv"]
+    # output: op (B, H, Lq, Dv) -> (split batch axes, when merged) -> P·V layout
+    op_out = slot_tags(ob + ["q", "dv"])[0]
     squeeze = tuple(i for i in (1, 0) if op_out[i] is None)
     kept = [t for t in op_out if t is not None]
     real = [t for t in otags if t is not None]
@@ -302,7 +299,34 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
         location=location_of(sm) or location_of(pv),
         info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq,
-              "mask_roots": ms.roots})
+              "mask_roots": ms.roots, "unmerge": BA.unmerge_sizes(ob, refs)})
+
+
+def _operands(spec, qtags, ktags, v_node, vtags, batch, qk, stags, gm):
+    """(op batch/head tags, (q, k, v) views in op order, size references per batch slot).
+
+    With more than two batch axes (:mod:`.batchaxes`), the first split that builds and
+    merges q, k and v without a copy wins; else the first that builds."""
+    first, fallback = None, None
+    for ob in BA.candidate_obs(batch):
+        try:
+            q = peel(build_view(spec.a, qtags, ob + ["q", "d"], "q"), gm, gqa=False)
+            k0 = build_view(spec.b, ktags, ob + ["k", "d"], "k")
+            v0 = build_view(v_node, vtags, ob + ["k", "dv"], "v")
+            k, v = peel(k0, gm, gqa=True), peel(v0, gm, gqa=True)
+            if not A.size_eq(size_at(k, 1), size_at(v, 1)) and \
+                    not (A.is_one(size_at(k, 1)) or A.is_one(size_at(v, 1))):
+                k, v = peel(k0, gm, gqa=False), peel(v0, gm, gqa=False)
+            q, k, v, refs = BA.broadcast(q, k, v, qk, A.shape(qk), stags, ob)
+        except Miss as e:
+            first = first or e
+            continue
+        if all(BA.copy_free(x) for x in (q, k, v)):
+            return ob, (q, k, v), refs
+        fallback = fallback or (ob, (q, k, v), refs)
+    if fallback is None:
+        raise first
+    return fallback
 
 
 def _is_mutation(n: fx.Node, gm) -> bool:
@@ -346,13 +370,15 @@ def _shape_fixes(removed, tagmap, views, ob):
     """
     q, k, v = views
     fixed = {"q": (q, 2), "k": (k, 2), "d": (q, 3), "dv": (v, 3)}
+    flat = slot_tags(ob)[0]
 
     def source(t, n, d):
         if t in fixed:
             x, i = fixed[t]
-            return (x.base, x.axes[i]) if x.axes[i] is not None else 1
-        if t in ob:
-            i = ob.index(t)
+            a = axis_at(x, i)
+            return (x.base, a) if a is not None else 1
+        if t in flat:
+            i = flat.index(t)
             for x in views:
                 if x.axes[i] is not None and not A.is_one(A.shape(x.base)[x.axes[i]]):
                     return x.base, x.axes[i]
@@ -389,35 +415,3 @@ def _shape_fixes(removed, tagmap, views, ob):
                 dim = A.norm_dim(dim, len(tags))
                 fixes.append((user, source(tags[dim], n, dim), how))
     return fixes
-
-
-def _expand(q: View4, k: View4, v: View4, qk, stags, ob):
-    """Give q, k, v one batch size and k/v one head count via stride-0 expands."""
-    sshape = A.shape(qk)
-    refs = {}
-    for i in (0, 1):
-        target = 1 if ob[i] is None else sshape[stags.index(ob[i])]
-        if A.is_one(target):
-            continue
-        for x in (q, k, v):
-            if x.axes[i] is not None and A.size_eq(size_at(x, i), target):
-                refs[i] = (x.base, x.axes[i])
-                break
-        if A.is_one(size_at(q, i)) and i not in refs:
-            raise Miss("unsupported_op", "no input carries the broadcast batch/head size", qk)
-
-    def ex(x: View4, idx) -> View4:
-        e = list(x.expand)
-        for i in idx:
-            if i in refs and A.is_one(size_at(x, i)):
-                e[i] = refs[i]
-        return View4(x.base, x.axes, tuple(e), x.gqa_from)
-
-    q = ex(q, (0, 1))
-    k, v = ex(k, (0,)), ex(v, (0,))
-    hk, hv = size_at(k, 1), size_at(v, 1)
-    if A.is_one(hk) and not A.is_one(hv):
-        k = View4(k.base, k.axes, k.expand[:1] + ((v.base, v.axes[1]),) + k.expand[2:], k.gqa_from)
-    elif A.is_one(hv) and not A.is_one(hk):
-        v = View4(v.base, v.axes, v.expand[:1] + ((k.base, k.axes[1]),) + v.expand[2:], v.gqa_from)
-    return q, k, v

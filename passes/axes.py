@@ -102,9 +102,22 @@ def size_eq(a, b) -> bool:
         import sympy
 
         d = sympy.expand(expr(a) - expr(b))
-        return d == 0
+        return d == 0 or _static_eq(a, b)
     except Exception:  # noqa: BLE001
         return False
+
+
+def _static_eq(a, b) -> bool:
+    """Equality of two sizes, at least one a SymInt, proven by its shape environment from
+    the value ranges it knows (``Max(1, 2*(s0//2))`` is ``2*(s0//2)`` for ``s0 >= 2``),
+    without adding a guard; False when not provable."""
+    import sympy
+
+    env = next((x.node.shape_env for x in (a, b) if isinstance(x, torch.SymInt)), None)
+    if env is None or not hasattr(env, "_maybe_evaluate_static"):
+        return False
+    ea, eb = (x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x)) for x in (a, b))
+    return env._maybe_evaluate_static(sympy.Eq(ea, eb)) is sympy.true
 
 
 def is_one(size) -> bool:
@@ -226,8 +239,15 @@ def labels_conflict(a, b) -> bool:
     """
     if a == ONE or b == ONE or a == b:
         return False
+    if _outer_part_of(a, b) or _outer_part_of(b, a):
+        return False  # grouped-query: q's heads split (groups, repeats), the groups paired with k's heads
     ra, rb = root_rank(a), root_rank(b)
     return ra is not None and ra == rb
+
+
+def _outer_part_of(a, b) -> bool:
+    """``a`` is the outer (first) part of axis ``b`` split by a view."""
+    return a[0] == "split" and a[1] == b and a[2] == 0
 
 
 def permute_labels(labs: Sequence, dims: Sequence[int]) -> List:

@@ -17,6 +17,7 @@ from torch import fx
 
 from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
+from attnfuse.passes.views import axis_at
 
 
 # ---------------------------------------------------------------------------
@@ -147,9 +148,9 @@ def length_axes(qk, stags, tagmap, *seeds_and_views) -> Dict:
         if tags is not None and tags.count(t) == 1:
             add(node, tags.index(t), t)
     qv, kv, vv = views
-    add(qv.base, qv.axes[2], "q")
-    add(kv.base, kv.axes[2], "k")
-    add(vv.base, vv.axes[2], "k")
+    add(qv.base, axis_at(qv, 2), "q")
+    add(kv.base, axis_at(kv, 2), "k")
+    add(vv.base, axis_at(vv, 2), "k")
     todo = list(out.items())
     while todo:  # up through linear layers: x (…, T, C) -> linear -> (…, T, C')
         (node, axis), t = todo.pop()

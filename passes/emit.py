@@ -183,4 +183,24 @@ class Emitter:
         if any(e is not None for e in v.expand):
             sizes = [-1 if e is None else self.size(e[0], e[1]) for e in v.expand]
             x = self.expand(x, sizes)
+        if v.groups != (1, 1):  # several score batch axes: merge them into the op's batch and head
+            g0, g1 = v.groups
+            sizes = [self._slot_size(v, s) for s in range(len(v.axes))]
+            x = self.reshape(x, [-1, self.product(sizes[g0:g0 + g1])] + sizes[g0 + g1:])
         return x
+
+    def _slot_size(self, v: View4, s: int):
+        e = v.expand[s]
+        if e is not None:
+            return self.size(e[0], e[1])
+        return 1 if v.axes[s] is None else self.size(v.base, v.axes[s])
+
+    def product(self, sizes: Sequence):
+        """The product of sizes (ints or size nodes), folded where static."""
+        out: Any = 1
+        for x in sizes:
+            if isinstance(out, int) and isinstance(x, int):
+                out *= x
+            elif not (isinstance(x, int) and x == 1):
+                out = x if (isinstance(out, int) and out == 1) else self._f(operator.mul, (out, x))
+        return out

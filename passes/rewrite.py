@@ -23,10 +23,11 @@ from attnfuse.passes import ops as O
 from attnfuse.passes.dead import dead_closure
 from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
+from attnfuse.passes.mha import erase_calls, inline_mha, undo_inlines
 from attnfuse.passes.report import Fusion, Report
 from attnfuse.passes.types import AttentionMatch, NearMiss, View4
 from attnfuse.passes.validate import check_replacement, strides_of
-from attnfuse.passes.views import size_at
+from attnfuse.passes.views import axis_at, size_at
 
 _PURE = (O.LAYOUT, O.CAST, O.SCALE, O.ADD, O.MASK, O.COMPARE, O.GETITEM, O.ELEMENTWISE, O.MATMUL,
          O.SOFTMAX, O.LOG_SOFTMAX)
@@ -105,6 +106,10 @@ def _emit(m: AttentionMatch, em: Emitter):
     for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
         c = em.view4(rv)
         out = em.zero_where(out, c if zero_when else em.logical_not(c))
+    if m.info.get("unmerge"):  # merged batch axes (passes/batchaxes.py): split them back
+        sizes = [1 if r == 1 else em.size(r[0], r[1]) for r in m.info["unmerge"]]
+        tail = [1 if axis_at(x, i) is None else em.size(x.base, axis_at(x, i)) for x, i in ((m.q, 2), (m.v, 3))]
+        out = em.reshape(out, sizes + tail)
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
@@ -157,9 +162,9 @@ def _empty_row_fixup(em: Emitter, m: AttentionMatch, q, k, v, call, out, scale):
     if not m.fixup_scores_grad:
         reps = em.floordiv(em.size(q, 1, symbolic=True), em.size(k, 1, symbolic=True))
         return em.where(empty, em.repeat_heads(vbar, reps), out)
-    lk = A.static_int(size_at(m.k, 2)) if m.k.axes[2] is not None else 1
+    lk = A.static_int(size_at(m.k, 2)) if axis_at(m.k, 2) is not None else 1
     if lk is None:
-        lk = em.size(m.k.base, m.k.axes[2], symbolic=True)
+        lk = em.size(m.k.base, axis_at(m.k, 2), symbolic=True)
     kv_m = em.div(em.matmul(em.transpose_last(k), em.detach(em.sub(v, vbar))), lk)   # (B, Hkv, D, Dv)
     reps = em.floordiv(em.size(q, 1, symbolic=True), em.size(k, 1, symbolic=True))
     vbar, kv_m = em.repeat_heads(vbar, reps), em.repeat_heads(kv_m, reps)
@@ -179,6 +184,8 @@ def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
 
     info = dict(m.info)
     info["scale_nodes"] = [(n(x), how) for x, how in info.get("scale_nodes", ())]
+    if info.get("unmerge"):
+        info["unmerge"] = tuple(r if r == 1 else (n(r[0]), r[1]) for r in info["unmerge"])
     info["shape_fix"] = [(u, src if src == 1 or not isinstance(src, tuple) else (n(src[0]), src[1]), how)
                          for u, src, how in info.get("shape_fix", ())]
     return dataclasses.replace(
@@ -278,8 +285,11 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
     ``leave_unfused`` maps the name of a softmax to ``(kind, reason)``: a match anchored
     there is left as it is and reported as a near miss of that kind (the backend uses it
     for fusions its inner compiler rejected)."""
+    inlined, mha_misses = inline_mha(gm)   # nn.MultiheadAttention's explicit path, written out
     matches, misses = find_matches(gm)
-    report = Report(near_misses=misses)
+    if inlined:  # a written-out call whose attention is not fused goes back as it was
+        inlined = undo_inlines(gm, inlined, {m.softmax for m in matches})
+    report = Report(near_misses=mha_misses + misses)
     leave = dict(leave_unfused or {})
     todo = []
     for m in matches:
@@ -289,6 +299,10 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
         else:
             todo.append(m)
     if not todo:
+        if inlined:
+            erase_calls(gm, inlined)
+            gm.graph.lint()
+            gm.recompile()
         return report
     em = Emitter(gm.graph, is_aten_graph(gm.graph))
     replaced: dict = {}  # P·V node of an earlier match -> the node now standing for it
@@ -309,6 +323,7 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
         dead_masks |= _mask_ancestors(list(m.info.get("mask_roots", ())))
         report.fusions.append(_fusion_of(m, call))
     _erase_dead_mask_nodes(gm, dead_masks)
+    erase_calls(gm, inlined)
     gm.graph.lint()
     gm.recompile()
     return report

@@ -18,12 +18,17 @@ from torch import fx
 class View4:
     """``base`` viewed in op order: ``axes[i]`` is the base axis for op axis i, or None
     for a new unit axis; base axes not named are size 1 (squeezed). ``expand[i]`` is
-    ``(node, axis)`` whose size op axis i is expanded to (a stride-0 view), or None."""
+    ``(node, axis)`` whose size op axis i is expanded to (a stride-0 view), or None.
+    With ``groups`` other than (1, 1) the indices are slots, not op axes (see ``groups``)."""
 
     base: fx.Node
     axes: Tuple[Optional[int], ...]
     expand: Tuple[Optional[Tuple[fx.Node, int]], ...] = (None, None, None, None)
     gqa_from: Optional[str] = None   # how a repeat was undone ("expand+reshape", ...)
+    # more than two batch axes (:mod:`.batchaxes`): ``axes``/``expand`` then have one slot per
+    # score batch axis, and the first ``groups[0]`` slots merge (row-major) into the op's batch
+    # axis, the next ``groups[1]`` into its head axis; (1, 1) is the plain 4-slot view
+    groups: Tuple[int, int] = (1, 1)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,32 @@ from attnfuse.passes import ops as O
 from attnfuse.passes.types import Miss, View4
 
 
+MERGED = "merged"
+
+
+def merged_tag(parts: Sequence[Any]) -> Any:
+    """The op tag of a batch or head axis that stands for several score batch axes (row-major)."""
+    return (MERGED, tuple(parts))
+
+
+def slot_tags(op_tags: Sequence[Any]):
+    """``op_tags`` with merged tags spelled out, one per slot, and the (batch, head) group sizes."""
+    flat: List[Any] = []
+    groups = [1, 1]
+    for i, t in enumerate(op_tags):
+        if i < 2 and isinstance(t, tuple) and len(t) == 2 and t[0] == MERGED:
+            flat += list(t[1])
+            groups[i] = len(t[1])
+        else:
+            flat.append(t)
+    return flat, (groups[0], groups[1])
+
+
 def build_view(node: fx.Node, node_tags: Sequence[Any], op_tags: Sequence[Any], what: str) -> View4:
-    """Map ``node``'s axes (tagged) onto ``op_tags``; untagged leftovers must be unit axes."""
+    """Map ``node``'s axes (tagged) onto ``op_tags``; untagged leftovers must be unit axes.
+    A merged tag in ``op_tags`` (:func:`merged_tag`) becomes one slot per part."""
     s = A.shape(node)
+    op_tags, groups = slot_tags(op_tags)
     axes: List[Optional[int]] = []
     used = set()
     for t in op_tags:
@@ -36,7 +59,7 @@ def build_view(node: fx.Node, node_tags: Sequence[Any], op_tags: Sequence[Any], 
         if i not in used and not A.is_one(size):
             raise Miss("unsupported_op", f"{what} {node.name}: axis {i} (size {size}) has no place in "
                                          f"(batch, head, seq, dim)", node)
-    return View4(node, tuple(axes))
+    return View4(node, tuple(axes), (None,) * len(axes), None, groups)
 
 
 def _has_inplace_users(n: fx.Node, gm) -> bool:
@@ -119,6 +142,8 @@ def peel(v: View4, gm, gqa: bool) -> View4:
             pad = len(bs) - len(xs)
             axes = [None if a is None or a < pad else a - pad for a in axes]
             gqa_from = gqa_from or "expand"
+        elif op.sub in ("repeat", "repeat_interleave", "view") and gqa and v.groups != (1, 1):
+            break  # the head is several slots: only a broadcast expand is undone there
         elif op.sub == "repeat" and gqa:
             reps = op["repeats"]
             if len(reps) != len(xs) or not all(isinstance(r, int) for r in reps) or _has_inplace_users(x, gm):
@@ -141,7 +166,7 @@ def peel(v: View4, gm, gqa: bool) -> View4:
             continue
         else:
             break
-        v = View4(x, tuple(axes), v.expand, gqa_from)
+        v = View4(x, tuple(axes), v.expand, gqa_from, v.groups)
     return v
 
 
@@ -184,6 +209,27 @@ def _unrepeat_view(v: View4, b: fx.Node, x: fx.Node, gm) -> Optional[View4]:
     return View4(x0, tuple(axes), v.expand, "expand+reshape")
 
 
-def size_at(v: View4, i: int):
-    a = v.axes[i]
+def slots(v: View4, i: int) -> List[int]:
+    """The slots of op axis ``i`` (0 batch, 1 head, 2 seq, 3 dim) in ``v.axes``."""
+    g0, g1 = v.groups
+    return [list(range(g0)), list(range(g0, g0 + g1)), [g0 + g1], [g0 + g1 + 1]][i]
+
+
+def slot_size(v: View4, s: int):
+    a = v.axes[s]
     return 1 if a is None else A.shape(v.base)[a]
+
+
+def size_at(v: View4, i: int):
+    """The size of op axis ``i`` of ``v`` (the product of its slots' sizes when merged)."""
+    sl = slots(v, i)
+    if len(sl) == 1:
+        return slot_size(v, sl[0])
+    return A.prod([slot_size(v, s) for s in sl])
+
+
+def axis_at(v: View4, i: int) -> Optional[int]:
+    """The base axis of op axis ``i``, which must be a single slot (seq and dim always are)."""
+    sl = slots(v, i)
+    assert len(sl) == 1, "a merged op axis has no single base axis"
+    return v.axes[sl[0]]

@@ -925,10 +925,9 @@ class MqaBroadcast(nn.Module):
         return F.softmax(q @ k.transpose(-2, -1) * SC, dim=-1) @ v
 
 
-# Known limitation (README): three batch axes (B, G, R) are not mapped onto the op's (B, H);
-# left unfused with a reason. Beyond the list of spellings.
-@near_miss("gqa_grouped_einsum_5d", lambda: qkv(hkv=2), ["qk_contraction"],
-           note="limitation: q viewed (B,G,R,L,D) has three batch axes")
+# Three batch axes (B, G, R): merged into the op's (batch, head) (passes/batchaxes.py).
+@spelling("gqa_grouped_einsum_5d", lambda: qkv(hkv=2), group="gqa",
+          note="q viewed (B,G,R,L,D) against k (B,G,L,D): three batch axes, merged")
 class GqaGroupedEinsum(nn.Module):
     def forward(self, q, k, v):
         b, h, l, d = q.shape

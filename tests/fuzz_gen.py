@@ -46,6 +46,11 @@ PERTURB = ["softmax_dim", "log_softmax", "return_probs", "return_scores", "after
 # issue 18's algebra: dead users (cat. 1), row fills after the softmax (2), the max shift (4)
 EXTRAS = ["none", "none", "none", "dead_cast", "dead_record", "max_shift", "row_fill", "row_where"]
 DIALECTS = ["fx", "aten", "dynamo"]
+# more than two batch axes (passes/batchaxes.py): (B, windows, H, L, L), (B, H, units, L, L), and
+# the grouped-query einsum (B, G, R, L, D) against (B, G, L, D); "none" keeps the 4-D generator
+BATCH5 = ["none"] * 6 + ["window", "units", "grouped"]
+BATCH5_BIAS = ["none", "head", "partial", "fill", "full"]
+BATCH5_PERTURB = ["softmax_dim", "return_probs", "after_mul"]
 
 PERTURB_KINDS = {
     "softmax_dim": ("softmax_axis",),
@@ -84,6 +89,7 @@ class Recipe:
     sizes: str = "literal"
     perturb: str = "none"
     extra: str = "none"
+    batch5: str = "none"
     dialect: str = "aten"
     b: int = 2
     hq: int = 4
@@ -133,10 +139,19 @@ def draw_recipe(choose: Choose, *, dialects=DIALECTS, perturb_rate: float = 0.3)
     r.lk = choose("lk", [4, 7]) if r.cross else r.lq
     r.d = choose("d", [4, 8])
     r.seed = choose("seed", [0, 1, 2, 3])
+    r.batch5 = choose("batch5", BATCH5)
     return repair(r)
 
 
 def repair(r: Recipe) -> Recipe:
+    if r.batch5 != "none":  # its own small generator (build_batch5): map the shared options onto it
+        r.qk = r.qk if r.qk in ("at", "matmul", "einsum") else "einsum"
+        r.pv = r.pv if r.pv in ("at", "matmul", "einsum") else "at"
+        r.bias = BATCH5_BIAS[r.seed % len(BATCH5_BIAS)] if r.bias != "none" else "none"
+        r.perturb = r.perturb if r.perturb in BATCH5_PERTURB + ["none"] else "none"
+        r.gqa, r.hq = "none", 4
+        r.lk = r.lk if r.cross else r.lq
+        return r
     if r.qk == "einsum" and r.kt not in ("transpose", "stored"):
         r.kt = "transpose"  # einsum does its own transposition; 'stored' means k is given as (.., D, L)
     if r.layout == "blhd" and r.kt == "stored":
@@ -181,7 +196,86 @@ class Built:
     expected_kinds: tuple
 
 
+def build_batch5(r: Recipe) -> Built:
+    """Attention with three batch axes: every spelling choice is drawn by the recipe."""
+    g = torch.Generator().manual_seed(2000 + r.seed)
+    B, U, Hq, Lq, Lk, D = r.b, 2, r.hq, r.lq, r.lk, r.d
+    Dv = 6 if r.dv else D
+    lines, args, tensors, extra = [], ["q", "k", "v"], [], []
+    grouped = r.batch5 == "grouped"
+    G = Hq // 2
+    if grouped:  # q (B, Hq, Lq, D) viewed (B, G, R, Lq, D) against k, v (B, G, Lk, D)
+        tensors += [torch.randn(B, Hq, Lq, D, generator=g), torch.randn(B, G, Lk, D, generator=g),
+                    torch.randn(B, G, Lk, Dv, generator=g)]
+        lines.append(f"q = q.view(q.shape[0], {G}, {Hq // G}, q.shape[2], q.shape[3])")
+        lines += ["k = k[:, :, None]"] if r.qk != "einsum" else []   # (B, G, 1, L, D) broadcasts over R
+        lines += ["v = v[:, :, None]"] if r.pv != "einsum" else []
+        bshape, s_shape = (G, Hq // G), (B, G, Hq // G, Lq, Lk)
+    else:
+        a1, a2 = (U, Hq) if r.batch5 == "window" else (Hq, U)
+        if r.layout == "bhld":
+            tensors += [torch.randn(B, a1, a2, Lq, D, generator=g), torch.randn(B, a1, a2, Lk, D, generator=g),
+                        torch.randn(B, a1, a2, Lk, Dv, generator=g)]
+        else:  # tokens before the inner batch axis, as windows are cut from (B, nW, N, H, D)
+            tensors += [torch.randn(B, a1, Lq, a2, D, generator=g), torch.randn(B, a1, Lk, a2, D, generator=g),
+                        torch.randn(B, a1, Lk, a2, Dv, generator=g)]
+            lines += ["q = q.transpose(2, 3)", "k = k.permute(0, 1, 3, 2, 4)", "v = v.transpose(2, 3)"]
+        bshape, s_shape = (a1, a2), (B, a1, a2, Lq, Lk)
+    if r.qk == "einsum":
+        lines.append('s = torch.einsum("bgrid,bgjd->bgrij", q, k)' if grouped else
+                     's = torch.einsum("bwhid,bwhjd->bwhij", q, k)')
+    else:
+        lines.append({"at": "s = q @ k.transpose(-2, -1)", "matmul": "s = torch.matmul(q, k.transpose(-2, -1))"}[r.qk])
+    if r.scale != "none":
+        lines.append(f"s = s * {round(0.9 / math.sqrt(D), 6)}")
+    if r.bias == "head":  # one bias per inner batch index, broadcast over B and the outer axis
+        args.append("bias")
+        tensors.append(torch.randn(bshape[1], Lq, Lk, generator=g))
+        lines.append("s = s + bias")
+    elif r.bias == "partial":  # Swin's mask: per outer index, broadcast over B and the inner axis
+        args.append("bias")
+        tensors.append(torch.randn(bshape[0], 1, Lq, Lk, generator=g))
+        lines.append("s = s + bias")
+    elif r.bias == "fill":
+        keep = torch.rand(bshape[0], 1, Lq, Lk, generator=g) > 0.35
+        keep[..., 0] = True
+        args.append("masked")
+        tensors.append(~keep)
+        lines.append('s = s.masked_fill(masked, float("-inf"))')
+    elif r.bias == "full":
+        args.append("bias")
+        tensors.append(torch.randn(*s_shape, generator=g))
+        lines.append("s = bias + s")
+    dim = -2 if r.perturb == "softmax_dim" else -1
+    lines.append({"method": f"p = s.softmax({dim})", "dtype": f"p = F.softmax(s, dim={dim}, dtype=torch.float32)"}
+                 .get(r.softmax, f"p = F.softmax(s, dim={dim})"))
+    if r.dropout != "none":
+        lines.append("p = F.dropout(p, p=0.1, training=self.training)")
+    if r.perturb == "after_mul":
+        lines.append("p = p * 0.5")
+    if r.perturb == "return_probs":
+        extra.append("p")
+    if r.pv == "einsum":
+        lines.append('o = torch.einsum("bgrij,bgjd->bgrid", p, v)' if grouped else
+                     'o = torch.einsum("bwhij,bwhjd->bwhid", p, v)')
+    else:
+        lines.append("o = p @ v" if r.pv == "at" else "o = torch.matmul(p, v)")
+    if r.out != "none":
+        lines.append("o = o.transpose(2, 3).reshape(o.shape[0], o.shape[1], o.shape[3], -1)")
+    lines.append(f"return {', '.join(['o'] + extra)}")
+    _COUNTER[0] += 1
+    fname = f"<attnfuse-fuzz-{_COUNTER[0]}>"
+    src = f"def forward(self, {', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in lines)
+    linecache.cache[fname] = (len(src), None, src.splitlines(True), fname)
+    ns = {"torch": torch, "F": F, "nn": nn, "math": math}
+    exec(compile(src, fname, "exec"), ns)
+    cls = type("GeneratedBatch5Attention", (nn.Module,), {"forward": ns["forward"]})
+    return Built(r, src, lambda: cls().eval(), tuple(tensors), r.expected_fused, r.expected_kinds)
+
+
 def build(r: Recipe) -> Built:
+    if r.batch5 != "none":
+        return build_batch5(r)
     g = torch.Generator().manual_seed(1000 + r.seed)
     B, Hq, Lq, Lk, D = r.b, r.hq, r.lq, r.lk, r.d
     Dv = (6 if D != 6 else 5) if r.dv else D

@@ -489,6 +489,124 @@ case("joint-mask-dead-weights", library="hand-written", variant="causal+padded i
     _handwritten(_joint_mask_weights, True))
 
 
+# ---- issue 18: more than two batch axes, einops grouping, nn.MultiheadAttention. x-transformers and
+# vit-pytorch are not installed here: their attention is written out below as those projects spell
+# it (einops traced by dynamo as reshape/permute/unsqueeze/expand), each naming the project.
+
+class _XTransformersGqa(nn.Module):
+    """x-transformers ``Attention`` with ``kv_heads``: ``rearrange(t, "b n (h d) -> b h n d")`` and
+    ``repeat(k, "b h n d -> b (h r) n d", r=...)`` (einops, as dynamo traces it), einsum scores,
+    causal mask from ``arange`` comparisons, dropout on the probabilities."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2, depth=2, dropout=0.0):
+        super().__init__()
+        self.h, self.kvh, self.dh = heads, kv_heads, dim // heads
+        self.layers = nn.ModuleList(nn.ModuleDict(dict(
+            q=nn.Linear(dim, dim, bias=False), kv=nn.Linear(dim, 2 * self.dh * kv_heads, bias=False),
+            o=nn.Linear(dim, dim), drop=nn.Dropout(dropout))) for _ in range(depth))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        for lyr in self.layers:
+            q = lyr["q"](x).reshape(b, n, self.h, self.dh).permute(0, 2, 1, 3)
+            k, v = lyr["kv"](x).chunk(2, dim=-1)
+            k, v = (t.reshape(b, n, self.kvh, self.dh).permute(0, 2, 1, 3) for t in (k, v))
+            r = self.h // self.kvh
+            k, v = (torch.unsqueeze(t, 2).expand(-1, -1, r, -1, -1).reshape(b, self.h, n, self.dh) for t in (k, v))
+            s = torch.einsum("bhid,bhjd->bhij", q, k) * self.dh ** -0.5
+            i = torch.arange(n, device=x.device)
+            s = s.masked_fill(i[None, :] > i[:, None], -torch.finfo(s.dtype).max)
+            p = lyr["drop"](s.softmax(dim=-1))
+            o = torch.einsum("bhij,bhjd->bhid", p, v)
+            x = x + lyr["o"](o.permute(0, 2, 1, 3).reshape(b, n, -1))
+        return (x,)
+
+
+@case("xtransformers-gqa", library="x-transformers (reproduction)", variant="causal, GQA via einops repeat")
+def _xtransformers_gqa(train: bool = False, dropout: float = 0.0):
+    torch.manual_seed(0)
+    m = _XTransformersGqa(dropout=dropout).train(train)
+    return m, (torch.randn(B, SEQ, 32, generator=_gen(7)),), 2
+
+
+class _VitPytorchGroupedQuery(nn.Module):
+    """vit-pytorch style attention with the query heads grouped against shared K/V heads:
+    ``rearrange(q, "b n (g r d) -> b g r n d")`` and the 5-D einsum ``b g r i d, b g j d -> b g r i j``."""
+
+    def __init__(self, dim=32, groups=2, reps=2, dropout=0.0):
+        super().__init__()
+        self.g, self.r, self.dh = groups, reps, dim // (groups * reps)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * groups * self.dh, bias=False)
+        self.drop, self.out = nn.Dropout(dropout), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.to_q(x).reshape(b, n, self.g, self.r, self.dh).permute(0, 2, 3, 1, 4)
+        k, v = (t.reshape(b, n, self.g, self.dh).permute(0, 2, 1, 3) for t in self.to_kv(x).chunk(2, dim=-1))
+        dots = torch.einsum("bgrid,bgjd->bgrij", q, k) * self.dh ** -0.5
+        attn = self.drop(dots.softmax(dim=-1))
+        o = torch.einsum("bgrij,bgjd->bgrid", attn, v)
+        return (self.out(o.permute(0, 3, 1, 2, 4).reshape(b, n, -1)),)
+
+
+@case("vit-pytorch-grouped", library="vit-pytorch (reproduction)", variant="vision, 5-D grouped-query einsum")
+def _vit_pytorch_grouped(train: bool = False, dropout: float = 0.0):
+    torch.manual_seed(0)
+    m = _VitPytorchGroupedQuery(dropout=dropout).train(train)
+    return m, (torch.randn(B, 16, 32, generator=_gen(8)),), 1
+
+
+class _Windows5d(nn.Module):
+    """Window attention kept on (B, nW, H, N, N) scores, with a relative-position bias (H, N, N) and
+    a shifted-window mask (nW, N, N) broadcast over the batch (Swin's terms, windows as an axis)."""
+
+    def __init__(self, dim=32, heads=4, nw=4, n=4, dropout=0.0):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.proj, self.drop = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Dropout(dropout)
+        self.rel = nn.Parameter(torch.randn(heads, n, n, generator=_gen(9)) * 0.1)
+        keep = (torch.rand(nw, n, n, generator=_gen(10)) > 0.3) | torch.eye(n, dtype=torch.bool)
+        self.register_buffer("mask", torch.zeros(nw, n, n).masked_fill(~keep, -100.0))
+
+    def forward(self, x):  # (B, nW, N, C)
+        b, nw, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, nw, n, 3, self.h, c // self.h).permute(3, 0, 1, 4, 2, 5)
+        attn = (q * (c // self.h) ** -0.5) @ k.transpose(-2, -1) + self.rel + self.mask.unsqueeze(1)
+        attn = self.drop(attn.softmax(dim=-1))
+        return (self.proj((attn @ v).transpose(2, 3).reshape(b, nw, n, c)),)
+
+
+@case("windows-5d", library="torch (reproduction)", variant="vision (B, windows, H, N, N)")
+def _windows_5d(train: bool = False, dropout: float = 0.0):
+    torch.manual_seed(0)
+    return _Windows5d(dropout=dropout).train(train), (torch.randn(B, 4, 4, 32, generator=_gen(11)),), 1
+
+
+class _MhaBlocks(nn.Module):
+    """``nn.TransformerEncoderLayer``-style blocks on ``nn.MultiheadAttention`` (need_weights default)
+    and an attention-pooling head: a learned query over the tokens."""
+
+    def __init__(self, dim=32, heads=4, dropout=0.0):
+        super().__init__()
+        self.attn = nn.ModuleList(nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+                                  for _ in range(2))
+        self.pool = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.query = nn.Parameter(torch.randn(1, 1, dim, generator=_gen(12)) * 0.5)
+
+    def forward(self, x, pad):
+        for a in self.attn:
+            x = x + a(x, x, x, key_padding_mask=pad)[0]
+        return (self.pool(self.query.expand(x.shape[0], -1, -1), x, x, key_padding_mask=pad)[0],)
+
+
+@case("torch-mha", library="torch", variant="nn.MultiheadAttention, padded, attention pool")
+def _torch_mha(train: bool = False, dropout: float = 0.0):
+    torch.manual_seed(0)
+    pad = padding_mask() == 0
+    return _MhaBlocks(dropout=dropout).train(train), (torch.randn(B, SEQ, 32, generator=_gen(13)), pad), 3
+
+
 # --------------------------------------------------------------------------------------------- checks
 
 def flatten(out) -> List[torch.Tensor]:

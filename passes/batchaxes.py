@@ -1,0 +1,153 @@
+"""More than two batch axes: which score axes merge into the op's batch and head.
+
+Owns the rule for scores with three or more batch axes — windowed and multi-scale
+vision attention, (B, windows, H, L, L) or (B, H, units, L, L), and the grouped-query
+einsum (q viewed (B, G, R, L, D) against k (B, G, L, D)). Every axis of the scores that is
+neither query nor key is a batch axis (proven by the matmuls, :mod:`.match`); the op has two,
+batch and head, so a run of leading batch axes merges into its batch axis and the rest into
+its head axis, row-major (:func:`candidate_obs` lists the ways, head runs shortest first).
+
+Merging is exact for any split: every batch axis indexes independent attentions, so any
+bijection from their index tuples to (batch, head) pairs is the same computation, provided
+every operand is merged the same way. Three cases per operand and group of axes:
+
+- all of the group's axes present: merged by a reshape (a view where the strides allow,
+  which :func:`copy_free` checks, so that the choice prefers a split that copies nothing);
+- none present: a broadcast (a stride-0 expand, as for two batch axes);
+- some present: a bias or mask is expanded over the missing axes first (the reshape then
+  copies it, at most the size of the scores the model itself builds); for K and V, a
+  leading run of head axes present and the rest missing is grouped-query attention
+  (op head h reads K/V head h // (Hq / Hkv), which is exactly the row-major index of the
+  present axes), anything else is expanded like a bias.
+
+The op's output is reshaped back to the split axes (:func:`unmerge_sizes`). Pure.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Sequence, Tuple
+
+from torch import fx
+
+from attnfuse.passes import axes as A
+from attnfuse.passes.types import Miss, View4
+from attnfuse.passes.views import merged_tag, slot_size, slot_tags
+
+Ref = Tuple[fx.Node, int]
+
+
+def candidate_obs(batch: Sequence[Any]) -> List[List[Any]]:
+    """The (batch, head) op tags for these score batch tags, best first: for at most two
+    batch axes the one way there is; for more, every split point of the run, the head
+    taking the last axis first (Swin's (B, windows, H): windows merge into the batch)."""
+    batch = list(batch)
+    n = len(batch)
+    if n <= 2:
+        return [[None] * (2 - n) + batch]
+
+    def tag(parts):
+        return parts[0] if len(parts) == 1 else merged_tag(parts)
+    return [[tag(batch[:j]), tag(batch[j:])] for j in range(n - 1, 0, -1)]
+
+
+def is_merged(ob: Sequence[Any]) -> bool:
+    return slot_tags(list(ob))[1] != (1, 1)
+
+
+def _refs(views: Sequence[View4], sshape, stags, flat: Sequence[Any], nb: int, qk: fx.Node) -> dict:
+    """For every batch/head slot of size > 1 in the scores, an operand axis carrying that size."""
+    refs = {}
+    for s in range(nb):
+        t = flat[s]
+        target = 1 if t is None else sshape[stags.index(t)]
+        if A.is_one(target):
+            continue
+        for x in views:
+            if x.axes[s] is not None and A.size_eq(slot_size(x, s), target):
+                refs[s] = (x.base, x.axes[s])
+                break
+        if s not in refs:
+            raise Miss("unsupported_op", "no input carries the broadcast batch/head size", qk)
+    return refs
+
+
+def _with_expand(x: View4, slots: Sequence[int], refs: dict) -> View4:
+    e = list(x.expand)
+    for s in slots:
+        if s in refs and A.is_one(slot_size(x, s)):
+            e[s] = refs[s]
+    return dataclasses.replace(x, expand=tuple(e))
+
+
+def _present(x: View4, slots: Sequence[int]) -> List[bool]:
+    return [not A.is_one(slot_size(x, s)) for s in slots]
+
+
+def broadcast(q: View4, k: View4, v: View4, qk: fx.Node, sshape, stags, ob) -> Tuple[View4, View4, View4, dict]:
+    """Give q, k, v one batch size and k/v one head count via stride-0 expands; returns them
+    with the per-slot size references (for biases and for the output)."""
+    flat, (g0, g1) = slot_tags(list(ob))
+    nb = g0 + g1
+    refs = _refs((q, k, v), sshape, stags, flat, nb, qk)
+    bslots, hslots = list(range(g0)), list(range(g0, nb))
+    q = _with_expand(q, bslots + hslots, refs)
+    k, v = _with_expand(k, bslots, refs), _with_expand(v, bslots, refs)
+    pk, pv = _present(k, hslots), _present(v, hslots)
+    if g1 == 1:  # one head axis: K or V alone broadcast over heads takes the other's heads
+        if not pk[0] and pv[0]:
+            k = dataclasses.replace(k, expand=k.expand[:g0] + ((v.base, v.axes[g0]),) + k.expand[g0 + 1:])
+        elif not pv[0] and pk[0]:
+            v = dataclasses.replace(v, expand=v.expand[:g0] + ((k.base, k.axes[g0]),) + v.expand[g0 + 1:])
+    elif not (pk == pv and pk == sorted(pk, reverse=True)):
+        # not a leading run of K/V head axes (grouped-query): expand them all, like a bias
+        k, v = _with_expand(k, hslots, refs), _with_expand(v, hslots, refs)
+    return q, k, v, refs
+
+
+def complete(x: View4, refs: dict) -> View4:
+    """A bias/mask/scale view whose merged group is partly present gets the missing axes
+    expanded (merging needs every axis of the group; a group wholly missing broadcasts)."""
+    if x.groups == (1, 1):
+        return x
+    g0, g1 = x.groups
+    todo = []
+    for group in (range(g0), range(g0, g0 + g1)):
+        pres = _present(x, group)
+        if any(pres) and not all(pres):
+            todo += [s for s in group if not pres[s - group.start]]
+    return _with_expand(x, todo, refs) if todo else x
+
+
+def copy_free(x: View4) -> bool:
+    """Whether merging ``x``'s groups is a view (its strides allow it), not a copy."""
+    if x.groups == (1, 1):
+        return True
+    val = A.meta_val(x.base)
+    stride = getattr(val, "stride", None)
+    try:
+        st = tuple(stride()) if callable(stride) else None
+    except Exception:  # noqa: BLE001
+        st = None
+    if st is None:
+        return False
+    g0, g1 = x.groups
+    for group in (range(g0), range(g0, g0 + g1)):
+        parts = [s for s in group if not A.is_one(slot_size(x, s)) or x.expand[s] is not None]
+        if len(parts) < 2:
+            continue
+        if any(x.expand[s] is not None for s in parts):
+            return False
+        for a, b in zip(parts, parts[1:]):
+            ia, ib = x.axes[a], x.axes[b]
+            if not A.size_eq(st[ia], A.expr(A.shape(x.base)[ib]) * A.expr(st[ib])):
+                return False
+    return True
+
+
+def unmerge_sizes(ob, refs: dict) -> Optional[Tuple[Any, ...]]:
+    """The op output's batch/head slot sizes ((node, axis) or 1) to reshape it back to, or
+    None when nothing was merged."""
+    flat, groups = slot_tags(list(ob))
+    if groups == (1, 1):
+        return None
+    return tuple(refs.get(s, 1) for s in range(groups[0] + groups[1]))
