@@ -237,6 +237,64 @@ def tp_llama(rank: int, mesh) -> None:
     grads_equal(model, ref, "tp llama")
 
 
+def op_calls(fn: Callable) -> Dict[str, int]:
+    """Run ``fn()`` under the profiler; how many fused forward/backward calls and softmaxes
+    ran (compiled graphs are shared between blocks, so reports undercount sites)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    events = prof.events()
+    names = [e.name for e in events]
+
+    def inside_fused_op(e) -> bool:
+        while e.cpu_parent is not None:
+            e = e.cpu_parent
+            if e.name.startswith("attnfuse::"):
+                return True
+        return False
+
+    return {"fused": names.count("attnfuse::flash_attention"),
+            "fused_backward": names.count("attnfuse::flash_attention_backward"),
+            "softmax": sum("softmax" in e.name and not inside_fused_op(e) for e in events)}
+
+
+@check
+def fsdp2(rank: int, mesh) -> None:
+    """FSDP2, both recipes: (a) compile each block, then fully_shard; (b) fully_shard per
+    block and the root, then compile the whole model. Every site runs fused, forward and
+    backward, with no softmax left; gradients equal one process."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(5)
+    ref = nn.Sequential(Block(), Block())
+    x = torch.randn(2, 8, 32)
+    want = ref(x)
+    want.sum().backward()
+    opts = {"inner": "aot_eager", "strict": True}
+    for recipe in ("compile-then-shard", "shard-then-compile"):
+        model = copy.deepcopy(ref)
+        model.zero_grad()
+        if recipe == "compile-then-shard":
+            for block in model:
+                block.compile(backend="attnfuse", options=opts)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            run = model
+        else:
+            for block in model:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            run = torch.compile(model, backend="attnfuse", options=opts)
+        out = run(x)  # compiles
+        out.sum().backward()
+        close(out, want, f"fsdp2 {recipe}: output")
+        grads_equal(model, ref, f"fsdp2 {recipe}")
+        model.zero_grad()
+        calls = op_calls(lambda: run(x).sum().backward())
+        assert calls == {"fused": 2, "fused_backward": 2, "softmax": 0}, (recipe, calls)
+
+
 # ------------------------------------------------------------------------------ driver
 def _worker(rank: int, port: int, out_dir: str, names: List[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
