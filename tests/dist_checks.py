@@ -295,6 +295,38 @@ def fsdp2(rank: int, mesh) -> None:
         assert calls == {"fused": 2, "fused_backward": 2, "softmax": 0}, (recipe, calls)
 
 
+@check
+def context_parallel(rank: int, mesh) -> None:
+    """context_parallel_attention over two ranks: causal with load balancing (and a window,
+    GQA, a padding key_mask), causal without load balancing, non-causal; outputs and the
+    gradients of q, k and v equal one process over the whole sequence (float64 reference)."""
+    from attnfuse.distributed import context_parallel_attention, shard_sequence, unshard_sequence
+    from tests.reference import attention_reference
+
+    torch.manual_seed(6)
+    b, hq, hkv, l, d = 2, 4, 2, 16, 8
+    km = torch.ones(b, l, dtype=torch.bool)
+    km[1, -5:] = False
+    cases = [("causal-balanced", dict(causal=True), True, None),
+             ("causal-window-mask", dict(causal=True, window=5), True, km),
+             ("causal-contiguous", dict(causal=True), False, None),
+             ("full-mask", dict(), True, km)]
+    for name, kw, lb, mask in cases:
+        q = torch.randn(b, hq, l, d, requires_grad=True)
+        k, v = (torch.randn(b, hkv, l, d, requires_grad=True) for _ in range(2))
+        want = attention_reference(q, k, v, causal="top_left" if kw.get("causal") else "none",
+                                   window=kw.get("window", 0), key_mask=mask, dead_rows="zero")
+        dout = torch.randn_like(want)
+        want.backward(dout)
+        mine = [shard_sequence(t.detach(), 2, rank, WORLD, lb).requires_grad_() for t in (q, k, v)]
+        local_mask = None if mask is None else shard_sequence(mask, 1, rank, WORLD, lb)
+        out = context_parallel_attention(*mine, key_mask=local_mask, load_balanced=lb, **kw)
+        out.backward(shard_sequence(dout.float(), 2, rank, WORLD, lb))
+        close(unshard_sequence(out.detach(), 2, load_balanced=lb), want, f"cp {name}: out")
+        for t, ref_t, what in zip(mine, (q, k, v), "qkv"):
+            close(unshard_sequence(t.grad, 2, load_balanced=lb), ref_t.grad, f"cp {name}: d{what}")
+
+
 # ------------------------------------------------------------------------------ driver
 def _worker(rank: int, port: int, out_dir: str, names: List[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
