@@ -181,6 +181,12 @@ def dtensor_refusals(rank: int, mesh) -> None:
             "context_parallel_attention")
     heads = distribute_tensor(x, mesh, [Shard(1)])
     _raises(lambda: attnfuse.flash_attention(heads, heads, heads, dropout_p=0.1), "dropout")
+    # DTensor caches sharding decisions; the key must see dropout_p (a float argument), so a
+    # call that differs from an accepted one only there is still refused
+    seed = torch.tensor(7)
+    torch.ops.attnfuse.flash_attention(heads, heads, heads, None, 0.5, "none", 0.0, 0.0, seed)
+    _raises(lambda: torch.ops.attnfuse.flash_attention(heads, heads, heads, None, 0.5, "none", 0.1,
+                                                       0.0, seed), "dropout")
 
 
 @check
