@@ -20,7 +20,10 @@ Why all-gather rather than a ring: with GQA, K and V are Hq/Hkv times smaller th
 gathering them once costs the same volume per rank as passing them around a ring
 ((N-1)/N of K and V received per rank, per step, forward; the same again as dK/dV in the
 backward), with one collective instead of N-1, and without merging partial outputs through
-their log-sum-exp (the op's lse is not differentiable). The price: each rank holds the whole
+their log-sum-exp. Such a merge would need the op's backward to take the *global* lse and
+output of each row (ring attention's backward); several of the CPU paths recompute their
+own softmax normaliser in the backward (the blocked and bf16 paths take no lse), so a merge
+through the op would give wrong gradients there. The price: each rank holds the whole
 K and V (O(L * Hkv * D)) for the step, while everything of size O(L * Hq * D) and the
 attention's work are split N ways. The all-gather is not overlapped with compute.
 
