@@ -20,5 +20,7 @@ def group_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(dist_checks.CHECKS))
 def test_two_ranks(group_results, name):
+    if name == "tp_llama":
+        pytest.importorskip("transformers")
     for rank, results in group_results.items():
         assert results[name]["status"] == "ok", f"rank {rank}:\n{results[name]['status']}"
