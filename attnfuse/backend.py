@@ -482,6 +482,9 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler
     (dropping only the fusions the inner compiler rejects, see the module doc)."""
     opts = _parse_options(options)
+    from attnfuse.op import register_dtensor_rules_if_loaded
+
+    register_dtensor_rules_if_loaded()  # a graph on DTensors traces the op through DTensor
     graph_id = next(_graph_counter)
     report, elapsed, backup, buffers_read = _prepare(gm, example_inputs, opts, graph_id)
     compiler = _inner_compiler(opts["inner"])

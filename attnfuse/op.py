@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Optional, Union
 
 import torch
@@ -318,6 +319,19 @@ def _backward(ctx, dout, _dlse):
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def register_dtensor_rules_if_loaded() -> None:
+    """Register the op's DTensor sharding rules (:mod:`attnfuse.distributed.sharding`) once
+    ``torch.distributed.tensor`` is loaded; a no-op (no import) before that, so importing
+    attnfuse stays light. Called at import, by :func:`flash_attention` on a tensor
+    subclass and by the backend."""
+    if "torch.distributed.tensor" in sys.modules:
+        from attnfuse.distributed import sharding
+
+        sharding.register()
+
+
+register_dtensor_rules_if_loaded()
+
 # ---------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------
@@ -366,6 +380,8 @@ def flash_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     causal = _causal_str(causal)
     validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask)
+    if type(q) is not Tensor:  # a DTensor needs the op's sharding rules
+        register_dtensor_rules_if_loaded()
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
