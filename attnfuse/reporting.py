@@ -17,7 +17,8 @@ JSON schema ``attnfuse.report/1`` (:func:`to_json`; one object)::
     fusions       list of objects:
         location        str | null      "file:line" of the softmax in the user's source
         code            str | null      that source line (stripped)
-        module          str | null      module path (e.g. "L['self'].blocks[0].attn"), from nn_module_stack
+        module          str | null      module path as the user wrote it (e.g. "blocks.0.attn"; "" = the
+                                        root module), from nn_module_stack
         softmax         str             name of the softmax node that anchored the match
         scale           str             the scale as recognised ("0.125", "... folded into q", ...)
         causal          str             "none" | "top_left" | "bottom_right"
@@ -42,7 +43,7 @@ JSON schema ``attnfuse.report/1`` (:func:`to_json`; one object)::
         before          list[str]       the removed subgraph, one FX node per line
         after           list[str]       the inserted subgraph, one FX node per line
     near_misses   list of objects: {"kind": str, "reason": str, "location": str | null,
-                                    "code": str | null, "node": str}
+                                    "code": str | null, "module": str | null, "node": str}
     errors        list[str]             internal errors: of the pass (the graph was left unchanged),
                                         or the backend's inner compiler failing on the rewritten
                                         graph (only the fusions it rejected were dropped: they are
@@ -69,8 +70,10 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import fx
 
+from attnfuse.locations import module_path
 from attnfuse.passes.axes import meta_val
 from attnfuse.passes.subgraphs import graph_code, graph_modules, graph_nodes
+from attnfuse.passes.types import user_frame
 
 SCHEMA = "attnfuse.report/1"
 
@@ -99,6 +102,7 @@ class GraphContext:
     pass_time_s: Optional[float] = None
     fusions: List[FusionDetail] = field(default_factory=list)       # parallel to report.fusions
     near_miss_code: List[Optional[str]] = field(default_factory=list)  # parallel to report.near_misses
+    near_miss_module: List[Optional[str]] = field(default_factory=list)  # parallel to report.near_misses
 
 
 # ---------------------------------------------------------------------------
@@ -106,17 +110,12 @@ class GraphContext:
 # ---------------------------------------------------------------------------
 
 def code_line_from_stack_trace(stack_trace: Optional[str]) -> Optional[str]:
-    """The source line of the last frame in an FX ``stack_trace`` (stripped), or None."""
-    if not stack_trace:
+    """The source line (stripped) of the frame an FX ``stack_trace`` names in the user's code
+    (:func:`attnfuse.passes.types.user_frame`), or None."""
+    frame = user_frame(stack_trace)
+    if frame is None:
         return None
-    lines = stack_trace.rstrip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        m = re.match(r'\s*File "([^"]+)", line (\d+)', lines[i])
-        if m:
-            if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File "):
-                return lines[i + 1].strip() or None
-            return (linecache.getline(m.group(1), int(m.group(2))).strip() or None)
-    return None
+    return frame[2] or linecache.getline(frame[0], frame[1]).strip() or None
 
 
 def code_line_from_location(location: Optional[str]) -> Optional[str]:
@@ -143,15 +142,6 @@ def _hint(s: Any) -> Optional[int]:
                 return int(node.hint)
         except Exception:  # noqa: BLE001
             pass
-    return None
-
-
-def _module_path(node: fx.Node) -> Optional[str]:
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        last = list(stack.values())[-1]
-        path = last[0] if isinstance(last, tuple) else last
-        return str(path)
     return None
 
 
@@ -248,7 +238,7 @@ def build_context(report: Any, before: GraphSnapshot, after_gm: Optional[fx.Grap
     for f in report.fusions:
         softmax = before.nodes.get(getattr(f, "softmax", "") or "")
         d = FusionDetail(code=_code_of(softmax, f.location),
-                         module=_module_path(softmax) if softmax is not None else None)
+                         module=module_path(softmax) if softmax is not None else None)
         if softmax is None:
             d.memory_note = "unknown: the softmax node of this fusion was not found in the graph"
         else:
@@ -273,6 +263,7 @@ def build_context(report: Any, before: GraphSnapshot, after_gm: Optional[fx.Grap
         # the code line of the softmax (the near miss's location), else of the node it names
         node = before.nodes.get(getattr(m, "softmax", "") or "") or before.nodes.get(m.node)
         ctx.near_miss_code.append(_code_of(node, m.location))
+        ctx.near_miss_module.append(module_path(node) if node is not None else None)
     return ctx
 
 
@@ -286,6 +277,8 @@ def _ctx(report: Any, context: Optional[GraphContext]) -> GraphContext:
                        for f in report.fusions]
     if len(ctx.near_miss_code) != len(report.near_misses):
         ctx.near_miss_code = [code_line_from_location(m.location) for m in report.near_misses]
+    if len(ctx.near_miss_module) != len(report.near_misses):
+        ctx.near_miss_module = [None] * len(report.near_misses)
     return ctx
 
 
@@ -319,10 +312,16 @@ def to_dict(report: Any, context: Optional[GraphContext] = None) -> dict:
                    "errors": len(report.errors),
                    "memory_bytes_per_call": None if any(m is None for m in mems) else sum(mems)},
         "fusions": fusions,
-        "near_misses": [{"kind": m.kind, "reason": m.reason, "location": m.location, "code": c, "node": m.node}
-                        for m, c in zip(report.near_misses, ctx.near_miss_code)],
+        "near_misses": [{"kind": m.kind, "reason": m.reason, "location": m.location, "code": c, "module": mod,
+                         "node": m.node}
+                        for m, c, mod in zip(report.near_misses, ctx.near_miss_code, ctx.near_miss_module)],
         "errors": list(report.errors),
     }
+
+
+def module_label(path: Optional[str]) -> str:
+    """A module path for display: "" is the root module, None unknown."""
+    return "-" if path is None else (path or "(root)")
 
 
 def _structure(f: Any) -> str:
@@ -383,14 +382,14 @@ def to_text(report: Any, context: Optional[GraphContext] = None) -> str:
                 rec.append(f"softcap={f['softcap']}")
             if f["dtype"]:
                 rec.append(f"dtype={f['dtype'].replace('torch.', '')}")
-            rows.append([f["location"] or "<unknown>", (f["code"] or "")[:60], ", ".join(rec),
-                         f"{len(f['nodes_removed'])} -> {f['node_inserted']}",
+            rows.append([f["location"] or "<unknown>", module_label(f["module"]), (f["code"] or "")[:60],
+                         ", ".join(rec), f"{len(f['nodes_removed'])} -> {f['node_inserted']}",
                          _bytes(f["memory_bytes_per_call"])])
-        lines += [""] + _table(rows, ["FUSED at", "code", "recognised", "nodes", "memory/call"])
+        lines += [""] + _table(rows, ["FUSED at", "module", "code", "recognised", "nodes", "memory/call"])
     if d["near_misses"]:
-        rows = [[m["location"] or "<unknown>", (m["code"] or "")[:60], m["kind"], m["reason"]]
-                for m in d["near_misses"]]
-        lines += [""] + _table(rows, ["NEAR MISS at", "code", "kind", "reason"])
+        rows = [[m["location"] or "<unknown>", module_label(m["module"]), (m["code"] or "")[:60], m["kind"],
+                 m["reason"]] for m in d["near_misses"]]
+        lines += [""] + _table(rows, ["NEAR MISS at", "module", "code", "kind", "reason"])
     for e in d["errors"]:
         lines.append(f"ERROR {e}")
     return "\n".join(lines)

@@ -100,7 +100,8 @@ def test_near_miss_in_json_and_text(user_module):
     data = json.loads(reporting.to_json(rep))
     assert data["totals"]["fused"] == 0 and len(data["near_misses"]) == 1
     m = data["near_misses"][0]
-    assert set(m) == {"kind", "reason", "location", "code", "node"}
+    assert set(m) == {"kind", "reason", "location", "code", "module", "node"}
+    assert m["module"] is None        # dynamo records no module stack for the compiled module's own forward
     assert m["location"].endswith("evil_model.py:14") and "dim=-2" in m["code"]
     text = reporting.to_text(rep)
     assert "0 fused, 1 near miss" in text and "evil_model.py:14" in text and m["reason"][:30] in text
