@@ -344,7 +344,7 @@ def _bytes(n: Optional[int]) -> str:
     return str(n)
 
 
-def _table(rows: List[List[str]], header: List[str]) -> List[str]:
+def table(rows: List[List[str]], header: List[str]) -> List[str]:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
@@ -385,11 +385,11 @@ def to_text(report: Any, context: Optional[GraphContext] = None) -> str:
             rows.append([f["location"] or "<unknown>", module_label(f["module"]), (f["code"] or "")[:60],
                          ", ".join(rec), f"{len(f['nodes_removed'])} -> {f['node_inserted']}",
                          _bytes(f["memory_bytes_per_call"])])
-        lines += [""] + _table(rows, ["FUSED at", "module", "code", "recognised", "nodes", "memory/call"])
+        lines += [""] + table(rows, ["FUSED at", "module", "code", "recognised", "nodes", "memory/call"])
     if d["near_misses"]:
         rows = [[m["location"] or "<unknown>", module_label(m["module"]), (m["code"] or "")[:60], m["kind"],
                  m["reason"]] for m in d["near_misses"]]
-        lines += [""] + _table(rows, ["NEAR MISS at", "module", "code", "kind", "reason"])
+        lines += [""] + table(rows, ["NEAR MISS at", "module", "code", "kind", "reason"])
     for e in d["errors"]:
         lines.append(f"ERROR {e}")
     return "\n".join(lines)
