@@ -21,7 +21,11 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   compile): a public joint-graph pre pass hides each ``exp``/softmax behind an opaque
   barrier op from those patterns and a post pass removes the barriers.
 - ``strict``: ``False`` (default): a failure costs only the fusion it concerns, with a
-  warning (below). ``True``: the error is raised (use it in tests and CI).
+  warning (below). ``True``: the error is raised (use it in tests and CI). A bool.
+- ``warn_unfused``: ``True`` (default): when a graph holds a softmax that looks like
+  attention (a matmul before and after it, :mod:`attnfuse.unfused`) and it was left
+  unfused, one WARNING per graph on the ``attnfuse`` logger lists each such site with its
+  file:line, module and reason. ``False`` silences it.
 - ``impl``: ``"auto"`` (default: Triton kernels on CUDA, PyTorch's CPU path
   otherwise), ``"triton"`` or ``"torch"``: the implementation every fused op in
   the graph uses.
@@ -98,7 +102,7 @@ log = logging.getLogger("attnfuse")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 IMPLS = ("auto", "triton", "torch")
-OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline")
+OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline", "warn_unfused")
 
 _last_report = None
 _collectors: List[list] = []
@@ -177,11 +181,12 @@ def _parse_options(options: Optional[dict]) -> dict:
     if impl not in IMPLS:
         raise ValueError(f"options['impl'] must be one of {IMPLS}, got {impl!r}")
     report = options.get("report", os.environ.get("ATTNFUSE_REPORT") or None)
-    cpu_inline = options.get("cpu_inline", True)
-    if not isinstance(cpu_inline, bool):
-        raise ValueError(f"options['cpu_inline'] must be True or False, got {cpu_inline!r}")
-    return {"inner": inner, "impl": impl, "strict": bool(options.get("strict", False)), "report": report,
-            "cpu_inline": cpu_inline}
+    flags = {}
+    for name, default in (("strict", False), ("cpu_inline", True), ("warn_unfused", True)):
+        flags[name] = options.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise ValueError(f"options[{name!r}] must be True or False, got {flags[name]!r}")
+    return {"inner": inner, "impl": impl, "report": report, **flags}
 
 
 def _example(arg: Any, compute: bool = False) -> Any:
@@ -353,18 +358,41 @@ def _prepare(gm: fx.GraphModule, example_inputs: list, opts: dict, graph_id: int
     graphs as dynamo handed them over, or None when nothing was fused, the buffers read)."""
     report, elapsed, backup, buffers_read = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id,
                                                      leave_unfused, warn_failed)
+    if opts["warn_unfused"] and report.near_misses:
+        report.unfused_attention = _attention_like(gm, report, opts["strict"])
     if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"]:
         report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
     return report, elapsed, backup, buffers_read
 
 
+def _attention_like(gm: fx.GraphModule, report: Any, strict: bool) -> set:
+    """:func:`attnfuse.unfused.attention_like` (on the graph before the inner compiler runs,
+    which may change it in place); an internal error only costs the warning."""
+    from attnfuse.unfused import attention_like
+
+    try:
+        return attention_like(gm, report.near_misses)
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        log.debug("attnfuse: could not look for unfused attention: %r", e)
+        return set()
+
+
 def _publish(report: Any, graph_id: int, n_nodes: int, elapsed: float, opts: dict) -> None:
-    """Make ``report`` the last report, hand it to collectors, log it and write it out."""
+    """Make ``report`` the last report, hand it to collectors, log it (with one warning when
+    attention-like softmaxes were left unfused) and write it out."""
     global _last_report
     _last_report = report
     for c in _collectors:
         c.append(report)
     _log_report(report, graph_id, n_nodes, elapsed)
+    if opts["warn_unfused"]:
+        from attnfuse.unfused import unfused_message
+
+        message = unfused_message(report, report.unfused_attention, graph_id)
+        if message:
+            log.warning(message)
     if opts["report"]:
         _write_report(report, opts["report"], graph_id, opts["strict"])
 

@@ -564,6 +564,9 @@ class GraphReport:
         #: How many fused calls the backend handed to Inductor as aten code to compile
         #: itself (small CPU calls, :mod:`attnfuse.kernels.torch_inline`); 0 otherwise.
         self.inlined = 0
+        #: Softmax names of the near misses that look like attention (the backend's
+        #: ``warn_unfused`` check, :mod:`attnfuse.unfused`); empty when not checked.
+        self.unfused_attention: set = set()
 
     @property
     def fusions(self) -> list:
