@@ -20,6 +20,15 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   ``config_patches`` (thread-local, part of Inductor's cache keys, gone after the
   compile): a public joint-graph pre pass hides each ``exp``/softmax behind an opaque
   barrier op from those patterns and a post pass removes the barriers.
+- ``mode``: ``torch.compile(model, backend="attnfuse", mode="reduce-overhead")`` (torch
+  hands the mode to the backend) or ``options={"mode": ...}`` (torch refuses ``mode``
+  together with ``options``): one of ``torch._inductor.list_mode_options()``
+  (``"default"``, ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``,
+  ``"max-autotune-no-cudagraphs"``, ...), given to the inner Inductor compile as that mode's
+  config (``list_mode_options(mode)``). With ``inner="eager"`` / ``"aot_eager"`` a mode
+  other than ``"default"`` cannot be honoured: a ``RuntimeWarning`` says so. Inductor
+  itself decides whether CUDA graphs apply to a graph (it skips them, with a log line, for
+  a graph on CPU).
 - ``strict``: ``False`` (default): a failure costs only the fusion it concerns, with a
   warning (below). ``True``: the error is raised (use it in tests and CI). A bool.
 - ``warn_unfused``: ``True`` (default): when a graph holds a softmax that looks like
@@ -102,7 +111,7 @@ log = logging.getLogger("attnfuse")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 IMPLS = ("auto", "triton", "torch")
-OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline", "warn_unfused")
+OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline", "warn_unfused", "mode")
 
 _last_report = None
 _collectors: List[list] = []
@@ -133,7 +142,8 @@ def _warn(msg: str) -> None:
     log.warning(msg)
 
 
-def _inner_compiler(name: str) -> Callable:
+def _inner_compiler(name: str, mode: Optional[str] = None) -> Callable:
+    """The inner compiler ``name``; ``mode`` (Inductor only) adds that mode's Inductor config."""
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
     from torch._dynamo.backends.registry import lookup_backend
@@ -142,7 +152,10 @@ def _inner_compiler(name: str) -> Callable:
         # Inductor's own attention patterns must not rewrite what attnfuse declined
         from attnfuse import inductor_guard
 
-        return functools.partial(lookup_backend(name), config_patches=inductor_guard.config_patches())
+        from attnfuse.compile_mode import mode_config
+
+        return functools.partial(lookup_backend(name),
+                                 config_patches={**mode_config(mode), **inductor_guard.config_patches()})
     return lookup_backend(name)
 
 
@@ -169,7 +182,7 @@ def _set_impl_in(gm: fx.GraphModule, impl: str) -> None:
         gm.recompile()
 
 
-def _parse_options(options: Optional[dict]) -> dict:
+def _parse_options(options: Optional[dict], mode: Optional[str] = None) -> dict:
     options = dict(options or {})
     unknown = set(options) - set(OPTIONS)
     if unknown:
@@ -186,7 +199,9 @@ def _parse_options(options: Optional[dict]) -> dict:
         flags[name] = options.get(name, default)
         if not isinstance(flags[name], bool):
             raise ValueError(f"options[{name!r}] must be True or False, got {flags[name]!r}")
-    return {"inner": inner, "impl": impl, "report": report, **flags}
+    from attnfuse.compile_mode import parse_mode
+
+    return {"inner": inner, "impl": impl, "report": report, "mode": parse_mode(options.get("mode"), mode), **flags}
 
 
 def _example(arg: Any, compute: bool = False) -> Any:
@@ -506,13 +521,17 @@ def _compile_per_fusion(gm: fx.GraphModule, example_inputs: list, opts: dict, gr
 
 
 def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
-                     **kwargs: Any) -> Callable:
+                     mode: Optional[str] = None, **kwargs: Any) -> Callable:
     """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler
-    (dropping only the fusions the inner compiler rejects, see the module doc)."""
-    opts = _parse_options(options)
+    (dropping only the fusions the inner compiler rejects, see the module doc). ``mode``:
+    ``torch.compile``'s mode, which torch passes here as a keyword."""
+    opts = _parse_options(options, mode)
     graph_id = next(_graph_counter)
+    if opts["mode"] not in (None, "default") and opts["inner"] != "inductor":
+        _warn(f"attnfuse: torch.compile mode {opts['mode']!r} is an Inductor setting and cannot be honoured "
+              f"with options['inner']={opts['inner']!r}; graph {graph_id} is compiled without it")
     report, elapsed, backup, buffers_read = _prepare(gm, example_inputs, opts, graph_id)
-    compiler = _inner_compiler(opts["inner"])
+    compiler = _inner_compiler(opts["inner"], opts["mode"])
 
     def publish(final: Any, n_nodes: int) -> None:
         _publish(final, graph_id, n_nodes, elapsed, opts)
@@ -560,6 +579,6 @@ def _witnessed(compiled: Callable, gm: fx.GraphModule, example_inputs: list, bac
             _warn(f"attnfuse: could not rewrite the fallback of graph {graph_id} ({type(e).__name__}: {e}); "
                   "it runs unfused")
             restore_graphs(undo)
-        return _inner_compiler(opts["inner"])(fb, inputs)
+        return _inner_compiler(opts["inner"], opts["mode"])(fb, inputs)
 
     return WitnessedGraph(compiled, witnesses, fallback, f"graph {graph_id}")
