@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx
 
-_ROOT = re.compile(r"^([LG])\['([^']+)'\]")
+_ROOT = re.compile(r"^([LG])\['([^']+)'\]((?:\[(?:\d+|'[^']+')\])*)")   # L['self'], L['args'][0]
 _INDEX = re.compile(r"\[(?:'([^']+)'|(\d+))\]")
 
 
@@ -42,10 +42,12 @@ def normalize_module_path(path: str, compiled_root: bool = False) -> str:
     """``L['self'].blocks[0].attn`` -> ``blocks.0.attn``; ``G['model'].blocks.0`` ->
     ``model.blocks.0``; an export / make_fx / symbolic_trace path is returned as it is.
     ``compiled_root``: the ``L[...]`` / ``G[...]`` root is the module ``torch.compile`` was
-    given (dynamo names it after ``forward``'s first parameter), so it is dropped."""
+    given (dynamo names it after ``forward``'s first parameter, ``L['args'][0]`` under a
+    ``*args`` wrapper such as Hugging Face's), so it is dropped."""
     m = _ROOT.match(path)
     if m:
-        root = "" if compiled_root or (m.group(1) == "L" and m.group(2) == "self") else m.group(2)
+        root = "" if compiled_root or (m.group(1) == "L" and m.group(2) == "self" and not m.group(3)) \
+            else m.group(2) + m.group(3)
         path = root + path[m.end():]
     path = _INDEX.sub(lambda x: "." + (x.group(1) or x.group(2)), path)
     path = path.replace("._modules.", ".")

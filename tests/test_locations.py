@@ -137,6 +137,8 @@ def test_symbolic_trace_root_level_attention_is_located(user, cls, tag):
     ("L['self']", False, ""),
     ("G['model'].blocks.1", False, "model.blocks.1"),
     ("L['s'].layers.0", True, "layers.0"),
+    ("L['args'][0].model.layers.0.self_attn", True, "model.layers.0.self_attn"),   # Hugging Face
+    ("L['args'][0].model", False, "args.0.model"),
     ("L['self']._modules['h']._modules['0']", False, "h.0"),
     ("blocks.0.attn", False, "blocks.0.attn"),
 ])
