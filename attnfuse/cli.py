@@ -266,7 +266,8 @@ def _quiet_torch(debug: bool) -> Iterator[None]:
         logger.disabled = old
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (``attnfuse demo`` / ``attnfuse report``)."""
     parser = argparse.ArgumentParser(prog="attnfuse",
                                      description="Find hand-written attention in PyTorch models and fuse it.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,7 +285,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rep.add_argument("--train", action="store_true", help="report on the training graph (train mode, autograd on)")
     for p in (demo, rep):
         p.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         with _quiet_torch(args.debug):
             if args.command == "demo":
