@@ -4,7 +4,7 @@ A model compiled with ``torch.compile`` may become several graphs (graph breaks,
 the per-graph reports (:class:`attnfuse.reporting.GraphReport`) say what happened in each.
 This module puts them together, for the CLI (``attnfuse report``) and the HTML report:
 
-- :func:`sites`: one entry per attention site (each fusion and each near miss), with the
+- :func:`attnfuse.report_data.sites`: one entry per attention site (each fusion and each near miss), with the
   user's module path, file:line and source line, and what was fused or why not;
 - :func:`to_dict` / :func:`to_json`: one JSON object of a stable shape, whatever the number
   of graphs (schema ``attnfuse.model-report/1``)::
@@ -34,32 +34,9 @@ import json
 from typing import Any, Dict, List, Optional, Sequence
 
 from attnfuse import reporting
+from attnfuse.report_data import sites
 
 SCHEMA = "attnfuse.model-report/1"
-
-
-def _fusion_detail(f: Dict[str, Any]) -> str:
-    parts = [f"structure: {f['structure']}", f"bias: {f['bias']}", f"scale: {f['scale']}"]
-    if f["gqa"]:
-        parts.append(f"gqa: {f['gqa']}")
-    if f["dropout_p"]:
-        parts.append(f"dropout_p: {f['dropout_p']}")
-    if f["softcap"]:
-        parts.append(f"softcap: {f['softcap']}")
-    return "; ".join(parts)
-
-
-def sites(graph_dicts: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The attention sites of the graphs (dicts of schema ``attnfuse.report/1``)."""
-    out: List[Dict[str, Any]] = []
-    for g in graph_dicts:
-        for f in g["fusions"]:
-            out.append({"graph": g["graph"], "fused": True, "module": f["module"], "location": f["location"],
-                        "code": f["code"], "kind": "fused", "detail": _fusion_detail(f)})
-        for m in g["near_misses"]:
-            out.append({"graph": g["graph"], "fused": False, "module": m["module"], "location": m["location"],
-                        "code": m["code"], "kind": m["kind"], "detail": m["reason"]})
-    return out
 
 
 def to_dict(reports: Sequence[Any], target: Optional[str] = None, mode: Optional[str] = None) -> Dict[str, Any]:
@@ -110,6 +87,9 @@ def to_text(reports: Sequence[Any], target: Optional[str] = None, mode: Optional
     return "\n".join(parts)
 
 
-def to_html(reports: Sequence[Any], target: Optional[str] = None, mode: Optional[str] = None) -> str:
-    """One self-contained HTML page for the model (every graph)."""
-    return reporting.to_html_many(list(reports))
+def to_html(reports: Sequence[Any], target: Optional[str] = None, mode: Optional[str] = None,
+            path: Optional[str] = None) -> str:
+    """One self-contained HTML page for the model (every graph; :mod:`attnfuse.report_html`)."""
+    from attnfuse.report_html import model_page
+
+    return model_page(reports, target, mode, path)
