@@ -159,6 +159,13 @@ def _inner_compiler(name: str, mode: Optional[str] = None) -> Callable:
     return lookup_backend(name)
 
 
+def _compiler_for(opts: dict) -> Callable:
+    """The inner compiler of ``opts``, with its ``torch.compile`` mode where one was given."""
+    if opts["mode"] is None:
+        return _inner_compiler(opts["inner"])
+    return _inner_compiler(opts["inner"], opts["mode"])
+
+
 def _set_impl(gm: fx.GraphModule, impl: str) -> None:
     """Make every fused-op call in ``gm`` (and in the higher-order-op bodies under it) use ``impl``."""
     from attnfuse.passes.subgraphs import graph_modules
@@ -531,7 +538,7 @@ def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
         _warn(f"attnfuse: torch.compile mode {opts['mode']!r} is an Inductor setting and cannot be honoured "
               f"with options['inner']={opts['inner']!r}; graph {graph_id} is compiled without it")
     report, elapsed, backup, buffers_read = _prepare(gm, example_inputs, opts, graph_id)
-    compiler = _inner_compiler(opts["inner"], opts["mode"])
+    compiler = _compiler_for(opts)
 
     def publish(final: Any, n_nodes: int) -> None:
         _publish(final, graph_id, n_nodes, elapsed, opts)
@@ -579,6 +586,6 @@ def _witnessed(compiled: Callable, gm: fx.GraphModule, example_inputs: list, bac
             _warn(f"attnfuse: could not rewrite the fallback of graph {graph_id} ({type(e).__name__}: {e}); "
                   "it runs unfused")
             restore_graphs(undo)
-        return _inner_compiler(opts["inner"], opts["mode"])(fb, inputs)
+        return _compiler_for(opts)(fb, inputs)
 
     return WitnessedGraph(compiled, witnesses, fallback, f"graph {graph_id}")
