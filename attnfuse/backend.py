@@ -20,8 +20,21 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   ``config_patches`` (thread-local, part of Inductor's cache keys, gone after the
   compile): a public joint-graph pre pass hides each ``exp``/softmax behind an opaque
   barrier op from those patterns and a post pass removes the barriers.
+- ``mode``: ``torch.compile(model, backend="attnfuse", mode="reduce-overhead")`` (torch
+  hands the mode to the backend) or ``options={"mode": ...}`` (torch refuses ``mode``
+  together with ``options``): one of ``torch._inductor.list_mode_options()``
+  (``"default"``, ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``,
+  ``"max-autotune-no-cudagraphs"``, ...), given to the inner Inductor compile as that mode's
+  config (``list_mode_options(mode)``). With ``inner="eager"`` / ``"aot_eager"`` a mode
+  other than ``"default"`` cannot be honoured: a ``RuntimeWarning`` says so. Inductor
+  itself decides whether CUDA graphs apply to a graph (it skips them, with a log line, for
+  a graph on CPU).
 - ``strict``: ``False`` (default): a failure costs only the fusion it concerns, with a
-  warning (below). ``True``: the error is raised (use it in tests and CI).
+  warning (below). ``True``: the error is raised (use it in tests and CI). A bool.
+- ``warn_unfused``: ``True`` (default): when a graph holds a softmax that looks like
+  attention (a matmul before and after it, :mod:`attnfuse.unfused`) and it was left
+  unfused, one WARNING per graph on the ``attnfuse`` logger lists each such site with its
+  file:line, module and reason. ``False`` silences it.
 - ``impl``: ``"auto"`` (default: Triton kernels on CUDA, PyTorch's CPU path
   otherwise), ``"triton"`` or ``"torch"``: the implementation every fused op in
   the graph uses.
@@ -98,7 +111,7 @@ log = logging.getLogger("attnfuse")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 IMPLS = ("auto", "triton", "torch")
-OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline")
+OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline", "warn_unfused", "mode")
 
 _last_report = None
 _collectors: List[list] = []
@@ -129,7 +142,8 @@ def _warn(msg: str) -> None:
     log.warning(msg)
 
 
-def _inner_compiler(name: str) -> Callable:
+def _inner_compiler(name: str, mode: Optional[str] = None) -> Callable:
+    """The inner compiler ``name``; ``mode`` (Inductor only) adds that mode's Inductor config."""
     if name == "eager":
         return lambda gm, example_inputs: gm.forward
     from torch._dynamo.backends.registry import lookup_backend
@@ -138,8 +152,18 @@ def _inner_compiler(name: str) -> Callable:
         # Inductor's own attention patterns must not rewrite what attnfuse declined
         from attnfuse import inductor_guard
 
-        return functools.partial(lookup_backend(name), config_patches=inductor_guard.config_patches())
+        from attnfuse.compile_mode import mode_config
+
+        return functools.partial(lookup_backend(name),
+                                 config_patches={**mode_config(mode), **inductor_guard.config_patches()})
     return lookup_backend(name)
+
+
+def _compiler_for(opts: dict) -> Callable:
+    """The inner compiler of ``opts``, with its ``torch.compile`` mode where one was given."""
+    if opts["mode"] is None:
+        return _inner_compiler(opts["inner"])
+    return _inner_compiler(opts["inner"], opts["mode"])
 
 
 def _set_impl(gm: fx.GraphModule, impl: str) -> None:
@@ -165,7 +189,7 @@ def _set_impl_in(gm: fx.GraphModule, impl: str) -> None:
         gm.recompile()
 
 
-def _parse_options(options: Optional[dict]) -> dict:
+def _parse_options(options: Optional[dict], mode: Optional[str] = None) -> dict:
     options = dict(options or {})
     unknown = set(options) - set(OPTIONS)
     if unknown:
@@ -177,11 +201,14 @@ def _parse_options(options: Optional[dict]) -> dict:
     if impl not in IMPLS:
         raise ValueError(f"options['impl'] must be one of {IMPLS}, got {impl!r}")
     report = options.get("report", os.environ.get("ATTNFUSE_REPORT") or None)
-    cpu_inline = options.get("cpu_inline", True)
-    if not isinstance(cpu_inline, bool):
-        raise ValueError(f"options['cpu_inline'] must be True or False, got {cpu_inline!r}")
-    return {"inner": inner, "impl": impl, "strict": bool(options.get("strict", False)), "report": report,
-            "cpu_inline": cpu_inline}
+    flags = {}
+    for name, default in (("strict", False), ("cpu_inline", True), ("warn_unfused", True)):
+        flags[name] = options.get(name, default)
+        if not isinstance(flags[name], bool):
+            raise ValueError(f"options[{name!r}] must be True or False, got {flags[name]!r}")
+    from attnfuse.compile_mode import parse_mode
+
+    return {"inner": inner, "impl": impl, "report": report, "mode": parse_mode(options.get("mode"), mode), **flags}
 
 
 def _example(arg: Any, compute: bool = False) -> Any:
@@ -353,18 +380,41 @@ def _prepare(gm: fx.GraphModule, example_inputs: list, opts: dict, graph_id: int
     graphs as dynamo handed them over, or None when nothing was fused, the buffers read)."""
     report, elapsed, backup, buffers_read = _rewrite(gm, example_inputs, opts["impl"], opts["strict"], graph_id,
                                                      leave_unfused, warn_failed)
+    if opts["warn_unfused"] and report.near_misses:
+        report.unfused_attention = _attention_like(gm, report, opts["strict"])
     if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"]:
         report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
     return report, elapsed, backup, buffers_read
 
 
+def _attention_like(gm: fx.GraphModule, report: Any, strict: bool) -> set:
+    """:func:`attnfuse.unfused.attention_like` (on the graph before the inner compiler runs,
+    which may change it in place); an internal error only costs the warning."""
+    from attnfuse.unfused import attention_like
+
+    try:
+        return attention_like(gm, report.near_misses)
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        log.debug("attnfuse: could not look for unfused attention: %r", e)
+        return set()
+
+
 def _publish(report: Any, graph_id: int, n_nodes: int, elapsed: float, opts: dict) -> None:
-    """Make ``report`` the last report, hand it to collectors, log it and write it out."""
+    """Make ``report`` the last report, hand it to collectors, log it (with one warning when
+    attention-like softmaxes were left unfused) and write it out."""
     global _last_report
     _last_report = report
     for c in _collectors:
         c.append(report)
     _log_report(report, graph_id, n_nodes, elapsed)
+    if opts["warn_unfused"]:
+        from attnfuse.unfused import unfused_message
+
+        message = unfused_message(report, report.unfused_attention, graph_id)
+        if message:
+            log.warning(message)
     if opts["report"]:
         _write_report(report, opts["report"], graph_id, opts["strict"])
 
@@ -478,16 +528,20 @@ def _compile_per_fusion(gm: fx.GraphModule, example_inputs: list, opts: dict, gr
 
 
 def attnfuse_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
-                     **kwargs: Any) -> Callable:
+                     mode: Optional[str] = None, **kwargs: Any) -> Callable:
     """Rewrite hand-written attention in ``gm``, then compile it with the inner compiler
-    (dropping only the fusions the inner compiler rejects, see the module doc)."""
-    opts = _parse_options(options)
+    (dropping only the fusions the inner compiler rejects, see the module doc). ``mode``:
+    ``torch.compile``'s mode, which torch passes here as a keyword."""
+    opts = _parse_options(options, mode)
     from attnfuse.op import register_dtensor_rules_if_loaded
 
     register_dtensor_rules_if_loaded()  # a graph on DTensors traces the op through DTensor
     graph_id = next(_graph_counter)
+    if opts["mode"] not in (None, "default") and opts["inner"] != "inductor":
+        _warn(f"attnfuse: torch.compile mode {opts['mode']!r} is an Inductor setting and cannot be honoured "
+              f"with options['inner']={opts['inner']!r}; graph {graph_id} is compiled without it")
     report, elapsed, backup, buffers_read = _prepare(gm, example_inputs, opts, graph_id)
-    compiler = _inner_compiler(opts["inner"])
+    compiler = _compiler_for(opts)
 
     def publish(final: Any, n_nodes: int) -> None:
         _publish(final, graph_id, n_nodes, elapsed, opts)
@@ -535,6 +589,6 @@ def _witnessed(compiled: Callable, gm: fx.GraphModule, example_inputs: list, bac
             _warn(f"attnfuse: could not rewrite the fallback of graph {graph_id} ({type(e).__name__}: {e}); "
                   "it runs unfused")
             restore_graphs(undo)
-        return _inner_compiler(opts["inner"])(fb, inputs)
+        return _compiler_for(opts)(fb, inputs)
 
     return WitnessedGraph(compiled, witnesses, fallback, f"graph {graph_id}")

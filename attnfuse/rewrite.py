@@ -9,7 +9,12 @@ Accepts:
   **GraphModule** is returned in ``result.graph_module`` (call it like the original
   program's module; re-export it with ``torch.export.export`` if a program is needed);
 - a plain ``nn.Module`` with ``example_inputs``: it is traced with ``make_fx``
-  (aten graph, parameters as attributes) and the traced GraphModule is rewritten.
+  (aten graph, parameters as attributes; stack traces and module paths recorded) and the
+  traced GraphModule is rewritten.
+
+Report entries name the user's file:line, source line and module path in every route;
+for a graph traced without stack traces (``symbolic_trace``) they are recovered from its
+module hierarchy (:mod:`attnfuse.locations`).
 
 For a dynamo graph (the torch.compile backend passes its ``example_inputs``), the
 placeholders that dynamo lifted from registered module buffers (``node.meta["grapharg"]``
@@ -85,8 +90,8 @@ def _to_graph_module(obj: Any, example_inputs: Optional[Sequence]) -> fx.GraphMo
     if isinstance(obj, torch.nn.Module):
         if example_inputs is None:
             raise ValueError("attnfuse.rewrite: a plain nn.Module needs example_inputs to be traced")
-        from torch.fx.experimental.proxy_tensor import make_fx
-        return make_fx(obj)(*example_inputs)
+        from attnfuse.locations import trace_module
+        return trace_module(obj, example_inputs)
     raise TypeError(f"attnfuse.rewrite: expected a GraphModule, ExportedProgram or nn.Module, "
                     f"got {type(obj).__name__}")
 
@@ -139,6 +144,7 @@ def restore_graphs(backup: GraphBackup) -> None:
 def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, strict: bool = False) -> RewriteResult:
     """Fuse every provable hand-written attention in the graph; see the module doc."""
     gm = _to_graph_module(gm_or_module, example_inputs)
+    _recover_locations(gm)
     if example_inputs is not None and _needs_shapes(gm):
         from torch.fx.passes.shape_prop import ShapeProp
         try:
@@ -160,6 +166,18 @@ def rewrite(gm_or_module: Any, example_inputs: Optional[Sequence] = None, *, str
     for msg in failed_fusion_messages(result.report):
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
     return result
+
+
+def _recover_locations(gm: fx.GraphModule) -> None:
+    """Stack traces for a graph traced without them (``symbolic_trace``), from its module
+    hierarchy (:func:`attnfuse.locations.recover_stack_traces`); never fails a rewrite."""
+    from attnfuse.locations import recover_stack_traces
+
+    try:
+        for _, mod in graph_modules(gm):
+            recover_stack_traces(mod)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"attnfuse.rewrite: could not recover source locations ({type(e).__name__}: {e})")
 
 
 def fuse_graph_module(gm: fx.GraphModule, example_inputs: Optional[Sequence] = None, *, strict: bool = False,

@@ -2,10 +2,12 @@
 
 Owns :class:`View4` (a tensor seen as (batch, head, seq, dim) through view ops only),
 :class:`Term` (one bias/mask term), :class:`AttentionMatch` (a proven attention),
-:class:`NearMiss` (why a softmax was not fused) and :func:`location_of`.
+:class:`NearMiss` (why a softmax was not fused), and :func:`location_of` /
+:func:`user_frame` (the user's frame of a node's stack trace).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -105,13 +107,32 @@ class Miss(Exception):
         self.kind, self.reason, self.node = kind, reason, node
 
 
-def location_of(node: fx.Node) -> Optional[str]:
-    """"file:line" of the last frame of ``node.meta["stack_trace"]``, or None."""
-    st = node.meta.get("stack_trace") if isinstance(node, fx.Node) else None
-    if not st:
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def user_frame(stack_trace: Optional[str]) -> Optional[Tuple[str, int, Optional[str]]]:
+    """(file, line, source text or None) of the frame a stack trace names in the user's code:
+    the last frame outside torch's own installation (a softmax inside ``nn.Softmax.forward``
+    is reported where the user calls the module), else the last frame; None without one."""
+    if not stack_trace:
         return None
-    frames = re.findall(r'File "([^"]+)", line (\d+)', st)
+    lines = stack_trace.rstrip().splitlines()
+    frames = []
+    for i, text in enumerate(lines):
+        m = _FRAME.search(text)
+        if m:
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.search(lines[i + 1]) else None
+            frames.append((m.group(1), int(m.group(2)), code or None))
     if not frames:
         return None
-    f, line = frames[-1]
-    return f"{f}:{line}"
+    users = [f for f in frames if not os.path.abspath(f[0]).startswith(_TORCH_DIR)]
+    return (users or frames)[-1]
+
+
+def location_of(node: fx.Node) -> Optional[str]:
+    """"file:line" of ``node.meta["stack_trace"]``'s frame in the user's code
+    (:func:`user_frame`), or None."""
+    st = node.meta.get("stack_trace") if isinstance(node, fx.Node) else None
+    frame = user_frame(st)
+    return None if frame is None else f"{frame[0]}:{frame[1]}"

@@ -46,6 +46,31 @@ FACTORIES = textwrap.dedent('''
     def boom():
         raise RuntimeError("factory exploded")
 
+
+    class Chatty(nn.Module):
+        """Prints while it runs, and a graph break splits it into two graphs."""
+
+        def forward(self, q, k, v):
+            print("model output line")
+            a = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+            torch._dynamo.graph_break()
+            return torch.softmax(a @ k.transpose(-2, -1), dim=-1) @ v
+
+
+    def chatty():
+        print("factory output line")
+        return Chatty(), tuple(torch.randn(1, 2, 8, 4) for _ in range(3))
+
+
+    class Wrong(nn.Module):
+        def forward(self, q, k, v):
+            w = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+            return w @ v[:, :, :3]  # WRONG-SHAPE
+
+
+    def wrong_shape():
+        return Wrong(), tuple(torch.randn(1, 2, 8, 4) for _ in range(3))
+
     not_callable = 5
 ''')
 
@@ -82,8 +107,9 @@ def test_report_json_train_to_file_via_module(factories):
             module=True)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert data["schema"] == "attnfuse.report/1" and data["totals"]["fused"] == 1
-    assert data["fusions"][0]["dropout_p"] == 0.25          # train mode: the dropout is fused
+    assert data["schema"] == "attnfuse.model-report/1" and data["totals"]["fused"] == 1 and data["mode"] == "train"
+    (graph,) = data["graphs"]
+    assert graph["schema"] == "attnfuse.report/1" and graph["fusions"][0]["dropout_p"] == 0.25  # fused in train
 
 
 def test_report_html(factories):
@@ -96,13 +122,13 @@ ERRORS = [
     ("missing.py:make", "no such file: missing.py"),
     ("models.py:nope", "has no attribute 'nope'"),
     ("models.py:wrong", "must return (model, example_inputs), got int"),
-    ("models.py:boom", "raised RuntimeError: factory exploded"),
+    ("models.py:boom", "boom() failed: RuntimeError: factory exploded"),
     ("models.py", "expected path/to/file.py:factory"),
     ("broken.py:make", "importing broken.py failed: SyntaxError"),
 ]
 
 
-def test_report_errors_are_one_line(factories):
+def test_report_errors_name_the_cause_without_traceback(factories):
     # run concurrently: each process imports torch
     procs = [(t, m, subprocess.Popen([BIN, "report", t], cwd=factories, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)) for t, m in ERRORS]
@@ -110,8 +136,45 @@ def test_report_errors_are_one_line(factories):
         out, err = p.communicate(timeout=180)
         assert p.returncode == 1, (target, err)
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("attnfuse: error:") and message in lines[0], (target, err)
+        assert lines[0].startswith("attnfuse: error:") and message in lines[0], (target, err)
         assert "Traceback" not in err and out == "", target
+        if target == "models.py:boom":                      # the user's line it was raised at
+            assert 'models.py:34: raise RuntimeError("factory exploded")' in err, err
+        if target == "broken.py:make":
+            assert "broken.py:2: def broken(:" in err, err
+
+
+def test_json_shape_stdout_and_error_cause(factories, capfd, monkeypatch):
+    """stdout is the report only (the model's prints go to stderr); the JSON is one object of
+    schema attnfuse.model-report/1 with a list of graphs, here two (a graph break); a model
+    that fails shows the real error and the user's line, the traceback only under --debug;
+    ``demo --seq-len 0`` is a usage error (exit status 2). In-process (fd-level capture)."""
+    from attnfuse.cli import main
+
+    monkeypatch.chdir(factories)
+    capfd.readouterr()
+    assert main(["report", "models.py:chatty", "--format", "json"]) == 0
+    out, err = capfd.readouterr()
+    data = json.loads(out)                                   # nothing but the report on stdout
+    assert "model output line" in err and "factory output line" in err
+    assert data["schema"] == "attnfuse.model-report/1" and data["target"] == "models.py:chatty"
+    assert [g["schema"] for g in data["graphs"]] == ["attnfuse.report/1"] * 2
+    assert data["totals"]["graphs"] == 2 and data["totals"]["fused"] == 2 and len(data["sites"]) == 2
+    assert all(s["fused"] and s["location"].startswith(str(factories / "models.py")) for s in data["sites"])
+
+    line = next(i for i, t in enumerate(FACTORIES.splitlines(), 1) if "# WRONG-SHAPE" in t)
+    for debug in (False, True):
+        assert main(["report", "models.py:wrong_shape"] + ["--debug"] * debug) == 1
+        out, err = capfd.readouterr()
+        first = next(t for t in err.splitlines() if t.startswith("attnfuse: error:"))
+        assert out == "" and (debug or err.startswith(first)) and first.startswith(
+            "attnfuse: error: running the model failed: RuntimeError: Expected size"), err
+        assert f"models.py:{line}: return w @ v[:, :, :3]  # WRONG-SHAPE" in err, err
+        assert ("Traceback (most recent call last)" in err) == debug, err
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--seq-len", "0"])
+    assert exit_.value.code == 2 and "--seq-len" in capfd.readouterr().err
 
 
 def test_bad_usage_exits_2():

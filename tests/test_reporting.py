@@ -100,7 +100,8 @@ def test_near_miss_in_json_and_text(user_module):
     data = json.loads(reporting.to_json(rep))
     assert data["totals"]["fused"] == 0 and len(data["near_misses"]) == 1
     m = data["near_misses"][0]
-    assert set(m) == {"kind", "reason", "location", "code", "node"}
+    assert set(m) == {"kind", "reason", "location", "code", "module", "node"}
+    assert m["module"] is None        # dynamo records no module stack for the compiled module's own forward
     assert m["location"].endswith("evil_model.py:14") and "dim=-2" in m["code"]
     text = reporting.to_text(rep)
     assert "0 fused, 1 near miss" in text and "evil_model.py:14" in text and m["reason"][:30] in text
@@ -157,26 +158,40 @@ def test_text_table(user_module):
     assert "evil_model.py:8" in text and "scale=0.5" in text and "1.0 KiB" in text
 
 
-def test_html_is_self_contained_and_escaped(user_module, tmp_path):
+def test_html_is_self_contained_escaped_and_source_first(user_module, tmp_path):
     rep = _compiled_report(user_module.Attn(), *_qkv())
     path = tmp_path / "r.html"
     page = reporting.to_html(rep, str(path))
     assert path.read_text() == page
     assert "<script" not in page.lower()                                   # escaped, and no scripts
     assert html_escaped(SCRIPT) in page                                    # the code line is there
-    # needs no network: no external links or resources (difflib's in-page "#" anchors only)
+    # needs no network: no external links or resources (in-page "#" anchors only)
     assert not re.search(r"""(src|href)\s*=\s*["'](?!#)|https?://|@import|url\(|<link|<img""", page)
-    for needle in ("Fusion 1", "Before (removed subgraph)", "After (inserted subgraph)",
-                   "torch.ops.attnfuse.flash_attention", "evil_model.py:8", "Graph code before / after"):
-        assert needle in page, needle
-    assert "class=\"diff\"" in page                                        # the side-by-side diff table
+    # source first: the site table, then the user's lines around the site, the graph detail folded below
+    order = [page.index(s) for s in ("<h2>Attention sites</h2>", "<h2>In your code</h2>", "<h2>Graphs</h2>")]
+    assert order == sorted(order)
+    sites = page[order[0]:order[1]]
+    assert sites.count("<tr>") == 2 and "evil_model.py:8" in sites and "causal=" not in sites.split("</tr>")[0]
+    code = page[order[1]:order[2]]
+    assert "<span class='hit'><span class='ln'>8</span>" in code              # the site's own line, marked
+    assert "<span class='ln'>7</span>" in code and "<span class='ln'>9</span>" in code   # and its neighbours
+    assert code.index("<details>") > code.index("class='hit'")               # graph detail folded below
+    for needle in ("Before: removed subgraph", "After: inserted subgraph", "torch.ops.attnfuse.flash_attention"):
+        assert needle in code, needle
+    graphs = page[order[2]:]
+    assert "<details class='graph'>" in graphs and "class='diff'" in graphs and "class='add'" in graphs
+    assert "table class=\"diff\"" not in page                             # no side-by-side table to overflow
+    assert "white-space:pre-wrap" in page and "max-width:1200px" in page
 
 
-def test_html_escapes_near_miss_and_many(user_module, tmp_path):
+def test_html_one_page_per_model_and_nothing_fused(user_module, tmp_path):
     rep = _compiled_report(user_module.Near(), *_qkv())
     page = reporting.to_html_many([rep, rep], str(tmp_path / "many.html"))
     assert "<script" not in page.lower() and page.count(html_escaped(SCRIPT)) >= 2
-    assert page.count("<h1>") == 2 and page.count("<body>") == 1
+    assert page.count("<h1>") == 1 and page.count("<body>") == 1             # one page for the model
+    assert page.count("<details class='graph'>") == 2
+    assert "Nothing fused: the graph was compiled as it came." in page and "class='diff'" not in page
+    assert "softmax_axis" in page and "0 fused" in page and "2 not fused" in page
 
 
 def html_escaped(s):

@@ -1,0 +1,112 @@
+"""One cold ``torch.compile`` in a fresh process, for ``compile_overhead.py --cold``.
+
+    python benchmarks/cold_compile_child.py VARIANT --layers 2 [--train]
+
+Prints one JSON line: seconds for ``import torch``, ``import attnfuse``, the first call of
+the compiled model (the whole cold compile: dynamo, the backend, Inductor, first run) and
+where the backend's share of it went (timers wrapped around its functions). Variants:
+
+- ``inductor``: ``torch.compile(model)``;
+- ``attnfuse``: ``torch.compile(model, backend="attnfuse")`` (inner Inductor, defaults);
+- ``attnfuse-noinline``: the same with ``cpu_inline=False``;
+- ``attnfuse-noguard``: the same without the Inductor attention-pattern guard's config
+  patches (a diagnostic: never a configuration to use, the guard is what keeps Inductor's
+  unsound patterns off).
+
+The caller gives each child a fresh ``TORCHINDUCTOR_CACHE_DIR`` and turns the FX-graph and
+AOT-autograd caches off, so each compile is cold, and ``TORCHINDUCTOR_COMPILE_THREADS=1``, so
+that Inductor compiles its kernels in this process and the first call's CPU time
+(``first_call_cpu_s``: this process and its finished children, the C++ compiler runs; less
+sensitive than wall time to other load on a shared machine) counts all of the compile's work.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+T0 = time.perf_counter()
+import torch  # noqa: E402
+
+T_TORCH = time.perf_counter() - T0
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+TIMERS: dict = {}
+
+
+def timed(owner, name: str, key: str) -> None:
+    """Wrap ``owner.name`` so that the seconds spent in it add up in ``TIMERS[key]``."""
+    fn = getattr(owner, name)
+    depth = [0]   # compile_fx calls itself: count the outermost call only
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            depth[0] -= 1
+            if not depth[0]:
+                TIMERS[key] = TIMERS.get(key, 0.0) + time.perf_counter() - start
+    setattr(owner, name, wrapper)
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process and of its finished children (the C++ compiler runs)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variant", choices=("inductor", "attnfuse", "attnfuse-noinline", "attnfuse-noguard"))
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--train", action="store_true")
+    args = ap.parse_args()
+
+    start = time.perf_counter()
+    import attnfuse  # noqa: F401  (torch's autoload imports only attnfuse._autoload)
+    from attnfuse import backend
+    from attnfuse.demo import TinyGPT
+    t_attnfuse = time.perf_counter() - start
+
+    import torch._inductor.compile_fx as compile_fx_module
+    timed(compile_fx_module, "compile_fx", "inductor_s")
+    if args.variant.startswith("attnfuse"):
+        timed(backend, "_prepare", "rewrite_s")          # the pass, its report context, the CPU inlining
+        timed(backend, "_publish", "report_s")           # last_report, logging, the warn_unfused check
+        timed(backend, "_witnessed", "witness_s")
+        if args.variant == "attnfuse-noguard":
+            from attnfuse import inductor_guard
+            inductor_guard.config_patches = lambda: {}
+    options = {"cpu_inline": False} if args.variant == "attnfuse-noinline" else {}
+
+    torch.manual_seed(0)
+    model = TinyGPT(n_layer=args.layers, n_embd=64, n_head=4, block_size=args.seq).train(args.train)
+    x = torch.randint(0, 512, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    compiled = (torch.compile(model) if args.variant == "inductor"
+                else torch.compile(model, backend="attnfuse", options=options))
+    start, cpu = time.perf_counter(), cpu_s()
+    with torch.set_grad_enabled(args.train):
+        out = compiled(x)
+        if args.train:
+            out.sum().backward()
+    first_call, first_call_cpu = time.perf_counter() - start, cpu_s() - cpu
+    report = backend.last_report() if args.variant.startswith("attnfuse") else None
+    from torch._dynamo.utils import counters
+    print(json.dumps({"variant": args.variant, "train": args.train, "import_torch_s": T_TORCH,
+                      "import_attnfuse_s": t_attnfuse, "first_call_s": first_call, "first_call_cpu_s": first_call_cpu,
+                      "fused": len(report.fusions) if report is not None else None,
+                      "frames_compiled": int(counters["stats"]["unique_graphs"]), **TIMERS}))
+
+
+if __name__ == "__main__":
+    main()
