@@ -1,0 +1,45 @@
+"""The curated mutants of ``benchmarks/mutation_check.py``: deliberate semantic bugs, each a
+small exact string replacement in one file, with the test selections (files or
+``file::test`` node ids, run together with ``pytest -x``) that must catch it.
+
+Keep targets short and exact; ``count`` is how many times the target occurs in the file
+(every occurrence is replaced). When code moves, the script says which target it no
+longer finds: update the target, never drop the mutant silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple
+    count: int = 1
+    why: str = ""
+
+
+SM = "tests/test_structural_masks.py"
+TI = "tests/test_torch_impl.py"
+TL = "tests/test_torch_lowp.py"
+
+MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- CPU: blocked loop
+    Mutant("blocked-dropout-window-bwd-key-offset", "kernels/torch_blocked.py",
+           "i0, i1, kmin, kmax, hkv, g)\n            mk = keep.to(cdt)",
+           "i0, i1, 0, kw, hkv, g)\n            mk = keep.to(cdt)",
+           (f"{SM}::test_dropout_with_window_uses_one_mask",),
+           why="issue 17: the backward's keep-mask read at keys [0, kw) instead of the band's"),
+    # ---------------------------------------------------------------- CPU: bf16 GEMM path
+    Mutant("lowp-dq-times-1.03", "kernels/torch_lowp.py",
+           "= _gemm(ds, kb, scale)", "= _gemm(ds, kb, scale * 1.03)",
+           (TL,), why="issue 17: bf16 dq 3 % off passed the flat 6e-2/4e-2 tolerance"),
+    # ---------------------------------------------------------------- CPU: banded path
+    Mutant("banded-bf16-dq-times-1.10", "kernels/torch_banded.py",
+           "dq[:, :, i0:i1] = gq",
+           "dq[:, :, i0:i1] = gq * (1.1 if q.dtype == torch.bfloat16 else 1.0)",
+           (f"{SM}::test_half_types",), why="issue 17: bf16 only, passed the flat 0.2 tolerance"),
+]
