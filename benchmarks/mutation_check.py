@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import os
 import re
 import shutil
@@ -152,6 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--list", action="store_true", help="validate and list the mutants, run nothing")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the tests")
     ap.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per mutant's test run")
+    ap.add_argument("--tests", default=None,
+                    help="comma-separated test selections to run instead of each mutant's own "
+                         "(to check that one test catches a planted bug)")
     ap.add_argument("--out", default=None, help="also write the table to this file")
     args = ap.parse_args(argv)
 
@@ -170,6 +174,8 @@ def main(argv=None) -> int:
                 print(f"unknown mutants: {sorted(unknown)}", file=sys.stderr)
                 return 2
             chosen = [m for m in MUTANTS if m.name in names]
+    if args.tests:
+        chosen = [dataclasses.replace(m, tests=tuple(args.tests.split(","))) for m in chosen]
     if args.list:
         for m in chosen:
             print(f"{m.name:<40} {m.file:<32} {' '.join(m.tests)}")

@@ -466,15 +466,20 @@ def test_non_contiguous(path, layout, hkv, monkeypatch, path_spy):
     check(q, k, v, causal="top_left", spy=path_spy)
 
 
-def test_scale_and_lse_fp32_fused_equals_blocked(monkeypatch):
+@pytest.mark.parametrize("path", ["fused", "blocked"])
+def test_scale_and_lse_fp32(path, monkeypatch):
+    """A non-default scale with a bias: out and lse of each path against float64."""
+    _force(monkeypatch, path)
     q, k, v = make_qkv(2, 2, 2, 50, 60, 32, 32, F32)
-    bias = make_bias("float", (2, 1, 50, 60))
+    bias = make_bias("float", (2, 1, 50, 60), dead_row=False, finfo_row=False)
     kw = dict(scale=0.3, causal="top_left", dropout_p=0.0, softcap=0.0, seed=0)
-    o1, l1 = T.forward(q, k, v, bias, **kw)
-    monkeypatch.setattr(T, "USE_FUSED_SDPA", False)
-    o2, l2 = T.forward(q, k, v, bias, **kw)
-    torch.testing.assert_close(o1, o2, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-6)
+    assert T.forward_path(q, k, v, bias, causal="top_left", dropout_p=0.0, softcap=0.0) == path
+    out, lse = T.forward(q, k, v, bias, **kw)
+    with nan_free_reference():  # rows the causal mask and the -inf entries empty: 0
+        ref = attention_reference(q, k, v, bias, scale=0.3, causal="top_left")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    rl = ref_lse(q, k, bias, scale=0.3, causal="top_left", softcap=0.0)
+    torch.testing.assert_close(lse.double(), rl, atol=1e-5, rtol=1e-6)
 
 
 def test_block_rows_shrink_for_long_keys(monkeypatch):
