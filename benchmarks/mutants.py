@@ -29,6 +29,12 @@ TB = "tests/test_backend.py"
 RM = "tests/test_real_models.py"
 
 MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- matcher (passes/)
+    Mutant("matcher-declines-everything", "passes/match.py",
+           '    gm, memo = ctx["gm"], ctx["memo"]\n    x = op["x"]',
+           '    gm, memo = ctx["gm"], ctx["memo"]\n    raise _Miss("unsupported_op", "declined", sm)\n    x = op["x"]',
+           ("tests/test_fuzz_matcher.py",),
+           why="issue 17: every softmax a near miss with a reason; the fuzz counted that as a pass"),
     # ---------------------------------------------------------------- CPU: blocked loop
     Mutant("blocked-dropout-window-bwd-key-offset", "kernels/torch_blocked.py",
            "i0, i1, kmin, kmax, hkv, g)\n            mk = keep.to(cdt)",
