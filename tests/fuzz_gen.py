@@ -457,7 +457,9 @@ OK_OUTCOMES = ("fused", "near_miss", "near_miss_other_kind", "not_fused_ok", "mi
 # drawn must fuse (tests/test_fuzz_matcher.py and benchmarks/fuzz_matcher.py fail below it;
 # a matcher that declines everything, each softmax with a reason, gives 0). The aten
 # graphs have the known coverage gaps (README: aten graphs).
-MIN_FUSED = {"fx": 0.9, "aten": 0.65, "dynamo": 0.9}
+# The randomised benchmark run (results/fuzz_matcher.txt) fused fx 0.94, aten 0.84,
+# dynamo 0.96 of them; the bounds leave room for sampling noise.
+MIN_FUSED = {"fx": 0.85, "aten": 0.65, "dynamo": 0.85}
 
 
 @dataclass
