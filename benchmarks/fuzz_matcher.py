@@ -1,12 +1,16 @@
 """Fuzz the attention matcher with >= 10,000 random compositions of spellings and
 near-miss perturbations (the generator of tests/fuzz_gen.py, shared with the CI test).
 
-    python benchmarks/fuzz_matcher.py --n 10000 [--seed 0] [--dialects fx,aten,dynamo] [--jobs 2]
+    python benchmarks/fuzz_matcher.py --n 10000 [--seed 0|random] [--dialects fx,aten,dynamo] [--jobs 2]
+                                      [--out benchmarks/results/fuzz_matcher.txt]
 
 Prints counts: fused / near-miss / mismatch (count, numerics, near-miss kind) / crash,
-and a breakdown of the failures by recipe option, then a few failing examples in full.
-Example i is drawn from random.Random(f"{seed}-{i}"), so any example is reproducible
-with --only i.
+the fraction of unperturbed compositions fused per dialect, and a breakdown of the
+failures by recipe option, then a few failing examples in full. Example i is drawn from
+random.Random(f"{seed}-{i}"), so any example is reproducible with --seed S --only i;
+``--seed random`` draws a new seed (printed) for a randomised run. Exits 1 on any
+failing example, or when a dialect fuses less than ``fuzz_gen.MIN_FUSED`` of its
+unperturbed compositions (the bound the CI test applies to its fixed examples).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)  # the checkout's attnfuse, whatever the editable install maps
 
-from fuzz_gen import DIALECTS, draw_recipe, run_example  # noqa: E402
+from fuzz_gen import DIALECTS, MIN_FUSED, draw_recipe, run_example  # noqa: E402
 
 _ARGS = None
 
@@ -50,14 +54,16 @@ def _init(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=10000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", default="0", help="an integer, or 'random' (a new seed, printed)")
     ap.add_argument("--dialects", default=",".join(DIALECTS))
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--strict", action="store_true", help="rewrite(strict=True): internal errors raise (count as crash)")
     ap.add_argument("--show", type=int, default=5, help="failing examples to print in full")
     ap.add_argument("--only", type=int, default=None, help="run only example i (verbose)")
     ap.add_argument("--json", default=None, help="write all failures to this file")
+    ap.add_argument("--out", default=None, help="also write the summary to this file")
     args = ap.parse_args(argv)
+    args.seed = random.SystemRandom().randrange(10**9) if args.seed == "random" else int(args.seed)
     args.dialects = [d for d in args.dialects.split(",") if d]
 
     if args.only is not None:
@@ -78,9 +84,13 @@ def main(argv=None):
     else:
         _init(args)
         it = map(_one, indices)
+    unperturbed = collections.defaultdict(collections.Counter)
     for done, (i, kind, detail, recipe, src) in enumerate(it, 1):
         counts[kind] += 1
         by_dialect[recipe["dialect"]][kind] += 1
+        if recipe["perturb"] == "none":
+            unperturbed[recipe["dialect"]]["n"] += 1
+            unperturbed[recipe["dialect"]]["fused"] += kind == "fused"
         if kind not in ("fused", "near_miss", "near_miss_other_kind", "not_fused_ok"):  # "missed" is listed too
             failures.append({"i": i, "kind": kind, "detail": detail, "recipe": recipe, "source": src})
             for key in ("qk", "kt", "scale", "bias", "softmax", "pv", "gqa", "out", "perturb", "layout", "dialect",
@@ -94,21 +104,34 @@ def main(argv=None):
 
     n = sum(counts.values())
     mism = counts["count_mismatch"] + counts["numerics_mismatch"] + counts["unreported"]
-    print(f"\nattnfuse matcher fuzz: n={n} seed={args.seed} dialects={','.join(args.dialects)} "
-          f"({time.time() - t0:.0f}s)")
-    print(f"  fused:               {counts['fused']}")
-    print(f"  near-miss:           {counts['near_miss'] + counts['near_miss_other_kind']}  ({counts['near_miss']} with "
-          f"the perturbation's kind, {counts['near_miss_other_kind']} with another kind)")
-    print(f"  missed:              {counts['missed']}   (attention left unfused, with a near-miss reason: "
-          f"coverage gap)")
-    print(f"  mismatch:            {mism}")
-    print(f"    count mismatch:    {counts['count_mismatch']}   (fused count differs from the composition's)")
-    print(f"    NUMERICS mismatch: {counts['numerics_mismatch']}   (the rewrite changed the output: unsound)")
-    print(f"    unreported:        {counts['unreported']}   (perturbed, not fused, but no near miss reported)")
-    print(f"  crash:               {counts['crash']}")
-    print(f"  harness errors:      {counts['harness']}   (bugs in the generator itself)")
-    for d, c in sorted(by_dialect.items()):
-        print(f"  [{d}] {dict(c)}")
+    lines = [
+        f"attnfuse matcher fuzz: n={n} seed={args.seed} dialects={','.join(args.dialects)} "
+        f"({time.time() - t0:.0f}s)",
+        f"  fused:               {counts['fused']}",
+        f"  near-miss:           {counts['near_miss'] + counts['near_miss_other_kind']}  ({counts['near_miss']} with "
+        f"the perturbation's kind, {counts['near_miss_other_kind']} with another kind)",
+        f"  missed:              {counts['missed']}   (attention left unfused, with a near-miss reason: "
+        f"coverage gap)",
+        f"  mismatch:            {mism}",
+        f"    count mismatch:    {counts['count_mismatch']}   (fused count differs from the composition's)",
+        f"    NUMERICS mismatch: {counts['numerics_mismatch']}   (the rewrite changed the output: unsound)",
+        f"    unreported:        {counts['unreported']}   (perturbed, not fused, but no near miss reported)",
+        f"  crash:               {counts['crash']}",
+        f"  harness errors:      {counts['harness']}   (bugs in the generator itself)",
+    ]
+    lines += [f"  [{d}] {dict(c)}" for d, c in sorted(by_dialect.items())]
+    low = []
+    for d, c in sorted(unperturbed.items()):
+        frac = c["fused"] / c["n"] if c["n"] else 0.0
+        if frac < MIN_FUSED.get(d, 0.0):
+            low.append(d)
+        lines.append(f"  [{d}] unperturbed compositions fused: {c['fused']} of {c['n']} ({frac:.3f}; "
+                     f"bound {MIN_FUSED.get(d, 0.0)}){'  <-- BELOW THE BOUND' if d in low else ''}")
+    print("\n" + "\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(f"$ python benchmarks/fuzz_matcher.py --n {args.n} --seed {args.seed} --jobs {args.jobs}\n\n"
+                     + "\n".join(lines) + "\n")
     for kind, c in fail_opts.items():
         print(f"\n  {kind}: most common recipe options")
         for opt, k in c.most_common(12):
@@ -120,7 +143,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"counts": counts, "failures": failures}, fh, indent=1)
-    return 0
+    return 1 if any(f["kind"] != "missed" for f in failures) or low else 0
 
 
 if __name__ == "__main__":

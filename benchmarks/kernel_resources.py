@@ -23,6 +23,8 @@ is not compiled, spills registers, or exceeds the per-block shared-memory limit
 (A100: 166912 B, H100: 232448 B).
 
 Do not set TRITON_INTERPRET for this script: it needs the real compiler.
+:func:`kernel_ttgir` (one config's TTGIR, the compile stopped there) serves the test
+suite's static determinism check (tests/test_triton_kernels.py: no atomics).
 """
 from __future__ import annotations
 
@@ -120,22 +122,75 @@ def _ptxas(ptx: str, arch: int):
     return regs, spill_st + spill_ld
 
 
-def _job(args):
-    kname, head_dim, dtype_name, heavy, idx, block_m, arch = args
+def _source(kname, head_dim, dtype_name, heavy, idx, block_m):
+    """(ASTSource, config, constexprs) of config ``idx`` of kernel ``kname``'s list, with
+    its worst-case constexprs."""
     fn, configs = KERNELS[kname]
     extra = {} if block_m is None else {"block_m": block_m}
     config = configs(head_dim, DTYPES[dtype_name], heavy, **extra)[idx]
     cx = _worst_constexprs(fn, head_dim, dtype_name, config, heavy, block_m)
-    src = ASTSource(fn=fn, signature=_signature(fn, dtype_name, cx), constexprs=cx)
+    return ASTSource(fn=fn, signature=_signature(fn, dtype_name, cx), constexprs=cx), config, cx
+
+
+def compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m, arch):
+    """(compiled kernel, config, constexprs): that config compiled offline for sm_``arch``
+    (``compiled.asm`` holds every stage: "ttir", "ttgir", "ptx", "cubin")."""
+    src, config, cx = _source(kname, head_dim, dtype_name, heavy, idx, block_m)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=config.num_warps,
+                                           num_stages=config.num_stages))
+    return compiled, config, cx
+
+
+class _StopAfterTTGIR(Exception):
+    pass
+
+
+def kernel_ttgir(kname, head_dim, dtype_name, heavy, idx, block_m, arch) -> str:
+    """The TTGIR text of that config for sm_``arch``: the compile stops after the
+    "ttgir" stage (no LLVM, PTX or ptxas: a few seconds per kernel)."""
+    import triton.compiler.compiler as tc
+
+    src, config, _ = _source(kname, head_dim, dtype_name, heavy, idx, block_m)
+    real_make_backend = tc.make_backend
+
+    def make_backend(target):
+        backend = real_make_backend(target)
+        real_add_stages = backend.add_stages
+
+        def add_stages(stages, options, *rest):
+            real_add_stages(stages, options, *rest)
+            to_ttgir = stages["ttgir"]
+
+            def ttgir_then_stop(module, metadata):
+                raise _StopAfterTTGIR(str(to_ttgir(module, metadata)))
+            stages["ttgir"] = ttgir_then_stop
+
+        backend.add_stages = add_stages
+        return backend
+
+    tc.make_backend = make_backend
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=config.num_warps,
                                                num_stages=config.num_stages))
+    except _StopAfterTTGIR as stop:
+        return str(stop)
+    finally:
+        tc.make_backend = real_make_backend
+    return compiled.asm["ttgir"]  # a cache hit: the full compile was stored before
+
+
+def _job(args):
+    kname, head_dim, dtype_name, heavy, idx, block_m, arch = args
+    try:
+        compiled, config, cx = compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m, arch)
         shared = compiled.metadata.shared
         regs, spills = _ptxas(compiled.asm["ptx"], arch)
         err = ""
     except Exception as e:                       # e.g. out of resources at compile time
         shared, regs, spills, err = -1, -1, -1, f"{type(e).__name__}: {str(e)[:200]}"
+        _, config, cx = _source(kname, head_dim, dtype_name, heavy, idx, block_m)
     tiles = " ".join(f"{short}={cx[full]:<3}" for short, full in
                      (("BM", "BLOCK_M"), ("BN", "BLOCK_N"), ("BR", "BLOCK_R")) if full in cx)
     cfg = f"{tiles} w={config.num_warps} s={config.num_stages}"

@@ -579,6 +579,13 @@ def build(r: Recipe) -> Built:
 # (the benchmark counts them), not a soundness failure. Failing: fusing a perturbation,
 # leaving something unfused without a reason, changed numerics, a crash.
 OK_OUTCOMES = ("fused", "near_miss", "near_miss_other_kind", "not_fused_ok", "missed")
+# ... but not in bulk: per dialect, at least this fraction of the unperturbed compositions
+# drawn must fuse (tests/test_fuzz_matcher.py and benchmarks/fuzz_matcher.py fail below it;
+# a matcher that declines everything, each softmax with a reason, gives 0). The aten
+# graphs have the known coverage gaps (README: aten graphs).
+# The randomised benchmark run (results/fuzz_matcher.txt) fused fx 0.94, aten 0.84,
+# dynamo 0.96 of them; the bounds leave room for sampling noise.
+MIN_FUSED = {"fx": 0.85, "aten": 0.65, "dynamo": 0.85}
 
 
 @dataclass

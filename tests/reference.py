@@ -111,3 +111,39 @@ def assert_close_rel(actual, expected, tol, what) -> None:
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     ref = max(expected.abs().max().item() if expected.numel() else 0.0, 1.0)
     assert err <= tol * ref, f"{what}: max abs err {err:.3g} > {tol:g} * {ref:.3g}"
+
+
+def rel_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| (Frobenius, in float64; the norm floored at
+    1e-30 so an all-zero reference compares absolute error)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_within_eager_rounding(actual, eager, exact, factor, what) -> None:
+    """``actual``'s error against the float64 ``exact`` is at most ``factor`` times the
+    error of ``eager`` (the unfused graph run in the low-precision dtype, the same
+    inputs) against it: a tolerance that follows the dtype's own rounding, not a flat
+    number. Both errors are relative Frobenius norms (:func:`rel_error`)."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    ours, theirs = rel_error(actual, exact), rel_error(eager, exact)
+    assert ours <= factor * theirs, (
+        f"{what}: relative error {ours:.3g} > {factor:g} x eager's {theirs:.3g}")
+
+
+def keep_mask_from_identity_v(out, lk: int):
+    """The dropout keep-mask an op call used, read back from its output for
+    v = identity (Dv >= Lk): out[..., j] = P[..., j] * keep[..., j] / (1 - p), nonzero
+    exactly where a key with P > 0 was kept. Where P = 0 the mask is irrelevant (and
+    read as dropped). Independent of the library's mask generator."""
+    return out[..., :lk] != 0
+
+
+def assert_keep_rate(keep, visible, dropout_p: float, what="dropout keep-mask") -> None:
+    """The fraction of ``visible`` positions kept is 1 - p within 5 binomial standard
+    deviations (plus 0.01): a mask that keeps everything, or nothing, fails."""
+    n = int(visible.sum())
+    assert n >= 100, f"{what}: too few visible positions ({n}) to test the keep rate"
+    rate = keep[visible.expand_as(keep)].double().mean().item()
+    sd = math.sqrt(dropout_p * (1 - dropout_p) / n)
+    assert abs(rate - (1 - dropout_p)) <= 5 * sd + 0.01, (what, rate, 1 - dropout_p, n)

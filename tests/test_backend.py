@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import attnfuse
 import attnfuse.backend as backend_mod
 from attnfuse.kernels import torch_inline
+from tests.reference import assert_keep_rate, attention_reference, keep_mask_from_identity_v
 
 ATOL, RTOL = 1e-5, 1e-4
 FUSED_OPS = (torch.ops.attnfuse.flash_attention, torch.ops.attnfuse.flash_attention.default)
@@ -247,28 +248,35 @@ def test_training_input_gradients(monkeypatch):
 
 
 def test_train_mode_dropout_is_fused_and_unbiased(monkeypatch):
+    """Attention dropout in train mode is fused; v = identity makes the output the dropped
+    probabilities themselves, so the keep-mask the kernel used is read back from it (not
+    rebuilt with the library's generator): its keep rate is 1 - p, rows sum to 1 in
+    expectation, and the output and the backward's gradients equal float64 eager
+    attention with that mask."""
     torch.manual_seed(0)
-    p = 0.5
+    p, L = 0.5, 64
     model = AttnOnly(p).train()
-    q, k = torch.randn(2, 2, 64, 8), torch.randn(2, 2, 64, 8)
-    v = torch.ones(2, 2, 64, 8, requires_grad=True)        # each output = mean over kept probabilities
+    q, k = (torch.randn(2, 2, L, 8, requires_grad=True) for _ in range(2))
+    v = torch.eye(L).repeat(2, 2, 1, 1).requires_grad_()   # out = dropout(P) itself
     rec = Recorder(monkeypatch)
     cm = _compile(model, inner="aot_eager")
     torch.manual_seed(1)
     out = cm(q, k, v)
     assert rec.fused == 1 and rec.count(lambda n: "dropout" in str(n.target)) == 0
     assert attnfuse.last_report().fusions[0].dropout_p == p
-    eval_out = model.eval()(q, k, v)
-    _close(eval_out, torch.ones_like(eval_out))
-    assert not torch.allclose(out, eval_out)                  # dropout was applied ...
-    assert abs(out.mean().item() - 1.0) < 0.05                # ... unbiased: E[out] = 1
-    assert 0.1 < out.std().item() < 1.0
+    keep = keep_mask_from_identity_v(out.detach(), L)
+    assert_keep_rate(keep, torch.ones(1, 1, L, L, dtype=torch.bool), p)
+    assert abs(out.detach().sum(-1).mean().item() - 1.0) < 0.05   # unbiased: E[row sum] = 1
     torch.manual_seed(1)
-    model.train()
-    out2 = cm(q, k, v)
-    _close(out2, out)                                         # seeded from torch's generator
-    out.sum().backward()                                      # the backward regenerates the mask
-    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0
+    _close(cm(q, k, v), out)                                  # seeded from torch's generator
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*leaves, dropout_mask=keep, dropout_p=p)
+    _close(out.double(), ref.detach())
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(out, (q, k, v), dout)           # the backward regenerates the mask
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for a, w in zip(got, want):
+        _close(a.double(), w)
 
 
 # ---------------------------------------------------------------------------

@@ -227,3 +227,19 @@ def test_html_subgraphs_as_svg_through_dot(monkeypatch, tmp_path):
     dot = seen.read_text()
     assert dot.count("digraph") == 2 and "->" in dot
     assert "softmax" in dot and "flash_attention" in dot
+
+
+def test_matcher_report_text_states_its_counts():
+    """The matcher's own report (``passes.report.Report``, ``GraphReport.data``) opens
+    with its counts, and lists each fusion and near miss once."""
+    class Two(nn.Module):
+        def forward(self, q, k, v):
+            a = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) @ v
+            b = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ (2 * v)
+            c = torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v   # over the queries
+            return a + b + c
+
+    res = attnfuse.rewrite(torch.fx.symbolic_trace(Two()), _qkv())
+    text = res.report.data.to_text()
+    assert text.splitlines()[0] == "attnfuse: 2 fused, 1 near miss(es)", text
+    assert text.count("  FUSED ") == 2 and text.count("  NEAR MISS [softmax_axis]") == 1, text

@@ -69,8 +69,8 @@ def test_finfo_rows_are_eagers_uniform_average(path_spy):  # noqa: F811
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout(p, path_spy):  # noqa: F811
-    """The keep-mask is the one of the other paths (a function of (seed, b, h, i, j)):
-    the reference applies ``dropout_keep_mask`` and must agree."""
+    """The backward applies the forward's keep-mask: the reference applies the mask
+    read back from the forward (v = identity, ``check``) and must agree."""
     q, k, v = make_qkv(2, 4, 2, 45, 40, 16, 24, BF16)
     check(q, k, v, make_bias("float", (2, 1, 45, 40), BF16), dropout_p=p, seed=77,
           spy=path_spy)
