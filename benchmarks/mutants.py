@@ -237,7 +237,7 @@ MUTANTS: list[Mutant] = [
            "    final = report",
            ("tests/test_per_fusion.py",),
            why="the unfused last resort still reports its fusions"),
-    Mutant("report-json-near-miss-count", "attnfuse/reporting.py",
+    Mutant("report-json-near-miss-count", "attnfuse/report_data.py",
            '"near_misses": len(report.near_misses),', '"near_misses": len(report.fusions),',
            ("tests/test_reporting.py",), why="the report's counts"),
     Mutant("report-text-fused-count", "passes/report.py",
