@@ -108,17 +108,19 @@ class PathRule(NamedTuple):
 #: (tests/test_kernels_layout.py).
 PATHS: tuple[PathRule, ...] = (
     PathRule("lowp", "bf16, no causal band, window or softcap, at most "
-             "`torch_lowp.LOWP_MAX_KEYS` keys, a bias (if any) in bf16 or bool",
-             "PyTorch's fused kernel, slower than bf16 GEMMs there"),
+             "`torch_lowp.LOWP_MAX_KEYS` (1,536) keys, a bias (if any) in bf16 or bool",
+             "PyTorch's fused kernel, slower there than the unfused graph's bf16 GEMMs, "
+             "which run per block of query rows"),
     PathRule("runs", "a key_mask alone (no bias, window, softcap, dropout; no causal mask or "
              "a top-left one) whose visible keys are one run per batch row, on rows of at "
-             "least `torch_runs.RUNS_MIN_SCORES` scores",
+             "least `torch_runs.RUNS_MIN_SCORES` scores (4 heads x 256² in fp32, 4 x 512² in "
+             "bf16/fp16) whose call gives every torch thread a task",
              "every padded key (one fused call per batch row on its run, no mask)"),
-    PathRule("banded", "a window or a bottom-right diagonal (Lq != Lk), no bias, softcap or "
-             "dropout", "every key outside a row block's causal/window band"),
+    PathRule("banded", "a window or a bottom-right diagonal (Lq != Lk) in fp32/fp16/bf16 "
+             "with D == Dv, no bias, softcap or dropout (a key_mask sliced per block)", "every key outside a row block's causal/window band"),
     PathRule("fused", "fp32/fp16/bf16 with D == Dv, no softcap, dropout, window or "
              "bottom-right diagonal, a bias of q's dtype or bool (a key_mask alone folded "
-             "into one)", "nothing: one call of PyTorch's fused CPU kernel"),
+             "into one; causal GQA repeats K/V)", "nothing: one call of PyTorch's fused CPU kernel"),
     PathRule("blocked", "everything else (softcap, dropout, float64, bottom-right with a "
              "bias, ...); also the backward where the fused one has no bias gradient or "
              "the lse is too large", "keys outside the causal/window band"),

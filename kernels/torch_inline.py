@@ -143,7 +143,7 @@ def _sees_every_row(lq: int, lk: int, causal: str, window: int, bias: Optional[T
                     key_mask: Optional[Tensor]) -> bool:
     """Whether every query row sees at least one key whatever the inputs' values: no
     bias or key_mask (either may mask a whole row) and a causal/window band that leaves
-    each row a key (``causal`` already folded by ``_effective_causal``)."""
+    each row a key (``causal`` already folded by ``base.effective_causal``)."""
     if bias is not None or key_mask is not None or lk == 0:
         return False
     if causal == "none":

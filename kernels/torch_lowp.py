@@ -2,7 +2,7 @@
 most :data:`LOWP_MAX_KEYS` keys (encoders: BERT, ViT, cross-attention).
 
 There, PyTorch's fused CPU flash kernel (the fused path of
-:mod:`attnfuse.kernels.torch_impl`, which Inductor's own SDPA rewrite also calls) is
+:mod:`attnfuse.kernels.torch_fused`, which Inductor's own SDPA rewrite also calls) is
 slower than plain bf16 GEMMs on an AVX512-BF16 CPU, above all in the backward
 (``benchmarks/lowp_crossover.py``, recorded in benchmarks/README.md: fused / this path
 1.04-1.32x on minima for training at 256-1536 keys, 0.87-1.14x forward).  This path

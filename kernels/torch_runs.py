@@ -3,7 +3,7 @@ contiguous run per batch row (a right- or left-padded batch, or no padding at al
 through PyTorch's fused CPU flash attention on exactly that run.
 
 Folded into a (B, 1, 1, Lk) additive mask (the fused path of
-:mod:`attnfuse.kernels.torch_impl`), a padding mask still costs the fused kernel every
+:mod:`attnfuse.kernels.torch_fused`), a padding mask still costs the fused kernel every
 padded key: it computes their scores, adds -inf and exponentiates them. Here each batch
 row calls the kernel on its run [s, e) of visible keys with no mask at all, so padded
 keys cost nothing:
@@ -25,7 +25,7 @@ the same out / lse conventions). The backward walks the same segments through th
 kernel's backward; rows that see no key get zero dQ and keys outside the run zero dK / dV.
 
 Used for: a key_mask with no bias, window, softcap or dropout, no causal mask or a
-top-left one (after :func:`~attnfuse.kernels.torch_impl._effective_causal`), and a
+top-left one (after :func:`~attnfuse.kernels.base.effective_causal`), and a
 run per row (checked on the mask's values: an O(B * Lk) read).
 """
 from __future__ import annotations
