@@ -58,7 +58,7 @@ Padded shapes (``--padded F``, replaces the training table): the same shapes wit
 key_mask that hides the last F of the keys (right padding, as Hugging Face batches of
 different lengths).  Bytes READ by the forward and the dQ kernel are measured twice:
 "after", as the kernels run (their key loops clipped to the key bounds of the mask,
-``triton_flash._key_bounds``), and "before", with those bounds forced to [0, Lk): the
+``triton_launch._key_bounds``), and "before", with those bounds forced to [0, Lk): the
 loops then visit every key block of the band and mask the padding element-wise, which
 is what the kernels did before the bounds existed (plus the 8 bytes of bounds each
 program now loads).  ``FA2 fwd read`` is the READ part
@@ -92,6 +92,7 @@ from triton.runtime import interpreter as _interp
 
 from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
+from attnfuse.kernels import triton_launch as tl
 
 _counts = collections.Counter()
 _current = ["?"]
@@ -257,12 +258,12 @@ def _padded_table(sizes, d, dtype, es, causal, padded):
         real = n - int(round(n * padded))
         key_mask = torch.zeros(1, n, dtype=torch.bool)
         key_mask[:, :real] = True
-        real_bounds = tf._key_bounds
-        tf._key_bounds = _full_key_bounds
+        real_bounds = tl._key_bounds
+        tl._key_bounds = _full_key_bounds
         try:
             fwd_b, bwd_b, _ = _measure(n, d, dtype, causal, key_mask)
         finally:
-            tf._key_bounds = real_bounds
+            tl._key_bounds = real_bounds
         fwd_a, bwd_a, secs = _measure(n, d, dtype, causal, key_mask)
         # the model's reads: all of it but the writes of O (es·N·dv) and L (4·N)
         fa2 = fa2_forward_bytes(n, d, d, es, fbm, fbn, causal, n_keys=real) - es * n * d - 4 * n

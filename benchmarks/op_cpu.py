@@ -87,9 +87,10 @@ def _child(impl: str, length: int, mask: str, reps: int, entry: str, threads: in
             return torch.softmax(s, dim=-1) @ v
     else:
         from attnfuse.kernels import torch_impl as T
+        from attnfuse.kernels import torch_base as TS
 
         if impl == "blocked":
-            T.USE_FUSED_SDPA = False
+            TS.USE_FUSED_SDPA = False
         mode = "top_left" if causal else "none"
         if entry == "op" and impl == "torch":
             import attnfuse

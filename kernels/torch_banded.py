@@ -1,7 +1,7 @@
 """Banded fused path of the CPU implementation: sliding windows and bottom-right causal
 masks through PyTorch's fused CPU flash attention, one block of query rows at a time.
 
-PyTorch's fused CPU kernel (see :mod:`attnfuse.kernels.torch_impl`) only knows
+PyTorch's fused CPU kernel (see :mod:`attnfuse.kernels.torch_base`) only knows
 top-left ``is_causal``.  A window or a bottom-right diagonal with Lq != Lk is expressed
 per block of ``BLOCK_Q`` query rows instead: the block calls the kernel on the keys
 [kmin, kmax) its rows can see (the causal/window band) with a small additive
@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import torch_impl as T
-from .torch_blocked import band_kmax, band_kmin
+from . import base
+from . import torch_base as TS
 
 __all__ = ["banded_applicable", "banded_forward", "banded_backward"]
 
@@ -30,18 +30,18 @@ __all__ = ["banded_applicable", "banded_forward", "banded_backward"]
 def banded_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, causal: str,
                       window: int, dropout_p: float, softcap: float) -> bool:
     """Whether the banded fused path computes exactly the op's semantics here."""
-    if not (T.USE_FUSED_SDPA and T._HAS_FUSED) or bias is not None or softcap or dropout_p:
+    if not (TS.fused_kernel_available()) or bias is not None or softcap or dropout_p:
         return False
-    if q.dtype not in T._FUSED_DTYPES or q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
+    if q.dtype not in TS.FUSED_DTYPES or q.device.type != "cpu" or q.shape[-1] != v.shape[-1]:
         return False
-    eff = T._effective_causal(causal, q.shape[2], k.shape[2], window)
+    eff = base.effective_causal(causal, q.shape[2], k.shape[2], window)
     return bool(window) or eff == "bottom_right"
 
 
 def _block_mask(causal: str, window: int, key_mask: Optional[Tensor], i0: int, i1: int,
                 kmin: int, kmax: int, lq: int, lk: int, dtype) -> tuple[Tensor, Tensor]:
     """(additive mask (Bk|1, 1, rows, kw) in ``dtype``, dead rows (Bk|1, rows) bool)."""
-    off = T._causal_offset(causal, lq, lk)
+    off = base.causal_offset(causal, lq, lk)
     i = torch.arange(i0, i1).view(-1, 1) + off
     j = torch.arange(kmin, kmax).view(1, -1)
     keep = j <= i
@@ -50,7 +50,7 @@ def _block_mask(causal: str, window: int, key_mask: Optional[Tensor], i0: int, i
     keep = keep[None]  # (1, rows, kw)
     if key_mask is not None:
         keep = keep & key_mask[:, None, kmin:kmax]
-    mask = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, T._NEG_INF)
+    mask = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, base.NEG_INF)
     return mask[:, None], ~keep.any(-1)
 
 
@@ -59,11 +59,11 @@ def _repeat(x: Tensor, g: int) -> Tensor:
 
 
 def _blocks(causal, window, lq, lk):
-    rows = max(1, int(T.BLOCK_Q))
+    rows = max(1, int(base.BLOCK_Q))
     for i0 in range(0, lq, rows):
         i1 = min(lq, i0 + rows)
-        kmin = band_kmin(causal, window, i0, lq, lk)
-        yield i0, i1, kmin, max(kmin, band_kmax(causal, i1, lq, lk))
+        kmin = base.band_kmin(causal, window, i0, lq, lk)
+        yield i0, i1, kmin, max(kmin, base.band_kmax(causal, i1, lq, lk))
 
 
 def banded_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: str, window: int,
@@ -72,20 +72,20 @@ def banded_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: str
     b, hq, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
-    causal = T._effective_causal(causal, lq, lk, window)
+    causal = base.effective_causal(causal, lq, lk, window)
     out = torch.zeros((b, hq, lq, dv), dtype=q.dtype)
-    lse = torch.full((b, hq, lq), T._NEG_INF, dtype=torch.float32)
-    qq, kk, vv = T._lastdim_contig(q), T._lastdim_contig(k), T._lastdim_contig(v)
+    lse = torch.full((b, hq, lq), base.NEG_INF, dtype=torch.float32)
+    qq, kk, vv = TS.lastdim_contig(q), TS.lastdim_contig(k), TS.lastdim_contig(v)
     for i0, i1, kmin, kmax in _blocks(causal, window, lq, lk):
         if kmax == kmin:
             continue  # no row of the block sees a key: out 0, lse -inf
         mask, dead = _block_mask(causal, window, key_mask, i0, i1, kmin, kmax, lq, lk, q.dtype)
-        o, l = T._aten._scaled_dot_product_flash_attention_for_cpu(
+        o, l = TS.aten._scaled_dot_product_flash_attention_for_cpu(
             qq[:, :, i0:i1], _repeat(kk[:, :, kmin:kmax], g), _repeat(vv[:, :, kmin:kmax], g),
             0.0, False, attn_mask=mask, scale=scale)
         l = l.float()
         if bool(dead.any()):  # the kernel gives lse 0 (and out 0) for rows that see no key
-            l = l.masked_fill(dead[:, None], T._NEG_INF)
+            l = l.masked_fill(dead[:, None], base.NEG_INF)
             o = o.masked_fill(dead[:, None, :, None], 0.0)
         out[:, :, i0:i1] = o
         lse[:, :, i0:i1] = l
@@ -99,21 +99,21 @@ def banded_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
-    causal = T._effective_causal(causal, lq, lk, window)
-    cdt = T._compute_dtype(q.dtype)
+    causal = base.effective_causal(causal, lq, lk, window)
+    cdt = base.compute_dtype(q.dtype)
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros((b, hkv, lk, d), dtype=cdt)
     dv = torch.zeros((b, hkv, lk, v.shape[-1]), dtype=cdt)
-    qq, kk, vv = T._lastdim_contig(q), T._lastdim_contig(k), T._lastdim_contig(v)
-    dd = T._lastdim_contig(dout.to(q.dtype))
-    oo = T._lastdim_contig(out.to(q.dtype))
+    qq, kk, vv = TS.lastdim_contig(q), TS.lastdim_contig(k), TS.lastdim_contig(v)
+    dd = TS.lastdim_contig(dout.to(q.dtype))
+    oo = TS.lastdim_contig(out.to(q.dtype))
     # the kernel's own convention for rows that see no key is lse = 0 (P = exp(-inf) = 0)
-    lse0 = lse.masked_fill(lse == T._NEG_INF, 0.0).float()
+    lse0 = lse.masked_fill(lse == base.NEG_INF, 0.0).float()
     for i0, i1, kmin, kmax in _blocks(causal, window, lq, lk):
         if kmax == kmin:
             continue
         mask, _ = _block_mask(causal, window, key_mask, i0, i1, kmin, kmax, lq, lk, q.dtype)
-        gq, gk, gv = T._aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        gq, gk, gv = TS.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dd[:, :, i0:i1], qq[:, :, i0:i1], _repeat(kk[:, :, kmin:kmax], g),
             _repeat(vv[:, :, kmin:kmax], g), oo[:, :, i0:i1], lse0[:, :, i0:i1].contiguous(),
             0.0, False, attn_mask=mask, scale=scale)

@@ -1,9 +1,10 @@
-"""Blocked path of the CPU implementation (:mod:`attnfuse.kernels.torch_impl`), and the
-row blocking that the banded and bf16 GEMM paths share.
+"""Blocked path of the CPU implementation (chosen by :mod:`attnfuse.kernels.torch_impl`):
+it runs everything the other paths do not (softcap, dropout, bottom-right causal with a
+bias, float64, a bias of another dtype, huge-lse backwards, ...).
 
 A loop over blocks of query rows (and of batch items where one row of the whole batch
 is already large). Each block computes its (rows x keys) scores only: at most
-``torch_impl.BLOCK_Q`` rows and at most ``torch_impl.BLOCK_ELEMS`` score elements over
+``base.BLOCK_Q`` rows and at most ``base.BLOCK_ELEMS`` score elements over
 its batch items and heads (unless a single row of one batch item is larger), slicing
 the bias per block (broadcast, never expanded), masking causally by an index
 comparison (and skipping the keys a causal/window block cannot see), then softcap,
@@ -14,6 +15,9 @@ The backward loops over the same blocks and recomputes P from the block's scores
 from lse: that stays exact for rows of huge finite logits), accumulating dk, dv and
 the reduced dbias across blocks. GQA/MQA views q as (B, Hkv, G*rows, D) per block and
 never repeats K/V. Half types are computed in float32.
+
+The row blocks and the block masking are :mod:`.torch_base`'s. Imports only
+:mod:`.base`, :mod:`.torch_base` and :mod:`.torch_dropout`.
 """
 from __future__ import annotations
 
@@ -22,87 +26,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import torch_impl as T
+from . import base
+from . import torch_base as TS
 from .torch_dropout import block_keep
 
-__all__ = ["blocked_forward", "blocked_backward", "blocks", "chunking", "grouped_bias", "bslice",
-           "band_kmin", "band_kmax", "mask_block_scores", "accumulate_dbias"]
-
-
-def grouped_bias(bias: Optional[Tensor], hkv: int, g: int) -> Optional[Tensor]:
-    """4-D bias as a (Bb, Hkv|1, G|1, Lqb, Lkb) view matching the grouped layout."""
-    if bias is None:
-        return None
-    if bias.shape[1] == 1:
-        return bias.unsqueeze(2)
-    return bias.unflatten(1, (hkv, g))
-
-
-def chunking(b: int, hq: int, lk: int) -> tuple[int, int]:
-    """(batch items, query rows) per block: at most ``T.BLOCK_ELEMS`` score elements (unless
-    one row of one batch item is already larger) and at most ``T.BLOCK_Q`` rows."""
-    per_row = hq * max(lk, 1)  # score elements of one query row of one batch item
-    bc = max(1, min(b, int(T.BLOCK_ELEMS) // per_row))
-    rows = max(1, min(int(T.BLOCK_Q), int(T.BLOCK_ELEMS) // (bc * per_row)))
-    return bc, rows
-
-
-def blocks(b: int, hq: int, lq: int, lk: int, causal: str, window: int):
-    """Yields (b0, b1, i0, i1, kmin, kmax): batch items [b0, b1), rows [i0, i1) and
-    the keys [kmin, kmax) that any of those rows can see (causal and window band)."""
-    bc, rows = chunking(b, hq, lk)
-    for b0 in range(0, b, bc):
-        for i0 in range(0, lq, rows):
-            i1 = min(lq, i0 + rows)
-            kmin = band_kmin(causal, window, i0, lq, lk)
-            yield b0, min(b, b0 + bc), i0, i1, kmin, max(kmin, band_kmax(causal, i1, lq, lk))
-
-
-def bslice(t: Optional[Tensor], b0: int, b1: int) -> Optional[Tensor]:
-    """Batch items [b0, b1) of t, or t itself where its batch dim broadcasts."""
-    return t if t is None or t.shape[0] == 1 else t[b0:b1]
-
-
-def band_kmin(causal: str, window: int, i0: int, lq: int, lk: int) -> int:
-    """Keys below kmin lie outside the window of every row >= i0."""
-    if not window:
-        return 0
-    return max(0, min(lk, i0 + T._causal_offset(causal, lq, lk) - window + 1))
-
-
-def band_kmax(causal: str, i1: int, lq: int, lk: int) -> int:
-    """Keys [0, kmax) are the only ones rows < i1 can see."""
-    if causal == "none":
-        return lk
-    return max(0, min(lk, i1 + T._causal_offset(causal, lq, lk)))
-
-
-def mask_block_scores(s5: Tensor, bias5: Optional[Tensor], key_mask: Optional[Tensor], *,
-                      i0: int, i1: int, kmin: int, kmax: int, causal: str, window: int,
-                      lq: int, lk: int) -> None:
-    """Add the bias to, and mask in place, the scores (B, Hkv, G, rows, keys) of rows
-    [i0, i1) over keys [kmin, kmax): bias (a :func:`grouped_bias` view, sliced here; bool:
-    False -> -inf), key_mask, and the causal/window band (only on blocks it crosses)."""
-    if bias5 is not None:
-        bs = bias5
-        if bs.shape[3] > 1:
-            bs = bs[:, :, :, i0:i1]
-        if bs.shape[4] > 1:
-            bs = bs[..., kmin:kmax]
-        if bs.dtype == torch.bool:
-            s5.masked_fill_(bs.logical_not(), T._NEG_INF)
-        else:
-            s5.add_(bs)
-    if key_mask is not None:  # (B|1, Lk) key padding, broadcast over heads and rows
-        s5.masked_fill_(key_mask[:, None, None, None, kmin:kmax].logical_not(), T._NEG_INF)
-    if causal != "none":
-        off = T._causal_offset(causal, lq, lk)
-        i = torch.arange(i0, i1).view(-1, 1)
-        j = torch.arange(kmin, kmax).view(1, -1)
-        if kmax > i0 + off + 1:  # some (row, key) in the block is above the diagonal
-            s5.masked_fill_(j > i + off, T._NEG_INF)
-        if window and i1 - 1 + off - window >= kmin:  # some key is left of a row's window
-            s5.masked_fill_(j <= i + off - window, T._NEG_INF)
+__all__ = ["blocked_forward", "blocked_backward"]
 
 
 def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap, causal,
@@ -126,7 +54,7 @@ def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap,
         if want_softcap_grad:
             dcap = 1.0 - s * s  # d softcap(x) / dx = 1 - tanh(x / c)^2
         s.mul_(softcap)
-    mask_block_scores(s5, bias5, key_mask, i0=i0, i1=i1, kmin=kmin, kmax=kmax, causal=causal,
+    TS.mask_block_scores(s5, bias5, key_mask, i0=i0, i1=i1, kmin=kmin, kmax=kmax, causal=causal,
                       window=window, lq=lq, lk=lk)
     m, arg = s.max(-1, keepdim=True)
     p = torch.softmax(s, dim=-1)
@@ -134,10 +62,10 @@ def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap,
     # lse = m + log(sum exp(s - m)) = m - log(p[argmax]); p[argmax] >= 1/kw, so the
     # log is well conditioned, and rows of huge finite logits stay exact in p
     lse = m - torch.log(p.gather(-1, arg))
-    dead = m == T._NEG_INF  # rows masked entirely: softmax gives NaN there
+    dead = m == base.NEG_INF  # rows masked entirely: softmax gives NaN there
     if bool(dead.any()):
         p.masked_fill_(dead, 0.0)
-        lse.masked_fill_(dead, T._NEG_INF)
+        lse.masked_fill_(dead, base.NEG_INF)
     return p, lse.view(b, hkv, g, n), dcap
 
 
@@ -146,24 +74,24 @@ def blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed, w
     b, hq, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
-    cdt = T._compute_dtype(q.dtype)
-    causal = T._effective_causal(causal, lq, lk, window)
+    cdt = base.compute_dtype(q.dtype)
+    causal = base.effective_causal(causal, lq, lk, window)
     out = torch.empty((b, hq, lq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)
     out5, lse5 = out.unflatten(1, (hkv, g)), lse.unflatten(1, (hkv, g))
     q5 = q.unflatten(1, (hkv, g))
     kc = k.to(cdt).contiguous()
     vc = v.to(cdt).contiguous()
-    bias5 = grouped_bias(T._compact(bias) if bias is not None else None, hkv, g)
+    bias5 = TS.grouped_bias(base.compact(bias) if bias is not None else None, hkv, g)
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in blocks(b, hq, lq, lk, causal, window):
+    for b0, b1, i0, i1, kmin, kmax in TS.blocks(b, hq, lq, lk, causal, window):
         n, nb = i1 - i0, b1 - b0
         if kmax == kmin:  # every row of the block is fully masked
             out5[b0:b1, :, :, i0:i1] = 0
-            lse5[b0:b1, :, :, i0:i1] = T._NEG_INF
+            lse5[b0:b1, :, :, i0:i1] = base.NEG_INF
             continue
-        p, lse_b, _ = _block_probs(q5[b0:b1], kc[b0:b1], bslice(bias5, b0, b1),
-                                   bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
+        p, lse_b, _ = _block_probs(q5[b0:b1], kc[b0:b1], TS.bslice(bias5, b0, b1),
+                                   TS.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
                                    kmax=kmax, scale=scale, softcap=softcap, causal=causal,
                                    window=window, lq=lq, lk=lk)
         if dropout_p > 0:
@@ -180,8 +108,8 @@ def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, soft
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
-    cdt = T._compute_dtype(q.dtype)
-    causal = T._effective_causal(causal, lq, lk, window)
+    cdt = base.compute_dtype(q.dtype)
+    causal = base.effective_causal(causal, lq, lk, window)
     q5 = q.unflatten(1, (hkv, g))
     do5 = dout.unflatten(1, (hkv, g))
     # delta = rowsum(P * dP) = rowsum(dout * out): O(L * Dv) from a full-precision out;
@@ -194,22 +122,22 @@ def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, soft
     grad_bias = need_dbias and bias is not None and bias.dtype != torch.bool
     # with a bias gradient, keep the bias's own shape (a stride-0 expanded dim of size
     # > 1 is a full dim for autograd); otherwise its compact view is enough
-    bias_used = bias if (bias is None or grad_bias) else T._compact(bias)
-    bias5 = grouped_bias(bias_used, hkv, g)
+    bias_used = bias if (bias is None or grad_bias) else base.compact(bias)
+    bias5 = TS.grouped_bias(bias_used, hkv, g)
     dq = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)
     dq5 = dq.unflatten(1, (hkv, g))
     dk = torch.zeros((b, hkv, lk, d), dtype=cdt, device=q.device)
     dvv = torch.zeros((b, hkv, lk, dv), dtype=cdt, device=q.device)
     dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if grad_bias else None
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in blocks(b, hq, lq, lk, causal, window):
+    for b0, b1, i0, i1, kmin, kmax in TS.blocks(b, hq, lq, lk, causal, window):
         n, nb = i1 - i0, b1 - b0
         kw = kmax - kmin
         if kw == 0:
             dq5[b0:b1, :, :, i0:i1] = 0
             continue
-        p, _, dcap = _block_probs(q5[b0:b1], kc[b0:b1], bslice(bias5, b0, b1),
-                                  bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
+        p, _, dcap = _block_probs(q5[b0:b1], kc[b0:b1], TS.bslice(bias5, b0, b1),
+                                  TS.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
                                   kmax=kmax, scale=scale, softcap=softcap, causal=causal,
                                   window=window, lq=lq, lk=lk, want_softcap_grad=True)
         kb, vb = kc[b0:b1, :, kmin:kmax], vc[b0:b1, :, kmin:kmax]
@@ -230,7 +158,7 @@ def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, soft
             delta = (p * dp).sum(-1, keepdim=True)
         ds = dp.sub_(delta).mul_(p)  # d loss / d final logits
         if grad_bias:
-            accumulate_dbias(dbias, ds.view(nb, hq, n, kw), b0, b1, i0, i1, kmin, kmax)
+            TS.accumulate_dbias(dbias, ds.view(nb, hq, n, kw), b0, b1, i0, i1, kmin, kmax)
         if dcap is not None:
             ds.mul_(dcap)
         qb = q5[b0:b1, :, :, i0:i1].to(cdt).reshape(nb, hkv, g * n, d)
@@ -239,16 +167,3 @@ def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, soft
         dk[b0:b1, :, kmin:kmax] += torch.matmul(ds.transpose(-1, -2), qb).mul_(scale)
     dbias_out = dbias.to(bias.dtype) if grad_bias else None
     return dq, dk.to(k.dtype), dvv.to(v.dtype), dbias_out
-
-
-def accumulate_dbias(dbias: Tensor, ds: Tensor, b0: int, b1: int, i0: int, i1: int,
-                      kmin: int, kmax: int) -> None:
-    """Add a block's logit gradient (nb, Hq, n, kmax - kmin) into dbias, reduced to its shape."""
-    dims = [i for i in range(4) if dbias.shape[i] == 1 and ds.shape[i] != 1]
-    red = ds.sum(dims, keepdim=True) if dims else ds
-    tgt = bslice(dbias, b0, b1)
-    if dbias.shape[2] > 1:
-        tgt = tgt[:, :, i0:i1]
-    if dbias.shape[3] > 1:
-        tgt = tgt[..., kmin:kmax]
-    tgt += red

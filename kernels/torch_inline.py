@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import torch_impl as T
+from . import base
 
 __all__ = ["INLINE_MAX_SCORES", "USE_INLINE", "max_scores", "inline_applicable",
            "inline_forward", "inline_attention"]
@@ -82,7 +82,7 @@ def inline_applicable(q_shape, k_shape, dtype: torch.dtype, device: torch.device
         return False  # a run-time value (a graph node or a SymFloat)
     b, hq, lq, _ = q_shape
     lk = k_shape[2]
-    banded = bool(window) or T._effective_causal(causal, lq, lk, window) != "none"
+    banded = bool(window) or base.effective_causal(causal, lq, lk, window) != "none"
     bound = max_scores(dtype, training, banded)
     if dropout_p != 0 or bound == 0:
         return False
@@ -104,7 +104,7 @@ def _keep(lq: int, lk: int, causal: str, window: int, key_mask: Optional[Tensor]
     comparisons (Inductor folds it into the softmax kernel), or None."""
     keep = None
     if causal != "none":
-        off = T._causal_offset(causal, lq, lk)
+        off = base.causal_offset(causal, lq, lk)
         # int32 indices: Inductor compares them 16 to a vector (int64: 8)
         i = torch.arange(lq, dtype=torch.int32, device=device).view(-1, 1)
         j = torch.arange(lk, dtype=torch.int32, device=device).view(1, -1)
@@ -143,12 +143,12 @@ def _sees_every_row(lq: int, lk: int, causal: str, window: int, bias: Optional[T
                     key_mask: Optional[Tensor]) -> bool:
     """Whether every query row sees at least one key whatever the inputs' values: no
     bias or key_mask (either may mask a whole row) and a causal/window band that leaves
-    each row a key (``causal`` already folded by ``_effective_causal``)."""
+    each row a key (``causal`` already folded by ``base.effective_causal``)."""
     if bias is not None or key_mask is not None or lk == 0:
         return False
     if causal == "none":
         return True
-    off = T._causal_offset(causal, lq, lk)  # row i sees keys (i + off - window, i + off]
+    off = base.causal_offset(causal, lq, lk)  # row i sees keys (i + off - window, i + off]
     return off >= 0 and (not window or lq + off - window <= lk - 1)
 
 
@@ -168,10 +168,10 @@ class _Probs(torch.autograd.Function):
     def forward(ctx, t: Tensor, masked_out: Optional[Tensor], dtype: torch.dtype,
                 may_see_nothing: bool) -> Tensor:
         if masked_out is not None:
-            t = t.masked_fill(masked_out, T._NEG_INF)
+            t = t.masked_fill(masked_out, base.NEG_INF)
         p = torch.softmax(t, -1)
         if may_see_nothing:  # one more max pass: left out where no row can be empty
-            p = torch.where(t.amax(-1, keepdim=True) == T._NEG_INF, 0.0, p)
+            p = torch.where(t.amax(-1, keepdim=True) == base.NEG_INF, 0.0, p)
         p = p.to(dtype)
         ctx.save_for_backward(p)
         return p
@@ -189,7 +189,7 @@ def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, s
     """(out, lse) as :func:`attnfuse.kernels.torch_impl.forward` (no dropout)."""
     lq, lk = q.shape[2], k.shape[2]
     g = q.shape[1] // k.shape[1]
-    causal = T._effective_causal(causal, lq, lk, window)
+    causal = base.effective_causal(causal, lq, lk, window)
     keep = _keep(lq, lk, causal, window, key_mask, q.device)
     t = _logits(torch.matmul(q, _heads(k, g).transpose(-1, -2)), bias, scale=scale,
                 softcap=softcap)
@@ -199,7 +199,7 @@ def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, s
     out = torch.matmul(p, _heads(v, g))
     # -inf on rows that see no key; Inductor drops it when the graph does not read it
     # (the rewrite reads only out, and the backward does not need it)
-    lse = torch.logsumexp(t if masked_out is None else t.masked_fill(masked_out, T._NEG_INF), -1)
+    lse = torch.logsumexp(t if masked_out is None else t.masked_fill(masked_out, base.NEG_INF), -1)
     return out, lse
 
 

@@ -2,7 +2,7 @@
 most :data:`LOWP_MAX_KEYS` keys (encoders: BERT, ViT, cross-attention).
 
 There, PyTorch's fused CPU flash kernel (the fused path of
-:mod:`attnfuse.kernels.torch_impl`, which Inductor's own SDPA rewrite also calls) is
+:mod:`attnfuse.kernels.torch_fused`, which Inductor's own SDPA rewrite also calls) is
 slower than plain bf16 GEMMs on an AVX512-BF16 CPU, above all in the backward
 (``benchmarks/lowp_crossover.py``, recorded in benchmarks/README.md: fused / this path
 1.04-1.32x on minima for training at 256-1536 keys, 0.87-1.14x forward).  This path
@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import torch_blocked as TB
-from . import torch_impl as T
+from . import base
+from . import torch_base as TS
 from .torch_dropout import block_keep
 
 __all__ = ["LOWP_MAX_KEYS", "USE_LOWP", "lowp_applicable", "lowp_forward", "lowp_backward"]
@@ -66,7 +66,7 @@ def lowp_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, 
                              or bias.dtype not in (torch.bool, q.dtype)):
         return False  # a float32 bias would promote the scores: not the unfused recipe
     lq, lk = q.shape[2], k.shape[2]
-    return T._effective_causal(causal, lq, lk) == "none" and lk <= LOWP_MAX_KEYS
+    return base.effective_causal(causal, lq, lk) == "none" and lk <= LOWP_MAX_KEYS
 
 
 def _gemm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
@@ -93,14 +93,14 @@ def lowp_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, sca
     out5, lse5 = out.unflatten(1, (hkv, g)), lse.unflatten(1, (hkv, g))
     q5 = q.unflatten(1, (hkv, g))
     kc, vc = k.contiguous(), v.contiguous()  # per-block (N, keys, D) views without copies
-    bias5 = TB.grouped_bias(T._compact(bias) if bias is not None else None, hkv, g)
+    bias5 = TS.grouped_bias(base.compact(bias) if bias is not None else None, hkv, g)
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in TB.blocks(b, hq, lq, lk, "none", 0):
+    for b0, b1, i0, i1, kmin, kmax in TS.blocks(b, hq, lq, lk, "none", 0):
         n, nb, kw = i1 - i0, b1 - b0, kmax - kmin  # no causal band: every block sees all keys
         s = _gemm(_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]).transpose(1, 2),
                   scale)
-        TB.mask_block_scores(s.view(nb, hkv, g, n, kw), TB.bslice(bias5, b0, b1),
-                             TB.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
+        TS.mask_block_scores(s.view(nb, hkv, g, n, kw), TS.bslice(bias5, b0, b1),
+                             TS.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
                              causal="none", window=0, lq=lq, lk=lk)
         m = s.amax(-1, keepdim=True)
         p = torch.softmax(s, -1)  # fp32 math, rounded to the input dtype (as eager does)
@@ -109,10 +109,10 @@ def lowp_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, sca
         # largest p sits at the largest logit, and max p >= 1 / keys is well conditioned
         # (its rounding to the input dtype moves lse by at most eps / 2)
         lse_b = m.float() - torch.log(p.amax(-1, keepdim=True).float())
-        dead = m == T._NEG_INF  # rows that see no key: softmax gives NaN there
+        dead = m == base.NEG_INF  # rows that see no key: softmax gives NaN there
         if bool(dead.any()):
             p.masked_fill_(dead, 0.0)
-            lse_b.masked_fill_(dead, T._NEG_INF)
+            lse_b.masked_fill_(dead, base.NEG_INF)
         if dropout_p > 0:
             keep = block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmin, kmax, hkv, g)
             p.view(nb, hkv, g, n, kw).mul_(keep).mul_(drop_scale)
@@ -133,25 +133,25 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
     lse5 = lse.unflatten(1, (hkv, g))
     kc, vc = k.contiguous(), v.contiguous()
     grad_bias = need_dbias and bias is not None and bias.dtype != torch.bool
-    bias5 = TB.grouped_bias(bias if grad_bias or bias is None else T._compact(bias), hkv, g)
+    bias5 = TS.grouped_bias(bias if grad_bias or bias is None else base.compact(bias), hkv, g)
     dq = torch.empty((b, hq, lq, d), dtype=q.dtype)
     dq5 = dq.unflatten(1, (hkv, g))
     dk = torch.zeros((b, hkv, lk, d), dtype=torch.float32)
     dvv = torch.zeros((b, hkv, lk, dv), dtype=torch.float32)
     dbias = torch.zeros(bias.shape, dtype=torch.float32) if grad_bias else None
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
-    for b0, b1, i0, i1, kmin, kmax in TB.blocks(b, hq, lq, lk, "none", 0):
+    for b0, b1, i0, i1, kmin, kmax in TS.blocks(b, hq, lq, lk, "none", 0):
         n, nb, kw = i1 - i0, b1 - b0, kmax - kmin
         qb, kb, vb = (_flat(q5[b0:b1, :, :, i0:i1]), _flat(kc[b0:b1, :, kmin:kmax]),
                       _flat(vc[b0:b1, :, kmin:kmax]))
         dob = _flat(do5[b0:b1, :, :, i0:i1])
         s = _gemm(qb, kb.transpose(1, 2), scale)  # the forward's p, recomputed the same way
-        TB.mask_block_scores(s.view(nb, hkv, g, n, kw), TB.bslice(bias5, b0, b1),
-                             TB.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
+        TS.mask_block_scores(s.view(nb, hkv, g, n, kw), TS.bslice(bias5, b0, b1),
+                             TS.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin, kmax=kmax,
                              causal="none", window=0, lq=lq, lk=lk)
         p = torch.softmax(s, -1)
         del s
-        dead = lse5[b0:b1, :, :, i0:i1].reshape(nb * hkv, g * n, 1) == T._NEG_INF
+        dead = lse5[b0:b1, :, :, i0:i1].reshape(nb * hkv, g * n, 1) == base.NEG_INF
         if bool(dead.any()):
             p.masked_fill_(dead, 0.0)  # NaN from the softmax of rows that see no key
         dp = torch.bmm(dob, vb.transpose(1, 2))
@@ -167,7 +167,7 @@ def lowp_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
         ds = torch._softmax_backward_data(dp, p, -1, q.dtype)  # p * (dp - rowsum(p * dp))
         del dp, p
         if grad_bias:
-            TB.accumulate_dbias(dbias, ds.view(nb, hq, n, kw).float(), b0, b1, i0, i1,
+            TS.accumulate_dbias(dbias, ds.view(nb, hq, n, kw).float(), b0, b1, i0, i1,
                                 kmin, kmax)
         dq5[b0:b1, :, :, i0:i1] = _gemm(ds, kb, scale).view(nb, hkv, g, n, d)
         dk[b0:b1, :, kmin:kmax] += _gemm(ds.transpose(1, 2), qb, scale).view(nb, hkv, kw, d)

@@ -3,7 +3,7 @@ contiguous run per batch row (a right- or left-padded batch, or no padding at al
 through PyTorch's fused CPU flash attention on exactly that run.
 
 Folded into a (B, 1, 1, Lk) additive mask (the fused path of
-:mod:`attnfuse.kernels.torch_impl`), a padding mask still costs the fused kernel every
+:mod:`attnfuse.kernels.torch_fused`), a padding mask still costs the fused kernel every
 padded key: it computes their scores, adds -inf and exponentiates them. Here each batch
 row calls the kernel on its run [s, e) of visible keys with no mask at all, so padded
 keys cost nothing:
@@ -25,7 +25,7 @@ the same out / lse conventions). The backward walks the same segments through th
 kernel's backward; rows that see no key get zero dQ and keys outside the run zero dK / dV.
 
 Used for: a key_mask with no bias, window, softcap or dropout, no causal mask or a
-top-left one (after :func:`~attnfuse.kernels.torch_impl._effective_causal`), and a
+top-left one (after :func:`~attnfuse.kernels.base.effective_causal`), and a
 run per row (checked on the mask's values: an O(B * Lk) read).
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import torch_impl as T
+from . import base
+from . import torch_base as TS
 
 __all__ = ["RUNS_MIN_SCORES", "key_runs", "kernel_tasks", "runs_applicable", "runs_forward",
            "runs_backward"]
@@ -71,7 +72,7 @@ def key_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
 
 def _find_runs(key_mask: Tensor) -> Optional[list[tuple[int, int]]]:
     km = key_mask.to(torch.bool)
-    bounds = T.key_bounds(km)
+    bounds = base.key_bounds(km)
     runs = []
     for n, (s, e) in zip(km.sum(-1).tolist(), bounds.tolist()):
         if n == 0:
@@ -104,14 +105,14 @@ def runs_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, 
     masked call has B times as many), else the padding saved is lost to idle threads."""
     if key_mask is None or bias is not None or window or softcap or dropout_p:
         return False
-    if not (T.USE_FUSED_SDPA and T._HAS_FUSED) or q.device.type != "cpu":
+    if not (TS.fused_kernel_available()) or q.device.type != "cpu":
         return False
-    if q.dtype not in T._FUSED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in TS.FUSED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     scores = q.shape[1] * q.shape[2] * k.shape[2]  # per batch row
     if q.shape[-1] != v.shape[-1] or scores < RUNS_MIN_SCORES[q.dtype]:
         return False
-    eff = T._effective_causal(causal, q.shape[2], k.shape[2])
+    eff = base.effective_causal(causal, q.shape[2], k.shape[2])
     if eff == "bottom_right":
         return False
     heads, rows = q.shape[1], q.shape[2]
@@ -149,14 +150,14 @@ def _segments(key_mask: Tensor, batch: int, causal: str, lq: int) -> Iterator[Se
             yield Segment(b, e, lq, s, e, False)
 
 
-def _plan(qs: Tensor, ks: Tensor, vs: Tensor, is_causal: bool) -> tuple[Tensor, T.FusedPlan]:
+def _plan(qs: Tensor, ks: Tensor, vs: Tensor, is_causal: bool) -> tuple[Tensor, TS.FusedPlan]:
     """The fused plan for one segment; a row slice of a GQA query that cannot be merged
     into the kv heads' rows as a view is copied first (O(rows * D))."""
     causal = "top_left" if is_causal else "none"
-    plan = T.fused_sdpa_plan(qs, ks, vs, None, causal=causal, dropout_p=0.0, softcap=0.0)
+    plan = TS.fused_sdpa_plan(qs, ks, vs, None, causal=causal, dropout_p=0.0, softcap=0.0)
     if plan is None:
         qs = qs.contiguous()
-        plan = T.fused_sdpa_plan(qs, ks, vs, None, causal=causal, dropout_p=0.0, softcap=0.0)
+        plan = TS.fused_sdpa_plan(qs, ks, vs, None, causal=causal, dropout_p=0.0, softcap=0.0)
     assert plan is not None, "runs_applicable admitted a segment the fused kernel rejects"
     return qs, plan
 
@@ -165,18 +166,18 @@ def runs_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: str,
                  key_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(out, lse) as :func:`attnfuse.kernels.torch_impl.forward`."""
     b, hq, lq, _ = q.shape
-    causal = T._effective_causal(causal, lq, k.shape[2])
+    causal = base.effective_causal(causal, lq, k.shape[2])
     segments = list(_segments(key_mask, b, causal, lq))
     if b == 1 and segments == [Segment(0, 0, lq, 0, k.shape[2], causal == "top_left")]:
         qs, plan = _plan(q, k, v, causal == "top_left")  # every key visible: one plain call
-        return T._fused_forward(qs, k, v, None, plan, scale)
+        return TS.sdpa_forward(qs, k, v, None, plan, scale)
     out = torch.zeros((b, hq, lq, v.shape[-1]), dtype=q.dtype)
-    lse = torch.full((b, hq, lq), T._NEG_INF, dtype=torch.float32)
+    lse = torch.full((b, hq, lq), base.NEG_INF, dtype=torch.float32)
     for sg in segments:
         rows, keys = slice(sg.i0, sg.i1), slice(sg.s, sg.e)
         qs, plan = _plan(q[sg.b:sg.b + 1, :, rows], k[sg.b:sg.b + 1, :, keys],
                          v[sg.b:sg.b + 1, :, keys], sg.is_causal)
-        o, l = T._fused_forward(qs, k[sg.b:sg.b + 1, :, keys], v[sg.b:sg.b + 1, :, keys],
+        o, l = TS.sdpa_forward(qs, k[sg.b:sg.b + 1, :, keys], v[sg.b:sg.b + 1, :, keys],
                                 None, plan, scale)
         out[sg.b, :, rows] = o[0]
         lse[sg.b, :, rows] = l[0]
@@ -188,8 +189,8 @@ def runs_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   key_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) for :func:`runs_forward`'s out and lse."""
     lq = q.shape[2]
-    causal = T._effective_causal(causal, lq, k.shape[2])
-    cdt = T._compute_dtype(q.dtype)
+    causal = base.effective_causal(causal, lq, k.shape[2])
+    cdt = base.compute_dtype(q.dtype)
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     # two segments of a causal row add into the same keys: accumulate in fp32
     dk = torch.zeros(k.shape, dtype=cdt)
@@ -199,7 +200,7 @@ def runs_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         bs = slice(sg.b, sg.b + 1)
         ks, vs = k[bs, :, keys], v[bs, :, keys]
         qs, plan = _plan(q[bs, :, rows], ks, vs, sg.is_causal)
-        gq, gk, gv = T._fused_backward(dout[bs, :, rows], qs, ks, vs, None, out[bs, :, rows],
+        gq, gk, gv = TS.sdpa_backward(dout[bs, :, rows], qs, ks, vs, None, out[bs, :, rows],
                                        lse[bs, :, rows], plan, scale)
         dq[sg.b, :, rows] = gq[0]
         dk[sg.b, :, keys] += gk[0].to(cdt)

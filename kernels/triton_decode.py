@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_flash as _tf   # module reference: triton_flash may import this module
+from . import triton_launch as _tl   # shared with triton_flash, which imports this module
 from .triton_fwd import LN2, _clip_to_key_bounds, _dot, _scores
 
 __all__ = [
@@ -259,7 +259,7 @@ _COMBINE_WARPS = 4
 
 
 def _split_key(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    return _tf._head_dim_class(head_dim), 32 if dtype == torch.float32 else 16
+    return _tl._head_dim_class(head_dim), 32 if dtype == torch.float32 else 16
 
 
 def decode_block_ms(head_dim: int, dtype: torch.dtype) -> list:
@@ -358,8 +358,8 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
-    c = _tf._common(q, k, v, scale, causal, softcap)
-    st = _tf._structure(q, k, causal, window, key_mask)   # validates; drops a no-op window
+    c = _tl._common(q, k, v, scale, causal, softcap)
+    st = _tl._structure(q, k, causal, window, key_mask)   # validates; drops a no-op window
     window, km_t, km_s, has_km = st["window"], st["km"], st["km_strides"], st["KEY_MASK"]
     kb_t, kb_s = st["kb"], st["kb_stride"]
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
@@ -376,9 +376,9 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if kv_hi <= kv_lo:
         return out.zero_(), lse.fill_(float("-inf"))
 
-    interp = _tf._interpreted()
+    interp = _tl._interpreted()
     if q.device.type != ("cpu" if interp else "cuda"):
-        _tf._launcher("attn_fwd", q.device, D, q.dtype, False)   # raises the device error
+        raise _tl.device_error(q.device)
     group = Hq // Hkv
     hd = max(D, Dv)
     block_m = decode_block_m(group * M, hd, q.dtype)
@@ -400,18 +400,18 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     part_m = torch.empty((R, n_splits), device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((R, n_splits, Dv), device=q.device, dtype=torch.float32)
-    b_t, b_s, bias_kind = _tf._bias_args(bias, q)
+    b_t, b_s, bias_kind = _tl._bias_args(bias, q)
     if interp:
         kern, meta = _attn_decode_split, {"BLOCK_N": INTERPRETER_PLAN["BLOCK_N"]}
     else:
-        kern, meta = _tuned_split(_tf.padded_head_dim(hd), q.dtype, block_m), {}
+        kern, meta = _tuned_split(_tl.padded_head_dim(hd), q.dtype, block_m), {}
     kern[(n_splits, B * Hkv, row_blocks)](
         q, k, v, b_t, km_t, kb_t, part_m, part_l, part_acc,
         *q.stride(), *k.stride(), *v.stride(), *b_s, *km_s, kb_s,
         Hkv, group, M, N, D, Dv,
         kv_lo, split_len, n_splits,
         c["qk_scale"], c["cap_scale"], shift, int(window),
-        HEAD_D=_tf.padded_head_dim(D), HEAD_DV=_tf.padded_head_dim(Dv),
+        HEAD_D=_tl.padded_head_dim(D), HEAD_DV=_tl.padded_head_dim(Dv),
         BLOCK_M=block_m, CAUSAL=c["CAUSAL"], WINDOW=bool(window), BIAS_KIND=bias_kind,
         SOFTCAP=c["SOFTCAP"], KEY_MASK=has_km,
         DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], **meta,
@@ -419,6 +419,6 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     extra = {} if interp else {"num_warps": _COMBINE_WARPS}
     _attn_decode_combine[(triton.cdiv(R, COMBINE_BLOCK_R),)](
         part_m, part_l, part_acc, out, lse, R, Dv, n_splits,
-        HEAD_DV=_tf.padded_head_dim(Dv), BLOCK_R=COMBINE_BLOCK_R, **extra,
+        HEAD_DV=_tl.padded_head_dim(Dv), BLOCK_R=COMBINE_BLOCK_R, **extra,
     )
     return out, lse

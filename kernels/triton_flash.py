@@ -13,7 +13,7 @@ Structural masks: ``window`` (with causal) and ``key_mask`` ((B|1, Lk) bool, Tru
 visible) reach the kernels as the constexprs ``WINDOW`` / ``KEY_MASK`` (the names the
 decode kernel uses) plus a runtime window, a uint8 view of the key mask whose batch
 stride is 0 when it broadcasts, and the per-batch key bounds of the key mask
-(:func:`_key_bounds`, (B|1, 2) int32, same broadcast) that the forward, dQ and
+(``triton_launch._key_bounds``, (B|1, 2) int32, same broadcast) that the forward, dQ and
 decode kernels clip their key loops to; no (Lq, Lk) mask is built.
 
 Short queries against long keys (:func:`triton_decode.decode_applicable`: no dropout,
@@ -33,10 +33,12 @@ from typing import Optional
 import torch
 import triton
 
-# module reference (not ``from .triton_decode import ...``): triton_decode imports this
-# module too, and only its functions are used here, at call time
+# this module owns the choice between the main forward and the decode path: it imports
+# triton_decode, which does not import it back (both use triton_launch)
 from . import triton_decode as _td
-from .torch_impl import key_bounds
+from .triton_launch import (LOG2E, _bias_args, _common, _dot_precision,  # noqa: F401
+                            _head_dim_class, _interpreted, _is_fp32, _key_mask_args, _seed,
+                            _strides, _structure, device_error, padded_head_dim)
 from .triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .triton_fwd import _attn_fwd
 
@@ -45,26 +47,16 @@ __all__ = [
     "bwd_preprocess_configs", "KERNEL_CONFIGS", "INTERPRETER_CONFIG", "padded_head_dim",
 ]
 
-LOG2E = 1.4426950408889634
-_CAUSAL = {"none": 0, "top_left": 1, "bottom_right": 1}
 
 # One fixed small config for the interpreter (several blocks even at L ~ 40, so block
 # boundaries and causal block skipping are exercised by the CPU tests).
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 
-def padded_head_dim(d: int) -> int:
-    """Head dims are padded (masked loads) to the next power of two >= 16."""
-    return max(16, triton.next_power_of_2(int(d)))
-
 
 def _cfg(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
                          num_warps=warps, num_stages=stages)
-
-
-def _is_fp32(dtype) -> bool:
-    return dtype == torch.float32
 
 
 # --------------------------------------------------------------------------------------
@@ -134,11 +126,6 @@ _CONFIG_TABLE = {
 }
 
 
-def _head_dim_class(head_dim: int) -> int:
-    hd = padded_head_dim(head_dim)
-    return 64 if hd <= 64 else hd
-
-
 def _configs(kernel: str, head_dim: int, dtype, heavy: bool) -> list:
     key = (_head_dim_class(head_dim), 32 if _is_fp32(dtype) else 16)
     if kernel != "attn_bwd_preprocess":
@@ -182,120 +169,13 @@ def _tuned(name: str, head_dim: int, dtype, heavy: bool):
     return triton.autotune(configs=configs(head_dim, dtype, heavy), key=key)(fn)
 
 
-def _interpreted() -> bool:
-    # triton.jit returns an InterpretedFunction when TRITON_INTERPRET=1 at import time
-    return type(_attn_fwd).__name__ == "InterpretedFunction"
-
-
 def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool):
     """(kernel, fixed meta) for this device: autotuned on CUDA, fixed config on CPU."""
     if device.type == "cuda" and not _interpreted():
         return _tuned(name, padded_head_dim(head_dim), dtype, bool(heavy)), {}
     if device.type == "cpu" and _interpreted():
         return KERNEL_CONFIGS[name][0], dict(INTERPRETER_CONFIG)
-    if device.type == "cpu":
-        raise RuntimeError(
-            "attnfuse Triton kernels got CPU tensors but TRITON_INTERPRET=1 was not set "
-            "before attnfuse.kernels was imported. Use CUDA tensors, or set "
-            "TRITON_INTERPRET=1 in the environment before importing (interpreter, slow).")
-    raise RuntimeError(f"attnfuse Triton kernels: unsupported device {device} "
-                       f"(interpreter mode: {_interpreted()})")
-
-
-def _strides(t):
-    return tuple(t.stride())
-
-
-def _bias_args(bias, q):
-    """(tensor, 4 strides, BIAS_KIND) with stride 0 along every size-1 (broadcast) dim."""
-    if bias is None:
-        return q, (0, 0, 0, 0), 0
-    if bias.dim() != 4:
-        raise ValueError(f"bias must be 4-D, got shape {tuple(bias.shape)}")
-    strides = tuple(0 if bias.size(i) == 1 else bias.stride(i) for i in range(4))
-    if bias.dtype == torch.bool:
-        return bias.view(torch.uint8), strides, 2   # same bytes; loads as 0/1
-    return bias, strides, 1
-
-
-def _dot_precision(dtype, head_dim: int) -> str:
-    """fp32 inputs, head dim <= 64: "tf32x3" (three TF32 tensor-core passes, about fp32
-    accurate).  fp32 with larger head dims: "tf32x3" (and "ieee") spill registers even at
-    16x16 tiles, so plain "tf32" is used (~1e-3 relative error in q·kᵀ on GPU).
-    fp16/bf16: the value is ignored."""
-    if dtype == torch.float32 and _head_dim_class(head_dim) <= 64:
-        return "tf32x3"
-    return "tf32"
-
-
-def _common(q, k, v, scale, causal, softcap):
-    if causal not in _CAUSAL:
-        raise ValueError(f"causal must be one of {sorted(_CAUSAL)}, got {causal!r}")
-    M, N = q.shape[2], k.shape[2]
-    if softcap and softcap > 0:
-        qk_scale, cap_scale, soft = scale / softcap, softcap * LOG2E, True
-    else:
-        qk_scale, cap_scale, soft = scale * LOG2E, 1.0, False
-    shift = (N - M) if causal == "bottom_right" else 0
-    interp_bf16 = _interpreted() and q.dtype == torch.bfloat16
-    return dict(
-        qk_scale=float(qk_scale), cap_scale=float(cap_scale), causal_shift=int(shift),
-        CAUSAL=_CAUSAL[causal], SOFTCAP=soft,
-        DOT_FP32=interp_bf16,
-        DOT_PREC=_dot_precision(q.dtype, max(q.shape[-1], v.shape[-1])),
-    )
-
-
-def _seed(seed: int) -> int:
-    return int(seed) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _key_mask_args(key_mask, B, N, q):
-    """(tensor, (stride_z, stride_n), KEY_MASK) for a bool (B or 1, N) key_mask."""
-    if key_mask is None:
-        return q, (0, 0), False
-    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-        raise TypeError(f"key_mask must be a bool tensor, got "
-                        f"{getattr(key_mask, 'dtype', type(key_mask).__name__)}")
-    if key_mask.dim() != 2 or key_mask.size(0) not in (1, B) or key_mask.size(1) != N:
-        raise ValueError(f"key_mask must have shape ({B} or 1, {N}) = (batch, Lk), got "
-                         f"{tuple(key_mask.shape)}")
-    if key_mask.device != q.device:
-        raise ValueError(f"key_mask is on {key_mask.device}, q on {q.device}")
-    sz = 0 if key_mask.size(0) == 1 else key_mask.stride(0)
-    return key_mask.view(torch.uint8), (sz, key_mask.stride(1)), True   # loads as 0/1
-
-
-# [first visible key, last visible key + 1] per batch item, the range the kernels' key
-# loops are clipped to (``triton_fwd._clip_to_key_bounds``); a module-level name so that
-# benchmarks/kernel_io.py can swap it for the unclipped bounds.
-_key_bounds = key_bounds
-
-
-def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor]) -> dict:
-    """Kernel arguments of the structural masks: the runtime window and WINDOW, the key
-    mask (a uint8 view; batch stride 0 when it broadcasts) with its strides and KEY_MASK,
-    and its key bounds ``kb`` (:func:`_key_bounds`) with their batch stride
-    ``kb_stride`` (0 when the key mask broadcasts).
-
-    A window that excludes no key of any row (``window >= Lq + off``, off the causal
-    offset) is dropped: the kernels then need no window mask, and the runtime value
-    always fits in int32."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an int >= 0 (0 = no window), got {window!r}")
-    if window and causal == "none":
-        raise ValueError("window > 0 needs causal='top_left' or 'bottom_right'")
-    B, M, N = q.shape[0], q.shape[2], k.shape[2]
-    shift = (N - M) if causal == "bottom_right" else 0
-    if window >= M + shift:      # row M-1's window edge M-1+shift-window is below key 0
-        window = 0
-    km_t, km_s, has_km = _key_mask_args(key_mask, B, N, q)
-    kb, kb_stride = q, 0                 # unused without a key mask (KEY_MASK False)
-    if has_km:
-        kb = _key_bounds(key_mask)
-        kb_stride = 0 if key_mask.size(0) == 1 else kb.stride(0)
-    return dict(window=int(window), WINDOW=bool(window), km=km_t, km_strides=km_s,
-                KEY_MASK=has_km, kb=kb, kb_stride=kb_stride)
+    raise device_error(device)
 
 
 def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,

@@ -210,7 +210,7 @@ def _key_mask_block(km_ptrs, offs_n, N):
 @triton.jit
 def _clip_to_key_bounds(lo, hi, kb_ptr, BLOCK_N: tl.constexpr):
     """[lo, hi) narrowed to this batch item's key bounds [kv_lo, kv_hi) = [first visible
-    key, last visible key + 1], two int32 at ``kb_ptr`` (``triton_flash._key_bounds``;
+    key, last visible key + 1], two int32 at ``kb_ptr`` (``triton_launch._key_bounds``;
     kv_hi <= kv_lo when no key is visible, and then hi <= lo: the loop runs no
     iteration).  Key blocks wholly before kv_lo or from kv_hi on are hidden by the key
     mask: never loaded.  lo stays a multiple of BLOCK_N, kv_lo is rounded DOWN: the

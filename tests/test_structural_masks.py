@@ -16,7 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnfuse
 from attnfuse.kernels import torch_banded as TB
+from attnfuse.kernels import base as KB
 from attnfuse.kernels import torch_impl as T
+from attnfuse.kernels import torch_base as TS
+from attnfuse.kernels import torch_fused as TF
 from tests.reference import (assert_close_rel, assert_keep_rate, assert_within_eager_rounding,
                              attention_reference, keep_mask_from_identity_v, window_keep)
 
@@ -28,7 +31,7 @@ EAGER_ROUNDING_FACTOR = 1.5
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(T, "BLOCK_Q", 8)
+    monkeypatch.setattr(KB, "BLOCK_Q", 8)
 
 
 def _inputs(b=2, hq=4, hkv=2, lq=29, lk=29, d=16, dtype=torch.float32, seed=0):
@@ -89,7 +92,7 @@ def _check(q, k, v, *, bias=None, causal="none", window=0, key_mask=None, tol=2e
 @pytest.mark.parametrize("lq,lk", [(29, 29), (13, 29), (29, 13)])
 def test_window(path, causal, window, lq, lk, monkeypatch):
     """Both CPU paths: the banded fused kernel per row block, and the blocked loop."""
-    monkeypatch.setattr(T, "USE_FUSED_SDPA", path == "banded")
+    monkeypatch.setattr(TS, "USE_FUSED_SDPA", path == "banded")
     q, k, v = _inputs(lq=lq, lk=lk)
     assert TB.banded_applicable(q, k, v, None, causal=causal, window=window, dropout_p=0.0,
                                 softcap=0.0) == (path == "banded")
@@ -266,8 +269,8 @@ def test_fused_path_for_key_mask_with_holes(monkeypatch):
     """A key_mask whose visible keys are not one run per row (so not the key-run path)
     runs PyTorch's fused CPU kernel with a broadcast (B,1,1,Lk) mask."""
     ran = []
-    real = T._fused_forward
-    monkeypatch.setattr(T, "_fused_forward", lambda *a, **kw: ran.append(a[3].shape) or real(*a, **kw))
+    real = TF.fused_forward
+    monkeypatch.setattr(TF, "fused_forward", lambda *a, **kw: ran.append(a[3].shape) or real(*a, **kw))
     q, k, v = _inputs(lq=16, lk=16)
     km = _padding(2, 16)
     km[0, 5] = False  # a hole between visible keys

@@ -21,7 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnfuse.kernels import torch_banded as TB
 from attnfuse.kernels import torch_blocked as TBK
+from attnfuse.kernels import base as KB
 from attnfuse.kernels import torch_impl as T
+from attnfuse.kernels import torch_base as TS
+from attnfuse.kernels import torch_fused as TF
 from attnfuse.kernels import torch_lowp as TL
 from tests.reference import (assert_keep_rate, assert_within_eager_rounding,
                              attention_reference, causal_keep, keep_mask_from_identity_v)
@@ -40,9 +43,9 @@ EAGER_ROUNDING_FACTOR = 1.5
 def small_blocks(monkeypatch):
     """Tiny blocks so the small test shapes run the blocked loop over many blocks,
     with a last block that is not full (lengths here are not multiples of 16)."""
-    monkeypatch.setattr(T, "BLOCK_Q", 16)
-    monkeypatch.setattr(T, "BLOCK_ELEMS", 1 << 22)
-    monkeypatch.setattr(T, "USE_FUSED_SDPA", True)
+    monkeypatch.setattr(KB, "BLOCK_Q", 16)
+    monkeypatch.setattr(KB, "BLOCK_ELEMS", 1 << 22)
+    monkeypatch.setattr(TS, "USE_FUSED_SDPA", True)
     # half types take the low-precision GEMM path only in the tests that ask for it
     # (path "lowp"), so "fused"/"blocked" mean what they say for every dtype
     monkeypatch.setattr(TL, "USE_LOWP", False)
@@ -68,9 +71,9 @@ def path_spy(monkeypatch):
     wrap("lowp_forward", "fwd", "lowp", TL)
     wrap("lowp_backward", "bwd", "lowp", TL)
 
-    wrap("_fused_forward", "fwd", "fused")
+    wrap("fused_forward", "fwd", "fused", TF)
     wrap("blocked_forward", "fwd", "blocked", TBK)
-    wrap("_fused_backward", "bwd", "fused")
+    wrap("fused_backward", "bwd", "fused", TF)
     wrap("blocked_backward", "bwd", "blocked", TBK)
     return ran
 
@@ -252,7 +255,7 @@ def _kernel_keep_mask(q, k, bias, *, scale, causal, softcap, dropout_p, seed):
 
 def _force(monkeypatch, path):
     if path == "blocked":
-        monkeypatch.setattr(T, "USE_FUSED_SDPA", False)
+        monkeypatch.setattr(TS, "USE_FUSED_SDPA", False)
     if path == "lowp":
         monkeypatch.setattr(TL, "USE_LOWP", True)
 
@@ -298,7 +301,7 @@ def test_fused_decision(kw, expected):
 
 def test_fused_switch_off(monkeypatch):
     assert _decide()
-    monkeypatch.setattr(T, "USE_FUSED_SDPA", False)
+    monkeypatch.setattr(TS, "USE_FUSED_SDPA", False)
     assert not _decide()
 
 
@@ -375,7 +378,7 @@ def test_fully_masked_and_finfo_rows(path, causal, monkeypatch, path_spy):
 
 def test_without_fused_kernel(monkeypatch, path_spy):
     """Where torch lacks the fused CPU op (guarded by hasattr), the blocked loop runs."""
-    monkeypatch.setattr(T, "_HAS_FUSED", False)
+    monkeypatch.setattr(TS, "HAS_FUSED", False)
     q, k, v = make_qkv(1, 2, 2, 30, 30, 16, 16, F32)
     check(q, k, v, causal="top_left", spy=path_spy, expect_fused=False)
 
@@ -483,11 +486,11 @@ def test_scale_and_lse_fp32(path, monkeypatch):
 
 
 def test_block_rows_shrink_for_long_keys(monkeypatch):
-    monkeypatch.setattr(T, "BLOCK_ELEMS", 4096)
-    assert TBK.chunking(1, 2, 1000) == (1, 2)
-    assert TBK.chunking(1, 8, 1000) == (1, 1)
-    assert TBK.chunking(3, 2, 100) == (3, 6)
-    monkeypatch.setattr(T, "USE_FUSED_SDPA", False)
+    monkeypatch.setattr(KB, "BLOCK_ELEMS", 4096)
+    assert TS.chunking(1, 2, 1000) == (1, 2)
+    assert TS.chunking(1, 8, 1000) == (1, 1)
+    assert TS.chunking(3, 2, 100) == (3, 6)
+    monkeypatch.setattr(TS, "USE_FUSED_SDPA", False)
     q, k, v = make_qkv(1, 2, 2, 9, 700, 8, 8, F32)
     check(q, k, v, causal="bottom_right")
 
@@ -495,8 +498,8 @@ def test_block_rows_shrink_for_long_keys(monkeypatch):
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_batch_chunks(dropout_p, monkeypatch, path_spy):
     """Blocks smaller than one row of the whole batch split the batch too."""
-    monkeypatch.setattr(T, "BLOCK_ELEMS", 2 * 3 * 40)  # two batch items, one row
-    assert TBK.chunking(5, 3, 40) == (2, 1)
+    monkeypatch.setattr(KB, "BLOCK_ELEMS", 2 * 3 * 40)  # two batch items, one row
+    assert TS.chunking(5, 3, 40) == (2, 1)
     q, k, v = make_qkv(5, 6, 3, 11, 40, 8, 12, F32)
     bias = make_bias("float", (5, 1, 11, 40))
     check(q, k, v, bias, causal="bottom_right", softcap=8.0, dropout_p=dropout_p, seed=9,
@@ -561,7 +564,7 @@ def test_dropout_seed_determinism(monkeypatch):
     c, _ = T.forward(q, k, v, None, seed=8, **kw)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
-    monkeypatch.setattr(T, "BLOCK_Q", 7)  # the mask does not depend on the blocking
+    monkeypatch.setattr(KB, "BLOCK_Q", 7)  # the mask does not depend on the blocking
     d, _ = T.forward(q, k, v, None, seed=7, **kw)
     torch.testing.assert_close(a, d, atol=1e-6, rtol=1e-6)
 
@@ -595,10 +598,10 @@ def _blocked_max_alloc(lq, lk, **kw):
 
 def test_blocked_path_never_holds_full_score_matrix(monkeypatch):
     lq, lk = 384, 512  # the full score matrix: 384*512 elements (768 KiB in fp32)
-    monkeypatch.setattr(T, "BLOCK_Q", 32)
+    monkeypatch.setattr(KB, "BLOCK_Q", 32)
     small = _blocked_max_alloc(lq, lk)
     # no buffer reaches even one byte per (query, key) pair (a bool full mask would)
     assert small < lq * lk, small
     # the check can fail: one block of all rows does hold the full matrix
-    monkeypatch.setattr(T, "BLOCK_Q", lq)
+    monkeypatch.setattr(KB, "BLOCK_Q", lq)
     assert _blocked_max_alloc(lq, lk) >= lq * lk * 4

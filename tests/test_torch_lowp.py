@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attnfuse
+from attnfuse.kernels import base as KB
 from attnfuse.kernels import torch_impl as T
 from attnfuse.kernels import torch_lowp as TL
 from tests.reference import attention_reference
@@ -87,7 +88,7 @@ def test_non_contiguous(layout, hkv, path_spy):  # noqa: F811
 
 def test_batch_chunks(monkeypatch, path_spy):  # noqa: F811
     """Blocks smaller than one row of the whole batch split the batch too."""
-    monkeypatch.setattr(T, "BLOCK_ELEMS", 2 * 3 * 40)
+    monkeypatch.setattr(KB, "BLOCK_ELEMS", 2 * 3 * 40)
     q, k, v = make_qkv(5, 6, 3, 11, 40, 8, 12, BF16)
     check(q, k, v, make_bias("float", (5, 1, 11, 40), BF16), dropout_p=0.25, seed=9,
           spy=path_spy)

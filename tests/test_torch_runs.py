@@ -12,6 +12,7 @@ import torch
 
 import attnfuse
 from attnfuse.kernels import torch_impl as T
+from attnfuse.kernels import torch_base as TS
 from attnfuse.kernels import torch_runs as TR
 from tests.reference import attention_reference
 from tests.test_structural_masks import _check, _inputs, _padding
@@ -35,8 +36,8 @@ def runs_at_every_size(monkeypatch):
 def kernel_calls(monkeypatch):
     """(key length, mask, is_causal) of every fused forward / backward kernel call."""
     calls = []
-    fwd, bwd = T._aten._scaled_dot_product_flash_attention_for_cpu, \
-        T._aten._scaled_dot_product_flash_attention_for_cpu_backward
+    fwd, bwd = TS.aten._scaled_dot_product_flash_attention_for_cpu, \
+        TS.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
     class Spy:
         def __getattr__(self, name):
@@ -51,7 +52,7 @@ def kernel_calls(monkeypatch):
             calls.append(("bwd", q.shape[2], k.shape[2], kw.get("attn_mask"), causal))
             return bwd(d, q, k, v, o, l, p, causal, **kw)
 
-    monkeypatch.setattr(T, "_aten", Spy())
+    monkeypatch.setattr(TS, "aten", Spy())
     return calls
 
 
@@ -158,7 +159,7 @@ def test_ill_conditioned_lse_falls_back_in_backward():
     km = _padding(2, 15)
     out, lse = T.forward(q.detach(), k.detach(), v.detach(), None, scale=1.0, causal="none",
                          dropout_p=0.0, softcap=0.0, seed=0, key_mask=km)
-    assert lse.abs().max() > T.FUSED_BWD_MAX_ABS_LSE
+    assert lse.abs().max() > TS.FUSED_BWD_MAX_ABS_LSE
     assert T.backward_path(q, k, v, None, lse, causal="none", dropout_p=0.0, softcap=0.0,
                            need_dbias=False, key_mask=km) == "blocked"
     _check(q, k, v, key_mask=km, tol=1e-4)

@@ -28,6 +28,7 @@ import torch
 import attnfuse
 from attnfuse.kernels import triton_decode as td
 from attnfuse.kernels import triton_flash as tf
+from attnfuse.kernels import triton_launch as tl
 from tests.interp_probe import addresses, loaded_addresses, padding_keys  # noqa: F401
 from tests.reference import assert_close_rel, attention_reference, visible_keys
 
@@ -368,13 +369,13 @@ def test_keys_after_the_last_visible_one_are_never_loaded(loaded_addresses):
 
 
 def test_key_bounds_of_the_launcher():
-    """triton_flash._key_bounds: [first visible key, last visible key + 1] per row,
+    """triton_launch._key_bounds: [first visible key, last visible key + 1] per row,
     empty (hi <= lo) for a row that sees no key, int32, on the mask's device."""
     km = torch.zeros(4, 10, dtype=torch.bool)
     km[0, 2:7] = True
     km[1, [0, 9]] = True
     km[2, 5] = True
-    kb = tf._key_bounds(km)
+    kb = tl._key_bounds(km)
     assert kb.dtype == torch.int32 and kb.shape == (4, 2)
     assert kb[:3].tolist() == [[2, 7], [0, 10], [5, 6]]
     assert kb[3, 1] <= kb[3, 0]

@@ -1,0 +1,88 @@
+"""The facts every implementation of ``attnfuse::flash_attention`` shares.
+
+Owns the op's semantics helpers that the CPU paths (``torch_*``) and the Triton
+launcher (``triton_*``) both rely on, and nothing else: the -inf of masked logits
+(:data:`NEG_INF`), the folding of no-op causal alignments (:func:`effective_causal`),
+the causal diagonal's offset (:func:`causal_offset`), the key band a block of rows can
+see (:func:`band_kmin` / :func:`band_kmax`), the per-batch key bounds of a key_mask
+(:func:`key_bounds`), the compute dtype of the CPU paths, the compact view of an
+expanded bias, and the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`).
+
+It imports no sibling module: every other module in ``kernels/`` may import it, and it
+is the bottom of the house (``tests/test_kernels_layout.py`` checks that).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["NEG_INF", "BLOCK_Q", "BLOCK_ELEMS", "compute_dtype", "compact", "effective_causal",
+           "causal_offset", "band_kmin", "band_kmax", "key_bounds"]
+
+#: The logit of a masked (row, key) pair.
+NEG_INF = float("-inf")
+#: Most query rows per block of the CPU row-block loops (blocked, banded, lowp paths).
+BLOCK_Q: int = 256
+#: Most score elements (batch * heads * rows * keys) per CPU block; rows shrink to fit
+#: (down to one row) when the key length is long.
+BLOCK_ELEMS: int = 1 << 22
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the CPU paths compute in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compact(bias: Tensor) -> Tensor:
+    """``bias`` with every stride-0 (expanded) dim narrowed to size 1 (a view)."""
+    for d in range(bias.dim()):
+        if bias.shape[d] > 1 and bias.stride(d) == 0:
+            bias = bias.narrow(d, 0, 1)
+    return bias
+
+
+def effective_causal(causal: str, lq: int, lk: int, window: int = 0) -> str:
+    """The causal mode with no-op and equivalent alignments folded away (a window
+    keeps its causal mode: it is counted back from the diagonal)."""
+    if causal == "bottom_right":
+        if lq <= 1 and not window:  # the only row sees keys j <= lk - 1: all of them
+            return "none"
+        if lq == lk:
+            return "top_left"
+    if causal == "top_left" and lk <= 1 and not window:  # key 0 is visible to every row
+        return "none"
+    return causal
+
+
+def causal_offset(causal: str, lq: int, lk: int) -> int:
+    """Row i sees keys j <= i + offset."""
+    return (lk - lq) if causal == "bottom_right" else 0
+
+
+def band_kmin(causal: str, window: int, i0: int, lq: int, lk: int) -> int:
+    """Keys below kmin lie outside the window of every row >= i0."""
+    if not window:
+        return 0
+    return max(0, min(lk, i0 + causal_offset(causal, lq, lk) - window + 1))
+
+
+def band_kmax(causal: str, i1: int, lq: int, lk: int) -> int:
+    """Keys [0, kmax) are the only ones rows < i1 can see."""
+    if causal == "none":
+        return lk
+    return max(0, min(lk, i1 + causal_offset(causal, lq, lk)))
+
+
+def key_bounds(key_mask: Tensor) -> Tensor:
+    """(B|1, 2) int32 from a bool (B|1, Lk) key_mask: per batch item ``[lo, hi)`` =
+    [first visible key, last visible key + 1]. An item that sees no key gets
+    ``(Lk, 0)``: an empty range. Computed on the mask's device without a host sync
+    (the Triton launcher clips its key loops to these bounds; the CPU key-run path
+    compares their width with the visible count to find contiguous runs)."""
+    rows, n = key_mask.shape
+    if n == 0:
+        return torch.zeros((rows, 2), device=key_mask.device, dtype=torch.int32)
+    j = torch.arange(n, device=key_mask.device, dtype=torch.int32)
+    lo = torch.where(key_mask, j, n).amin(1)          # first visible key; n if none
+    hi = torch.where(key_mask, j + 1, 0).amax(1)      # last visible key + 1; 0 if none
+    return torch.stack((lo, hi), 1).to(torch.int32)
