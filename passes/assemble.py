@@ -10,7 +10,7 @@ key_mask), and decides how the op's output is viewed back. Raises ``Miss``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import fx
@@ -35,7 +35,9 @@ def view_tags(tags, xs, out, node):
     for gi, go in groups:
         if len(gi) == 1 and len(go) == 1:
             new[go[0]] = tags[gi[0]]
-        elif len(gi) == 1 and isinstance(tags[gi[0]], tuple) and tags[gi[0]][0] == "b":
+        elif len(gi) == 1 and (tags[gi[0]] in ("q", "k") or isinstance(tags[gi[0]], tuple) and tags[gi[0]][0] == "b"):
+            # a batch axis, or the query/key axis (decomposed 2-D positions: (B, qh·qw, kh·kw) viewed
+            # (B, qh, qw, kh, kw)), split into parts; only the same parts in order merge back
             for j, o in enumerate(go):
                 new[o] = ("split", tags[gi[0]], j, len(go))
         elif len(go) == 1 and all(isinstance(tags[a], tuple) and tags[a][0] == "split" for a in gi) and \
@@ -66,6 +68,37 @@ def _view_stage(node, stage, stags0, spec):
     if new == list(stags0):
         return None
     return (new, A.shape(node))
+
+
+def _staged_shapes(term: fx.Node, stage_shape, sshape, dynamic_ok: bool, where: fx.Node) -> Tuple[tuple, tuple]:
+    """``(stage, scores)`` sizes to broadcast a term added to the scores while they were viewed
+    as ``stage_shape`` (B·H split into (B, H); decomposed 2-D relative positions: (B, qh·qw, kh·kw)
+    viewed as (B, qh, qw, kh, kw)) and to reshape it to the Q·Kᵀ output's shape: the same
+    row-major view the scores went through, so the bias is the term's value at every score.
+    The term is materialised at the scores' size, as the model's own addition does.
+
+    Symbolic sizes become ``-1`` where that is exact: in the broadcast, an axis the term
+    already has at that size (proven equal); in the reshape, one axis. Only float terms take
+    them (a mask's structure is sampled at concrete sizes). Raises ``Miss`` otherwise."""
+    ts = A.shape(term)
+    if ts is None or len(ts) > len(stage_shape):
+        raise Miss("unsupported_op", f"{where.name}: a term of unknown shape or more axes than the reshaped "
+                                     f"scores", where)
+    off = len(stage_shape) - len(ts)
+    st: List = []
+    for i, x in enumerate(stage_shape):
+        si = A.static_int(x)
+        if si is None and dynamic_ok and i >= off and A.size_eq(ts[i - off], x):
+            si = -1
+        if si is None:
+            raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes "
+                                         f"(a symbolic size the term does not carry)", where)
+        st.append(si)
+    co = [A.static_int(x) for x in sshape]
+    if co.count(None) > (1 if dynamic_ok else 0):
+        raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes "
+                                     f"(more than one symbolic size to reshape back to)", where)
+    return tuple(st), tuple(-1 if x is None else x for x in co)
 
 
 def _score_items(items, spec, stags0=None) -> Dict:
@@ -247,15 +280,11 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
-        else:  # a term added while the scores were split (B·H -> B, H): broadcast and merge it
+        else:  # a term added while the scores were viewed differently: broadcast and merge it
             if BA.is_merged(ob):
                 raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with more than two "
                                              f"batch axes", where)
-            st_shape = [A.static_int(x) for x in stage[1]]
-            co_shape = [A.static_int(x) for x in sshape]
-            if None in st_shape or None in co_shape:
-                raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes", where)
-            pre = (tuple(st_shape), tuple(co_shape))
+            pre = _staged_shapes(n, stage[1], sshape, kind == "float", where)
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
         raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None))
     axmap: Dict = {}

@@ -476,8 +476,9 @@ def _match(sm: fx.Node, op: O.Op, ctx) -> Result:
     if not isinstance(dim, int):
         raise _Miss("softmax_axis", f"{sm.name}: softmax dim {dim!r} is not a constant", sm)
     if smtags[A.norm_dim(dim, r)] != "k":
+        where = f"({smtags.index('k') - r})" if "k" in smtags else "(split into parts by a view)"
         raise _Miss("softmax_axis", f"{sm.name}: softmax over axis {dim} of the scores, not the key axis "
-                                    f"({smtags.index('k') - r})", sm)
+                                    f"{where}", sm)
     _prove_row_shifts(items, ctx)
     for n in chain:
         ctx["tags"].setdefault(n, list(stags))
