@@ -170,11 +170,13 @@ def _score_items(items, spec, stags0=None) -> Dict:
             continue
         phase = 2
         if kind == "bias":
-            raw_terms.append(["float", pl[0], float(pl[1]), False, where, stage])
+            raw_terms.append(["float", pl[0], float(pl[1]), False, where, stage, None])
+        elif kind == "padbias":  # an add into a slice of the scores (passes/sliceadd.py)
+            raw_terms.append(["float", pl[0], float(pl[1]), False, where, stage, pl[2]])
         elif kind == "keep":
-            raw_terms.append(["keep", pl[0], 0.0, pl[1], where, stage])  # masked where cond == pl[1]
+            raw_terms.append(["keep", pl[0], 0.0, pl[1], where, stage, None])  # masked where cond == pl[1]
         elif kind == "fill":
-            raw_terms.append(["fill", pl[0], pl[2], pl[1], where, stage])
+            raw_terms.append(["fill", pl[0], pl[2], pl[1], where, stage, None])
     return {"scale": scale, "softcap": softcap, "tscales": tscales, "terms": raw_terms, "dscales": dscales}
 
 
@@ -272,11 +274,16 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     sshape = A.shape(qk)
     rem_early = set(chain) | {qk}
     raw = []
-    for kind, n, coef, flag, where, stage in folded["terms"]:
+    for kind, n, coef, flag, where, stage, pad in folded["terms"]:
         pre = None
         if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
                 and n.args[1] in rem_early and isinstance(n.args[0], fx.Node):
             n = n.args[0]  # m.expand_as(scores): the term broadcasts anyway
+        if pad is not None:
+            if stage is not None:
+                raise Miss("unsupported_op", f"{where.name}: an add into a slice of reshaped scores", where)
+            off = len(sshape) - len(A.shape(n))
+            pad = tuple((ax - off, start) for ax, start in pad)  # axes of the term
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
@@ -286,7 +293,8 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
                                              f"batch axes", where)
             pre = _staged_shapes(n, stage[1], sshape, kind == "float", where)
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
-        raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None))
+        raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None,
+                             pad))
     axmap: Dict = {}
 
     def axmap_fn():

@@ -278,10 +278,11 @@ class RawTerm:
     view: View4
     pre: Optional[Tuple] = None
     cast: Optional[torch.dtype] = None   # float: the dtype an integer/bool term is promoted to
+    pad: Optional[Tuple] = None          # float: zeros before these axes of the node (types.Term)
 
     def as_term(self) -> Term:
         if self.kind == "float":
-            return Term("float", self.view, self.coef, pre=self.pre, cast=self.cast)
+            return Term("float", self.view, self.coef, pre=self.pre, cast=self.cast, pad=self.pad)
         if self.kind == "keep":
             return Term("keep", self.view, 0.0, invert=bool(self.flag), pre=self.pre)
         return Term("fill", self.view, self.coef, invert=not self.flag, pre=self.pre)

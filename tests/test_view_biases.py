@@ -97,6 +97,63 @@ class SplitSoftmax(nn.Module):
         return s.view(b, n, n) @ v
 
 
+class ClsSkipAdd(nn.Module):
+    """``attn[:, :, 1:, 1:] += rel`` (per-head table, broadcast over the batch), then a mask."""
+
+    def forward(self, q, k, v, rel):
+        attn = q @ k.transpose(-2, -1) * 0.3
+        attn[:, :, 1:, 1:] += rel
+        return attn.softmax(-1) @ v
+
+
+class ClsSkipAssign(nn.Module):
+    """``s[..., 2:, :] = s[..., 2:, :] - rel`` (out of place, written back), rows only."""
+
+    def forward(self, q, k, v, rel):
+        s = torch.matmul(q, k.mT) / 3.0
+        s[..., 2:, :] = s[..., 2:, :] - rel[:, 0]
+        return torch.softmax(s, dim=-1) @ v
+
+
+class SliceToStop(nn.Module):
+    """A slice that stops before the end: not read (a near miss)."""
+
+    def forward(self, q, k, v, rel):
+        attn = q @ k.transpose(-2, -1) * 0.3
+        attn[:, :, 1:-1, 1:] += rel[:, 1:]
+        return attn.softmax(-1) @ v
+
+
+def _cls_inputs(seed=0, n=QH * QW + 1):
+    g = _g(seed)
+    return [torch.randn(2, 2, n, D, generator=g) for _ in range(3)] + [torch.randn(2, n - 1, n - 1, generator=g)]
+
+
+@pytest.mark.parametrize("module", [ClsSkipAdd, ClsSkipAssign])
+@pytest.mark.parametrize("dialect", ["aten", "dynamo", "dynamo_dynamic"])
+def test_slice_add(module, dialect):
+    mod = module()
+    if module is ClsSkipAssign:  # (B, H, L - 2, L) from rel[:, 0] of (H, L - 1, L - 1): rows only
+        inputs = _cls_inputs()
+        inputs[3] = torch.randn(2, 5, QH * QW - 1, QH * QW + 1, generator=_g(4))
+    else:
+        inputs = _cls_inputs()
+    check_spelling(mod, inputs, dialect)
+
+
+def test_slice_add_backend_training():
+    check_backend(ClsSkipAdd(), _cls_inputs())
+
+
+@pytest.mark.parametrize("dialect", ["aten", "dynamo"])
+def test_slice_to_stop_declined(dialect):
+    gm, ex = capture(SliceToStop(), _cls_inputs(), dialect)
+    res = run_rewrite(gm, ex)
+    assert res.fused == 0
+    assert any("also used by" in nm.reason for nm in res.report.near_misses), \
+        [(nm.kind, nm.reason) for nm in res.report.near_misses]
+
+
 def _qkv3(seed=0, b=4):
     g = _g(seed)
     return [torch.randn(b, QH * QW, D, generator=g) for _ in range(3)]
