@@ -279,11 +279,17 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
                 and n.args[1] in rem_early and isinstance(n.args[0], fx.Node):
             n = n.args[0]  # m.expand_as(scores): the term broadcasts anyway
-        if pad is not None:
+        if pad is not None:  # an add into a slice (sliceadd.py): (pads, viewed shape or None, slice shape)
             if stage is not None:
                 raise Miss("unsupported_op", f"{where.name}: an add into a slice of reshaped scores", where)
-            off = len(sshape) - len(A.shape(n))
-            pad = tuple((ax - off, start) for ax, start in pad)  # axes of the term
+            pads, viewed, part_shape = pad
+            if viewed is not None:  # added to a view of the slice: broadcast, reshape to the slice, pad
+                stage, sshape_to, pad = (None, viewed), part_shape, pads
+            else:
+                off = len(sshape) - len(A.shape(n))
+                pad = tuple((ax - off, start) for ax, start in pads)  # axes of the term
+        else:
+            sshape_to = sshape
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
@@ -291,7 +297,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             if BA.is_merged(ob):
                 raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with more than two "
                                              f"batch axes", where)
-            pre = _staged_shapes(n, stage[1], sshape, kind == "float", where)
+            pre = _staged_shapes(n, stage[1], sshape_to, kind == "float", where)
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
         raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None,
                              pad))

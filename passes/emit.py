@@ -176,14 +176,17 @@ class Emitter:
         """Emit ``v`` as view ops: squeeze unnamed unit axes, permute, unsqueeze, expand.
 
         ``pre = (shape, merged)``: first broadcast the base to ``shape`` and reshape it to
-        ``merged`` (a bias given on split batch axes). ``pad``: first pad the base with zeros
-        before the given axes, ``((axis, count), ...)`` (a bias added into a slice)."""
+        ``merged`` (a bias given on split batch axes). ``pad``: pad with zeros before the given
+        axes, ``((axis, count), ...)`` (a bias added into a slice), of the base, or of the
+        reshaped base with ``pre``."""
         x = v.base
         r = len(pre[1]) if pre is not None else len(A.shape(x))
-        if pad:
-            x = self.zero_pad_before(x, pad, len(A.shape(x)))
+        if pad and pre is None:
+            x = self.zero_pad_before(x, pad, r)
         if pre is not None:
             x = self.reshape(self.expand(x, list(pre[0])), list(pre[1]))
+            if pad:
+                x = self.zero_pad_before(x, pad, r)
         used = [a for a in v.axes if a is not None]
         for d in sorted(set(range(r)) - set(used), reverse=True):
             x = self.squeeze(x, d)

@@ -205,8 +205,8 @@ def _walk_up(cur: fx.Node, consumer: fx.Node, sshape_ref: List, ctx,
             if inpl:
                 raise _Miss("unsupported_op", f"scores {cur.name}: an add into a slice together with other "
                                               f"in-place changes", cur)
-            inpl_items = [(sa.write, "padbias", (sa.term, sa.coef, sa.pads))
-                          for sa in sorted(writes, key=lambda sa: -order[sa.write])]
+            inpl_items = [(sa.write, "padbias", (t, c, (sa.pads, stage, sa.part_shape)))
+                          for sa in sorted(writes, key=lambda sa: -order[sa.write]) for t, c, stage in reversed(sa.terms)]
             chain.extend(x for sa in writes for x in sa.nodes)
         others = [u for u in A.data_users(cur) if u is not consumer and u not in inpl and u not in exempt]
         if others:

@@ -7,10 +7,14 @@ of the same index; also ``s[idx] = s[idx] + t``) and make_fx's form of it (a cha
 transformers with a class token write it to add a relative-position bias to the patch
 tokens only. The write is ``s + pad(t)``: ``t`` broadcast to the slice and padded with 0
 before each sliced axis, a float bias of the scores' shape at most (the model already
-holds the scores at that size).
+holds the scores at that size). The value written back may be computed from the slice
+through views and several adds (timm's MViTv2 ``cal_rel_pos_type``: the slice viewed
+(B, H, qh, qw, kh, kw), ``rel_h`` and ``rel_w`` added, viewed back): each term then is
+broadcast to the view it was added in and reshaped to the slice first.
 
-Only slices that start at a constant ≥ 0, run to the end with step 1, and along which
-``t`` has the slice's full size (not broadcast) are read; the caller proves the rest
+Only slices that start at a constant ≥ 0 (0: the whole axis, MViTv2 without a class token),
+run to the end with step 1, and along which a term added at the slice's shape has the
+slice's full size (not broadcast) are read; the caller proves the rest
 (no other reader of the scores, the order of the score changes). Nothing here changes a
 graph.
 """
@@ -30,13 +34,42 @@ _END = 2 ** 63 - 1  # aten.slice's "to the end"
 
 @dataclass
 class SliceAdd:
-    """``scores[sliced] += coef * term``: ``pads`` holds (axis of the scores, start) per sliced axis."""
+    """``scores[sliced] += Σ coef · term``: ``pads`` holds (axis of the scores, start) per sliced
+    axis; each term comes with the shape the slice was viewed as when it was added (None: the
+    slice's own shape), and ``part_shape`` is the slice's shape."""
 
-    term: fx.Node
-    coef: float
+    terms: List[Tuple[fx.Node, float, Optional[tuple]]]
     pads: Tuple[Tuple[int, int], ...]
+    part_shape: tuple
     nodes: List[fx.Node]     # the slice/add/write-back nodes, removed with the attention
     write: fx.Node           # the node that completes the write (its position orders it)
+
+
+def _written(part: fx.Node, gm) -> Optional[Tuple[fx.Node, List, List[fx.Node]]]:
+    """From the slice ``part`` through views and adds to the one value computed from it:
+    (that value, [(term, coef, viewed shape or None)], nodes). None if anything else reads it."""
+    cur, terms, nodes, stage = part, [], [], None
+    ps = A.shape(part)
+    for _ in range(16):
+        if len(cur.users) != 1:
+            return None
+        u = next(iter(cur.users))
+        op = O.classify(u, gm)
+        if op is not None and op.kind == O.LAYOUT and op.sub == "view" and op.get("x") is cur:
+            s = A.shape(u)
+            if s is None:
+                return None
+            stage = None if len(s) == len(ps) and all(A.size_eq(a, b) for a, b in zip(s, ps)) else tuple(s)
+        else:
+            got = _added(u, cur, gm)
+            if got is None:
+                break
+            terms.append((got[0], got[1], stage))
+        nodes.append(u)
+        cur = u
+    if not terms or stage is not None:
+        return None
+    return cur, terms, nodes
 
 
 def _index_starts(idx: Any, rank: int) -> Optional[Tuple[Tuple[int, int], ...]]:
@@ -56,7 +89,7 @@ def _index_starts(idx: Any, rank: int) -> Optional[Tuple[Tuple[int, int], ...]]:
             return None
         if start:
             out.append((ax, start))
-    return tuple(out) if out else None
+    return tuple(out)
 
 
 def _aten_slices(end: fx.Node, root: fx.Node) -> Optional[Tuple[Tuple[int, int], ...]]:
@@ -74,7 +107,7 @@ def _aten_slices(end: fx.Node, root: fx.Node) -> Optional[Tuple[Tuple[int, int],
         n = x
         if not isinstance(n, fx.Node):
             return None
-    return tuple(sorted(pads)) or None
+    return tuple(sorted(pads))
 
 
 def _chain_from(root: fx.Node, first: fx.Node) -> List[fx.Node]:
@@ -96,13 +129,19 @@ def _added(add: fx.Node, part: fx.Node, gm) -> Optional[Tuple[fx.Node, float]]:
     return op["b"], float(alpha) * (-1.0 if op.sub == "sub" else 1.0)
 
 
-def _fits(term: fx.Node, part: fx.Node, pads, rank: int) -> bool:
-    """``term`` covers every sliced axis of ``part`` at its full (non-unit) size."""
-    ts, ps = A.shape(term), A.shape(part)
-    if ts is None or ps is None or len(ts) > rank:
-        return False
-    off = rank - len(ts)
-    return all(ax >= off and A.size_eq(ts[ax - off], ps[ax]) and not A.is_one(ps[ax]) for ax, _ in pads)
+def _fits(terms, part: fx.Node, pads, rank: int) -> bool:
+    """Every term added at the slice's own shape covers every sliced axis at its full (non-unit)
+    size (a term added to a view is broadcast to the view first, :mod:`.assemble`)."""
+    ps = A.shape(part)
+    for term, _, stage in terms:
+        ts = A.shape(term)
+        if ts is None or ps is None or len(ts) > len(stage or ps):
+            return False
+        off = rank - len(ts)
+        if stage is None and not all(ax >= off and A.size_eq(ts[ax - off], ps[ax]) and not A.is_one(ps[ax])
+                                     for ax, _ in pads):
+            return False
+    return True
 
 
 def slice_add(first: fx.Node, scores: fx.Node, gm) -> Optional[SliceAdd]:
@@ -110,30 +149,26 @@ def slice_add(first: fx.Node, scores: fx.Node, gm) -> Optional[SliceAdd]:
     rank = len(A.shape(scores) or ())
     if first.op == "call_function" and first.target is operator.getitem and first.args[0] is scores:
         pads = _index_starts(first.args[1], rank)
-        if pads is None or len(first.users) != 1:
+        got = _written(first, gm) if pads is not None else None
+        if got is None:
             return None
-        add = next(iter(first.users))
-        got = _added(add, first, gm)
-        if got is None or len(add.users) != 1:
-            return None
-        write = next(iter(add.users))
+        last, terms, nodes = got
+        write = next(iter(last.users))
         if not (write.op == "call_function" and write.target is operator.setitem and write.args[0] is scores
-                and write.args[2] is add and write.args[1] == first.args[1] and not write.users):
+                and write.args[2] is last and write.args[1] == first.args[1] and not write.users):
             return None
-        return SliceAdd(got[0], got[1], pads, [first, add, write], write) if _fits(got[0], first, pads, rank) \
-            else None
+        return SliceAdd(terms, pads, A.shape(first), [first] + nodes + [write], write) \
+            if _fits(terms, first, pads, rank) else None
     if first.op == "call_function" and "aten.slice.Tensor" in str(first.target) and first.args[0] is scores:
         chain = _chain_from(scores, first)
         part = chain[-1]
         pads = _aten_slices(part, scores)
-        if pads is None or len(part.users) != 1:
+        got = _written(part, gm) if pads is not None else None
+        if got is None:
             return None
-        add = next(iter(part.users))
-        got = _added(add, part, gm)
-        if got is None or len(add.users) != 1:
-            return None
-        write = next(iter(add.users))
-        if not (write.op == "call_function" and "aten.copy_" in str(write.target) and write.args[1] is add
+        last, terms, nodes = got
+        write = next(iter(last.users))
+        if not (write.op == "call_function" and "aten.copy_" in str(write.target) and write.args[1] is last
                 and not write.users and isinstance(write.args[0], fx.Node)):
             return None
         dest = write.args[0]
@@ -144,6 +179,6 @@ def slice_add(first: fx.Node, scores: fx.Node, gm) -> Optional[SliceAdd]:
             n = n.args[0] if n.args else None
         if n is not scores or _aten_slices(dest, scores) != pads:
             return None
-        return SliceAdd(got[0], got[1], pads, chain + [add] + back + [write], write) \
-            if _fits(got[0], part, pads, rank) else None
+        return SliceAdd(terms, pads, A.shape(part), chain + nodes + back + [write], write) \
+            if _fits(terms, part, pads, rank) else None
     return None
