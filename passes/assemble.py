@@ -180,6 +180,28 @@ def _score_items(items, spec, stags0=None) -> Dict:
     return {"scale": scale, "softcap": softcap, "tscales": tscales, "terms": raw_terms, "dscales": dscales}
 
 
+def _key_constant_count(term: fx.Node, tags: List, add: fx.Node, gm) -> bool:
+    """An integer or bool term, finite after eager's promotion, that is the same for every key of
+    a row only shifts that row: softmax is shift-invariant along the keys, so adding it changes
+    nothing (its gradient is zero too). Proven for a bool term that broadcasts along the keys (no
+    key axis; 0/1 is finite in every float dtype), or for a term whose value is a constant of the
+    graph (not module state, which may change), finite in the promoted dtype and equal along its
+    key axis (``torch.ones(L, L, dtype=torch.bool)``). A float term may hold ±inf/NaN, an integer
+    input may overflow the scores' dtype: kept as biases."""
+    to = promoted_to(term, add)
+    if to is None:
+        return False
+    if "k" not in tags and A.dtype(term) == torch.bool:
+        return True
+    if C.state_reads(term, gm):
+        return False
+    val = C.const_eval(term, gm)
+    if not isinstance(val, torch.Tensor) or val.dim() != len(tags) or not val.to(to).isfinite().all():
+        return False
+    kax = tags.index("k")
+    return bool((val == val.narrow(kax, 0, 1)).all())
+
+
 def promoted_to(term: fx.Node, add: fx.Node) -> Optional[torch.dtype]:
     """The dtype eager converts an added tensor ``term`` to, where it is not a float: an
     integer or bool tensor added to float scores takes the scores' dtype, which is the
@@ -273,7 +295,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         q_factors.append((BA.complete(build_view(f, tags, ob + ["q", None], "scale"), refs), how))
     sshape = A.shape(qk)
     rem_early = set(chain) | {qk}
-    raw = []
+    raw, dropped = [], []
     for kind, n, coef, flag, where, stage, pad in folded["terms"]:
         pre = None
         if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
@@ -292,6 +314,9 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             sshape_to = sshape
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
+            if kind == "float" and pad is None and _key_constant_count(n, tags, where, gm):
+                dropped.append(f"{n.name}: an integer/bool term constant along the keys, a softmax no-op")
+                continue
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
         else:  # a term added while the scores were viewed differently: broadcast and merge it
             if BA.is_merged(ob):
@@ -336,7 +361,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         softmax=sm, qk=qk, pv=pv, q=q, k=k, v=v, scale=float(folded["scale"]), q_factors=q_factors,
         terms=terms, causal=causal, softcap=float(folded["softcap"]), dropout_p=float(dropout_p),
         window=ms.window, key_masks=ms.key_masks, fixup=ms.fixup,
-        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + [
+        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + dropped + [
             f"{c.name}: rows of P filled with 0, applied to the output" for c, _, _ in ctx.get("row_fills", ())],
         row_zero=row_zero,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
