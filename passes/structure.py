@@ -363,9 +363,12 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
         ts = _analyse_cached(cond, masked_when, t.pre, gm, sshape, stags, ob, axmap_fn, memo)
         if ts is None:
             out.terms.append(t.as_term())
-            state = C.state_reads(cond, gm)
+            state, inputs = C.state_reads(cond, gm), C.input_reads(cond)
             why = (f"built from the values of {', '.join(state)}, module state that may change after the "
                    "rewrite (torch.compile(backend='attnfuse') checks such buffers at run time)") if state else \
+                (f"no causal band or key-padding part proven: built from the run-time values of the graph "
+                 f"input(s) {', '.join(inputs)} (e.g. Hugging Face compares position_ids[b, kv] <= "
+                 f"position_ids[b, q], causal only when the positions rise by one along each row)") if inputs else \
                 "no causal band or key-padding part proven"
             out.notes.append(f"{t.node.name}: kept as a tensor ({why})")
             continue
