@@ -10,7 +10,7 @@ key_mask), and decides how the op's output is viewed back. Raises ``Miss``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import fx
@@ -35,7 +35,9 @@ def view_tags(tags, xs, out, node):
     for gi, go in groups:
         if len(gi) == 1 and len(go) == 1:
             new[go[0]] = tags[gi[0]]
-        elif len(gi) == 1 and isinstance(tags[gi[0]], tuple) and tags[gi[0]][0] == "b":
+        elif len(gi) == 1 and (tags[gi[0]] in ("q", "k") or isinstance(tags[gi[0]], tuple) and tags[gi[0]][0] == "b"):
+            # a batch axis, or the query/key axis (decomposed 2-D positions: (B, qh·qw, kh·kw) viewed
+            # (B, qh, qw, kh, kw)), split into parts; only the same parts in order merge back
             for j, o in enumerate(go):
                 new[o] = ("split", tags[gi[0]], j, len(go))
         elif len(go) == 1 and all(isinstance(tags[a], tuple) and tags[a][0] == "split" for a in gi) and \
@@ -66,6 +68,37 @@ def _view_stage(node, stage, stags0, spec):
     if new == list(stags0):
         return None
     return (new, A.shape(node))
+
+
+def _staged_shapes(term: fx.Node, stage_shape, sshape, dynamic_ok: bool, where: fx.Node) -> Tuple[tuple, tuple]:
+    """``(stage, scores)`` sizes to broadcast a term added to the scores while they were viewed
+    as ``stage_shape`` (B·H split into (B, H); decomposed 2-D relative positions: (B, qh·qw, kh·kw)
+    viewed as (B, qh, qw, kh, kw)) and to reshape it to the Q·Kᵀ output's shape: the same
+    row-major view the scores went through, so the bias is the term's value at every score.
+    The term is materialised at the scores' size, as the model's own addition does.
+
+    Symbolic sizes become ``-1`` where that is exact: in the broadcast, an axis the term
+    already has at that size (proven equal); in the reshape, one axis. Only float terms take
+    them (a mask's structure is sampled at concrete sizes). Raises ``Miss`` otherwise."""
+    ts = A.shape(term)
+    if ts is None or len(ts) > len(stage_shape):
+        raise Miss("unsupported_op", f"{where.name}: a term of unknown shape or more axes than the reshaped "
+                                     f"scores", where)
+    off = len(stage_shape) - len(ts)
+    st: List = []
+    for i, x in enumerate(stage_shape):
+        si = A.static_int(x)
+        if si is None and dynamic_ok and i >= off and A.size_eq(ts[i - off], x):
+            si = -1
+        if si is None:
+            raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes "
+                                         f"(a symbolic size the term does not carry)", where)
+        st.append(si)
+    co = [A.static_int(x) for x in sshape]
+    if co.count(None) > (1 if dynamic_ok else 0):
+        raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes "
+                                     f"(more than one symbolic size to reshape back to)", where)
+    return tuple(st), tuple(-1 if x is None else x for x in co)
 
 
 def _score_items(items, spec, stags0=None) -> Dict:
@@ -137,12 +170,36 @@ def _score_items(items, spec, stags0=None) -> Dict:
             continue
         phase = 2
         if kind == "bias":
-            raw_terms.append(["float", pl[0], float(pl[1]), False, where, stage])
+            raw_terms.append(["float", pl[0], float(pl[1]), False, where, stage, None])
+        elif kind == "padbias":  # an add into a slice of the scores (passes/sliceadd.py)
+            raw_terms.append(["float", pl[0], float(pl[1]), False, where, stage, pl[2]])
         elif kind == "keep":
-            raw_terms.append(["keep", pl[0], 0.0, pl[1], where, stage])  # masked where cond == pl[1]
+            raw_terms.append(["keep", pl[0], 0.0, pl[1], where, stage, None])  # masked where cond == pl[1]
         elif kind == "fill":
-            raw_terms.append(["fill", pl[0], pl[2], pl[1], where, stage])
+            raw_terms.append(["fill", pl[0], pl[2], pl[1], where, stage, None])
     return {"scale": scale, "softcap": softcap, "tscales": tscales, "terms": raw_terms, "dscales": dscales}
+
+
+def _key_constant_count(term: fx.Node, tags: List, add: fx.Node, gm) -> bool:
+    """An integer or bool term, finite after eager's promotion, that is the same for every key of
+    a row only shifts that row: softmax is shift-invariant along the keys, so adding it changes
+    nothing (its gradient is zero too). Proven for a bool term that broadcasts along the keys (no
+    key axis; 0/1 is finite in every float dtype), or for a term whose value is a constant of the
+    graph (not module state, which may change), finite in the promoted dtype and equal along its
+    key axis (``torch.ones(L, L, dtype=torch.bool)``). A float term may hold ±inf/NaN, an integer
+    input may overflow the scores' dtype: kept as biases."""
+    to = promoted_to(term, add)
+    if to is None:
+        return False
+    if "k" not in tags and A.dtype(term) == torch.bool:
+        return True
+    if C.state_reads(term, gm):
+        return False
+    val = C.const_eval(term, gm)
+    if not isinstance(val, torch.Tensor) or val.dim() != len(tags) or not val.to(to).isfinite().all():
+        return False
+    kax = tags.index("k")
+    return bool((val == val.narrow(kax, 0, 1)).all())
 
 
 def promoted_to(term: fx.Node, add: fx.Node) -> Optional[torch.dtype]:
@@ -238,26 +295,37 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         q_factors.append((BA.complete(build_view(f, tags, ob + ["q", None], "scale"), refs), how))
     sshape = A.shape(qk)
     rem_early = set(chain) | {qk}
-    raw = []
-    for kind, n, coef, flag, where, stage in folded["terms"]:
+    raw, dropped = [], []
+    for kind, n, coef, flag, where, stage, pad in folded["terms"]:
         pre = None
         if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
                 and n.args[1] in rem_early and isinstance(n.args[0], fx.Node):
             n = n.args[0]  # m.expand_as(scores): the term broadcasts anyway
+        if pad is not None:  # an add into a slice (sliceadd.py): (pads, viewed shape or None, slice shape)
+            if stage is not None:
+                raise Miss("unsupported_op", f"{where.name}: an add into a slice of reshaped scores", where)
+            pads, viewed, part_shape = pad
+            if viewed is not None:  # added to a view of the slice: broadcast, reshape to the slice, pad
+                stage, sshape_to, pad = (None, viewed), part_shape, pads
+            else:
+                off = len(sshape) - len(A.shape(n))
+                pad = tuple((ax - off, start) for ax, start in pads)  # axes of the term
+        else:
+            sshape_to = sshape
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
+            if kind == "float" and pad is None and _key_constant_count(n, tags, where, gm):
+                dropped.append(f"{n.name}: an integer/bool term constant along the keys, a softmax no-op")
+                continue
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
-        else:  # a term added while the scores were split (B·H -> B, H): broadcast and merge it
+        else:  # a term added while the scores were viewed differently: broadcast and merge it
             if BA.is_merged(ob):
                 raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with more than two "
                                              f"batch axes", where)
-            st_shape = [A.static_int(x) for x in stage[1]]
-            co_shape = [A.static_int(x) for x in sshape]
-            if None in st_shape or None in co_shape:
-                raise Miss("unsupported_op", f"{where.name}: a bias on reshaped scores with dynamic shapes", where)
-            pre = (tuple(st_shape), tuple(co_shape))
+            pre = _staged_shapes(n, stage[1], sshape_to, kind == "float", where)
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
-        raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None))
+        raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None,
+                             pad))
     axmap: Dict = {}
 
     def axmap_fn():
@@ -293,7 +361,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         softmax=sm, qk=qk, pv=pv, q=q, k=k, v=v, scale=float(folded["scale"]), q_factors=q_factors,
         terms=terms, causal=causal, softcap=float(folded["softcap"]), dropout_p=float(dropout_p),
         window=ms.window, key_masks=ms.key_masks, fixup=ms.fixup,
-        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + [
+        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + dropped + [
             f"{c.name}: rows of P filled with 0, applied to the output" for c, _, _ in ctx.get("row_fills", ())],
         row_zero=row_zero,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,

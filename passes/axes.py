@@ -306,6 +306,10 @@ def _labels(node: fx.Node, gm, memo: Dict) -> Optional[List]:
                 return [("bcast",) if (lab == ONE and not is_one(s[i])) else lab for i, lab in enumerate(out)]
             if op.sub == "view":
                 return view_labels(inl, xs, s)
+            if op.sub in ("repeat_interleave", "repeat"):
+                rep = _repeat_labels(op, inl, s)
+                if rep is not None:
+                    return rep
             if len(inl) == len(s):  # repeat, repeat_interleave: axes keep their meaning
                 return [ONE if is_one(x) else (lab if lab != ONE else ("op", node.name, i))
                         for i, (x, lab) in enumerate(zip(s, inl))]
@@ -324,6 +328,34 @@ def _labels(node: fx.Node, gm, memo: Dict) -> Optional[List]:
                 return [ONE if is_one(x) else (lab if lab != ONE else ("op", node.name, i))
                         for i, (x, lab) in enumerate(zip(s, la))]
     return [ONE if is_one(x) else ("op", node.name, i) for i, x in enumerate(s)]
+
+
+def _repeat_labels(op, inl: Sequence, s: Sequence) -> Optional[List]:
+    """Labels after a repeat of axes: ``x.repeat_interleave(g, dim=d)`` is the same tensor as
+    ``x.unsqueeze(d + 1).expand(.., g, ..).flatten(d, d + 1)`` (each index read g times in a
+    row), so axis d is the merge of its input axis with a broadcast one, the label HF's
+    ``repeat_kv`` (expand + reshape) gives; ``x.repeat(.., g, ..)`` (tiling) is the merge of a
+    broadcast axis with the input axis. None where the repeats are per element (a tensor)."""
+    def grouped(lab, tiled: bool):
+        if lab == ONE:
+            return ("bcast",)
+        parts = list(lab[1]) if lab[0] == "merge" else [lab]
+        return ("merge", tuple([("bcast",)] + parts if tiled else parts + [("bcast",)]))
+
+    reps = op.get("repeats")
+    if op.sub == "repeat_interleave":
+        d = op.get("dim")
+        if not isinstance(d, int) or isinstance(reps, (list, tuple)) or shape(reps) is not None \
+                or len(inl) != len(s):
+            return None
+        d = norm_dim(d, len(s))
+        out = list(inl)
+        if not (isinstance(reps, int) and reps == 1):
+            out[d] = grouped(inl[d], False)
+        return out
+    if not isinstance(reps, (list, tuple)) or len(reps) != len(inl) or len(inl) != len(s):
+        return None
+    return [lab if isinstance(g, int) and g == 1 else grouped(lab, True) for lab, g in zip(inl, reps)]
 
 
 def shape_query(u: fx.Node) -> Optional[int]:

@@ -152,20 +152,40 @@ def state_storages(module: torch.nn.Module) -> set:
     return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
 
 
-def state_reads(node: Any, gm) -> List[str]:
-    """Names of the ``get_attr`` tensors ``node`` is computed from (within a few nodes): module
-    state whose values the matcher does not read (see the module doc)."""
+def _reads(node: Any, pick) -> List[str]:
+    """Names ``pick(n)`` gives for the nodes ``node`` is computed from (within a few nodes)."""
     names, seen, todo = [], set(), [node]
     while todo and len(seen) < 4 * _MAX_NODES:
         n = todo.pop()
         if not isinstance(n, fx.Node) or n in seen:
             continue
         seen.add(n)
-        t = _attr(gm, n.target) if n.op == "get_attr" else None
-        if isinstance(t, torch.Tensor) and is_module_state(gm, n, t):
-            names.append(str(n.target))
+        name = pick(n)
+        if name:
+            names.append(name)
         todo += n.all_input_nodes
     return sorted(set(names))
+
+
+def state_reads(node: Any, gm) -> List[str]:
+    """Names of the ``get_attr`` tensors ``node`` is computed from (within a few nodes): module
+    state whose values the matcher does not read (see the module doc)."""
+    def pick(n):
+        t = _attr(gm, n.target) if n.op == "get_attr" else None
+        return str(n.target) if isinstance(t, torch.Tensor) and is_module_state(gm, n, t) else None
+    return _reads(node, pick)
+
+
+def input_reads(node: Any) -> List[str]:
+    """Names of the graph's tensor inputs ``node`` is computed from (within a few nodes), module
+    buffers lifted by dynamo excepted: values known only at run time (Hugging Face's masks built
+    from ``position_ids``, a mask passed in)."""
+    def pick(n):
+        if n.op != "placeholder" or is_module_buffer_placeholder(n):
+            return None
+        v = n.meta.get("example_value", n.meta.get("val"))
+        return str(n.target) if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) else None
+    return _reads(node, pick)
 
 
 def _attr(gm, target: str) -> Any:

@@ -7,7 +7,7 @@ for a torch-level graph (dynamo, symbolic_trace) or an aten graph (make_fx, expo
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import fx
@@ -113,6 +113,17 @@ class Emitter:
         call = self._f(target.default if self.aten else target, (q, k, v), kw)
         return self._f(operator.getitem, (call, 0)), call
 
+    def zero_pad_before(self, x, pads, rank: int):
+        """``x`` with ``count`` zeros inserted before each ``(axis, count)``."""
+        lo = min(ax for ax, _ in pads)
+        widths = dict(pads)
+        amounts: List[int] = []
+        for ax in range(rank - 1, lo - 1, -1):  # F.pad / constant_pad_nd: last axis first
+            amounts += [widths.get(ax, 0), 0]
+        if self.aten:
+            return self._f(aten.constant_pad_nd.default, (x, amounts, 0.0))
+        return self._f(torch.nn.functional.pad, (x, amounts))
+
     def item(self, x, i):
         return self._f(operator.getitem, (x, i))
 
@@ -161,15 +172,21 @@ class Emitter:
         return self._f(operator.floordiv, (a, b))
 
     # -- composite ------------------------------------------------------------------
-    def view4(self, v: View4, pre=None):
+    def view4(self, v: View4, pre=None, pad=None):
         """Emit ``v`` as view ops: squeeze unnamed unit axes, permute, unsqueeze, expand.
 
         ``pre = (shape, merged)``: first broadcast the base to ``shape`` and reshape it to
-        ``merged`` (a bias given on split batch axes)."""
+        ``merged`` (a bias given on split batch axes). ``pad``: pad with zeros before the given
+        axes, ``((axis, count), ...)`` (a bias added into a slice), of the base, or of the
+        reshaped base with ``pre``."""
         x = v.base
+        r = len(pre[1]) if pre is not None else len(A.shape(x))
+        if pad and pre is None:
+            x = self.zero_pad_before(x, pad, r)
         if pre is not None:
             x = self.reshape(self.expand(x, list(pre[0])), list(pre[1]))
-        r = len(pre[1]) if pre is not None else len(A.shape(x))
+            if pad:
+                x = self.zero_pad_before(x, pad, r)
         used = [a for a in v.axes if a is not None]
         for d in sorted(set(range(r)) - set(used), reverse=True):
             x = self.squeeze(x, d)

@@ -23,6 +23,7 @@ from attnfuse.passes.breaks import probs_to_output, scores_from_input
 from attnfuse.passes.decomposed import product_above, product_below
 from attnfuse.passes.rowfill import row_fill
 from attnfuse.passes.shift import row_max
+from attnfuse.passes.sliceadd import slice_add
 from attnfuse.passes.types import AttentionMatch, NearMiss, Result, Term, Miss as _Miss, location_of
 
 Tag = Any
@@ -194,6 +195,19 @@ def _walk_up(cur: fx.Node, consumer: fx.Node, sshape_ref: List, ctx,
             except _Miss as m:
                 inpl_items.append(m)
             exempt.update(_shift_nodes(inpl_items[-1]) if isinstance(inpl_items[-1], tuple) else ())
+        writes = []  # adds into a slice of the scores (passes/sliceadd.py), before the consumer
+        for u in A.data_users(cur):
+            sa = slice_add(u, cur, gm) if u is not consumer and u not in inpl and u not in exempt else None
+            if sa is not None and order[sa.write] < order[consumer]:
+                writes.append(sa)
+                exempt.update(sa.nodes)
+        if writes:
+            if inpl:
+                raise _Miss("unsupported_op", f"scores {cur.name}: an add into a slice together with other "
+                                              f"in-place changes", cur)
+            inpl_items = [(sa.write, "padbias", (t, c, (sa.pads, stage, sa.part_shape)))
+                          for sa in sorted(writes, key=lambda sa: -order[sa.write]) for t, c, stage in reversed(sa.terms)]
+            chain.extend(x for sa in writes for x in sa.nodes)
         others = [u for u in A.data_users(cur) if u is not consumer and u not in inpl and u not in exempt]
         if others:
             raise _Miss("scores_other_users",
@@ -476,8 +490,9 @@ def _match(sm: fx.Node, op: O.Op, ctx) -> Result:
     if not isinstance(dim, int):
         raise _Miss("softmax_axis", f"{sm.name}: softmax dim {dim!r} is not a constant", sm)
     if smtags[A.norm_dim(dim, r)] != "k":
+        where = f"({smtags.index('k') - r})" if "k" in smtags else "(split into parts by a view)"
         raise _Miss("softmax_axis", f"{sm.name}: softmax over axis {dim} of the scores, not the key axis "
-                                    f"({smtags.index('k') - r})", sm)
+                                    f"{where}", sm)
     _prove_row_shifts(items, ctx)
     for n in chain:
         ctx["tags"].setdefault(n, list(stags))

@@ -73,7 +73,7 @@ def _emit(m: AttentionMatch, em: Emitter):
     k, v = em.view4(m.k), em.view4(m.v)
     floats, keeps = [], []
     for t in m.terms:
-        x = em.view4(t.view, t.pre)
+        x = em.view4(t.view, t.pre, t.pad)
         if t.cast is not None:  # an integer or bool term: eager's promotion to the scores' dtype
             x = em.cast(x, t.cast)
         if t.kind == "float":

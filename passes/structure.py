@@ -278,10 +278,11 @@ class RawTerm:
     view: View4
     pre: Optional[Tuple] = None
     cast: Optional[torch.dtype] = None   # float: the dtype an integer/bool term is promoted to
+    pad: Optional[Tuple] = None          # float: zeros before these axes of the node (types.Term)
 
     def as_term(self) -> Term:
         if self.kind == "float":
-            return Term("float", self.view, self.coef, pre=self.pre, cast=self.cast)
+            return Term("float", self.view, self.coef, pre=self.pre, cast=self.cast, pad=self.pad)
         if self.kind == "keep":
             return Term("keep", self.view, 0.0, invert=bool(self.flag), pre=self.pre)
         return Term("fill", self.view, self.coef, invert=not self.flag, pre=self.pre)
@@ -362,9 +363,12 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
         ts = _analyse_cached(cond, masked_when, t.pre, gm, sshape, stags, ob, axmap_fn, memo)
         if ts is None:
             out.terms.append(t.as_term())
-            state = C.state_reads(cond, gm)
+            state, inputs = C.state_reads(cond, gm), C.input_reads(cond)
             why = (f"built from the values of {', '.join(state)}, module state that may change after the "
                    "rewrite (torch.compile(backend='attnfuse') checks such buffers at run time)") if state else \
+                (f"no causal band or key-padding part proven: built from the run-time values of the graph "
+                 f"input(s) {', '.join(inputs)} (e.g. Hugging Face compares position_ids[b, kv] <= "
+                 f"position_ids[b, q], causal only when the positions rise by one along each row)") if inputs else \
                 "no causal band or key-padding part proven"
             out.notes.append(f"{t.node.name}: kept as a tensor ({why})")
             continue

@@ -63,6 +63,8 @@ class Term:
     invert: bool = False
     pre: Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]] = None  # expand to [0], reshape to [1] first
     cast: Optional[torch.dtype] = None
+    # float: zeros padded before these base axes first, (axis, count) (an add into a slice, sliceadd.py)
+    pad: Optional[Tuple[Tuple[int, int], ...]] = None
 
 
 @dataclass

@@ -34,7 +34,7 @@ SCALES = ["none", "mul", "div", "rmul", "mul0d", "div0d", "head_temp", "q_before
           "inplace_div", "torch_mul"]
 BIASES = ["none", "add4d", "add2d", "keypad_add", "alibi", "fill_neginf", "fill_finfo", "where_finfo",
           "where_inverted", "tril_buffer", "arange_causal", "inplace_fill", "keypad_fill_plus_add",
-          "joint_lift", "bool_ones"]
+          "joint_lift", "bool_ones", "slice_add", "decomposed"]
 SOFTMAX = ["F", "torch", "method", "module", "dtype", "upcast", "dim3"]
 DROPOUT = ["none", "F", "module", "torch"]
 PV = ["at", "matmul", "einsum", "bmm"]
@@ -157,7 +157,8 @@ def repair(r: Recipe) -> Recipe:
     if r.layout == "blhd" and r.kt == "stored":
         r.kt = "transpose"
     if r.qk == "baddbmm":
-        r.bias = r.bias if r.bias not in ("add4d", "add2d", "keypad_add", "alibi") else "none"  # alibi comes in baddbmm
+        r.bias = r.bias if r.bias not in ("add4d", "add2d", "keypad_add", "alibi", "slice_add", "decomposed") \
+            else "none"  # alibi comes in baddbmm
         # baddbmm adds its bias before anything applied to the scores: a later scale or softcap
         # would act on the bias too, which the op cannot express; keep only pre-matmul scales
         if r.scale not in ("none", "q_before", "k_before", "split"):
@@ -178,6 +179,11 @@ def repair(r: Recipe) -> Recipe:
     if r.perturb == "fill_finite" and r.bias in ("fill_neginf", "fill_finfo", "where_finfo", "where_inverted",
                                                  "inplace_fill", "tril_buffer", "arange_causal", "keypad_fill_plus_add"):
         r.bias = "none"
+    # issue 18 cat. 6: symbolic_trace cannot trace an item assignment; one in-place change per node
+    if r.bias == "slice_add" and (r.dialect == "fx" or r.scale == "inplace_div"):
+        r.bias = "add4d"
+    if r.bias == "decomposed":  # the query/key axes split in two: even lengths
+        r.lq, r.lk = r.lq + r.lq % 2, r.lk + r.lk % 2
     return r
 
 
@@ -462,6 +468,13 @@ def build(r: Recipe) -> Built:
         lines.append(f"j = torch.arange({lks})")
         lines.append("m = (j[None, None, :] < lens[:, None, None]) & (i[None, :, None] >= j[None, None, :])")
         lines.append("s = s.masked_fill(~m[:, None], float('-inf'))")
+    elif bias == "slice_add":  # a relative bias on all but the first (class) token, in place
+        add_input("rel", torch.randn(Hq, Lq - 1, Lk - 1, generator=g))
+        lines.append("s[:, :, 1:, 1:] += rel")
+    elif bias == "decomposed":  # decomposed 2-D relative position: one term per spatial axis
+        add_input("th", torch.randn(2, Lq // 2, 2, 1, generator=g))
+        add_input("tw", torch.randn(Lq // 2, 1, Lk // 2, generator=g))
+        lines.append(f"s = (s.view({bsz}, {Hq}, 2, {Lq // 2}, 2, {Lk // 2}) + th + tw).view({bsz}, {Hq}, {lqs}, {lks})")
     elif bias == "bool_ones":  # a bool added to the scores is its 0/1 float cast
         lines.append(f"s = s + q.new_ones(({lqs}, {lks}), dtype=torch.bool)")
     if r.perturb == "fill_finite":

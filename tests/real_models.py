@@ -368,6 +368,31 @@ case("timm-swin", library="timm", variant="vision (windows, shift mask, rel. bia
           window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4)))
 
 
+def _timm_mvitv2(cls_token: bool):
+    """timm's MViTv2 (``cal_rel_pos_type``: decomposed relative position written into a slice of
+    the scores through a 6-D view; issue 18 category 6), two stages, one block each."""
+    def build(train: bool = False, dropout: float = 0.0):
+        import timm.layers
+        from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+        timm.layers.set_fused_attn(False)
+        torch.manual_seed(0)
+        cfg = MultiScaleVitCfg(depths=(1, 1), embed_dim=16, num_heads=(1, 2), use_cls_token=cls_token,
+                               stride_q=((1, 1), (2, 2)), stride_kv_adaptive=(2, 2))
+        model = MultiScaleVit(cfg, img_size=(32, 32), num_classes=0, drop_rate=dropout)
+        model.train(train)
+        return _Plain(model), (_pixels(),), 2
+    return build
+
+
+# MViTv2's attention has no dropout on its probabilities
+case("timm-mvitv2", library="timm", variant="vision (decomposed rel. pos. written into the scores)",
+     attn_dropout=False)(
+    _timm_mvitv2(False))
+case("timm-mvitv2-cls", library="timm", variant="vision (class token: rel. pos. into a slice of the scores)",
+     attn_dropout=False)(
+    _timm_mvitv2(True))
+
+
 # ---- diffusers
 
 class _UNet(nn.Module):

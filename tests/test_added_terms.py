@@ -151,3 +151,39 @@ def test_promotion_rounds_to_the_scores_dtype():
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=2e-3)
     unrounded = _eager64(mod, q, k, v, m.double())
     assert (unrounded - ref).abs().max() > 0.1
+
+
+# ---- issue 18, category 3: a bool term constant along the keys is a softmax no-op ----------------
+
+class AllTrue(nn.Module):
+    """``s + ones(L, L, dtype=bool)``: all True, a constant of the graph."""
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.mT * 0.35 + torch.ones(L, L, dtype=torch.bool), dim=-1) @ v
+
+
+class RowBool(nn.Module):
+    """A per-row bool input (B, 1, Lq, 1): it broadcasts along the keys."""
+
+    def forward(self, q, k, v, rows):
+        return torch.softmax(q @ k.mT * 0.35 + rows, dim=-1) @ v
+
+
+@pytest.mark.parametrize("module,extra", [(AllTrue, None), (RowBool, "rows"), (AddedInput, "int_rows")])
+@pytest.mark.parametrize("dialect", ["fx", "aten", "dynamo", "dynamo_dynamic"])
+def test_key_constant_bool_is_dropped(module, extra, dialect):
+    """Fused with no bias where the term is a proven no-op; an integer input (it may overflow the
+    scores' dtype) stays a cast bias. Both agree with float64 eager, forward and gradients."""
+    from algebra_check import check_spelling
+    g = torch.Generator().manual_seed(3)
+    inputs = _qkv()
+    if extra == "rows":
+        inputs.append(torch.rand(2, 1, L, 1, generator=g) > 0.5)
+    elif extra == "int_rows":
+        inputs.append(torch.randint(0, 5, (2, 1, L, 1), generator=g))
+    res = check_spelling(module(), inputs, dialect)
+    (f,) = res.report.fusions
+    if extra == "int_rows":
+        assert f.bias != "none", f.bias
+    else:
+        assert f.bias == "none" and any("softmax no-op" in n for n in f.masks), (f.bias, f.masks)
