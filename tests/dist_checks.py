@@ -350,6 +350,28 @@ def context_parallel(rank: int, mesh) -> None:
             "window", "allgather")
 
 
+@check
+def context_parallel_torch_cm(rank: int, mesh) -> None:
+    """Inside PyTorch's ``context_parallel`` context manager (which routes only its own
+    SDPA ops), the buffers it shards hold exactly :func:`shard_sequence`'s head-tail
+    slices, so ``context_parallel_attention`` on them (causal, the ring) equals one
+    process; the buffer is restored on exit."""
+    from torch.distributed.tensor.experimental import context_parallel
+
+    from attnfuse.distributed import context_parallel_attention, shard_sequence, unshard_sequence
+    from tests.reference import attention_reference
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 4, 16, 8)  # (B, H, L, D): q = k = v = x, sharded on dim 2
+    want = attention_reference(x, x, x, causal="top_left").float()
+    buf = x.clone()
+    with context_parallel(mesh, buffers=[buf], buffer_seq_dims=[2]):
+        close(buf, shard_sequence(x, 2, rank, WORLD), "torch's context_parallel sharding")
+        out = context_parallel_attention(buf, buf, buf, causal=True, group=mesh.get_group())
+    close(unshard_sequence(out, 2), want, "cp inside torch's context_parallel: out")
+    close(buf, x, "buffer restored")
+
+
 # ------------------------------------------------------------------------------ driver
 def _worker(rank: int, port: int, out_dir: str, names: List[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
