@@ -11,7 +11,9 @@ through the op's log-sum-exp::
 
 (in float32). The next slice's send/receive (``isend`` /
 ``irecv``) is posted before the step's compute and waited on after it, so communication
-overlaps compute (gloo runs point-to-point transfers on its own threads).
+overlaps compute (gloo runs point-to-point transfers on its own threads; the transfers
+of a step are posted as one ``batch_isend_irecv``, which NCCL needs where two ranks send
+to each other).
 
 **Causal, load balanced** (:mod:`.layout`: rank r holds chunks r and 2N-1-r of 2N).
 :func:`step_calls` plans each step in chunk units: a query chunk sees the key chunks
@@ -127,16 +129,17 @@ class _Ring:
         of one rank passes ``send`` back as received."""
         if self.world == 1:
             return list(send), []
-        reqs, bufs = [], []
+        ops, bufs = [], []
         for i, (s, like) in enumerate(zip(send, recv_like)):
             if s is None:
                 bufs.append(None)
                 continue
             buf = torch.empty_like(like, memory_format=torch.contiguous_format)
-            reqs.append(dist.irecv(buf, self.prev, group=self.group, tag=tag + i))
-            reqs.append(dist.isend(s, self.next, group=self.group, tag=tag + i))
+            ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag + i))
+            ops.append(dist.P2POp(dist.isend, s, self.next, self.group, tag + i))
             bufs.append(buf)
-        return bufs, reqs
+        # one batch (not loose isend/irecv): NCCL needs it where two ranks send to each other
+        return bufs, dist.batch_isend_irecv(ops)
 
 
 def _wait(reqs) -> None:
