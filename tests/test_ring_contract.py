@@ -5,7 +5,7 @@
 and the chunk's *own* lse, and needs the backward to compute
 ``dS = P * (dP - rowsum(dout * out))`` with that given ``out`` (P being the chunk's own
 softmax, whether a path reads it from the lse or recomputes it). This checks it on every
-path that can run there, each confirmed through the dispatcher's plan, against a float64
+CPU path, each confirmed through the dispatcher's plan, against a float64
 formula: float32 on every CPU path (the ring runs half-precision chunk backwards on CPU in
 float32, because the bf16 path and the blocked path in half precision take the row sum
 from their own block), and the Triton kernels (interpreter). It also checks the ring's
@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from attnfuse.distributed.ring import ChunkCall, _chunk_weight, _merge, step_calls
+from attnfuse.distributed.ring import ChunkCall, _chunk_weight, _merge_into, step_calls
 from attnfuse.kernels import torch_impl, torch_runs
 
 
@@ -103,7 +103,7 @@ def test_merge_is_softmax_over_the_union():
     out, lse = (torch.zeros(2, 3, 5, 4, dtype=torch.float64),
                 torch.full((2, 3, 5), -math.inf, dtype=torch.float64))
     for o, l in parts:
-        out, lse = _merge(out, lse, o, l)
+        _merge_into(out, lse, o.clone(), l)
     want = torch.softmax(s, -1).nan_to_num(0.0) @ v
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(lse, torch.logsumexp(s, -1))
@@ -126,13 +126,14 @@ def test_step_calls_cover_the_causal_triangle_once():
                     src = (rank - s) % world
                     theirs = [src, 2 * world - 1 - src] if balanced else [src]
                     for c in step_calls(mine, theirs, causal=True):
+                        assert not c.diagonal or (c.q1 - c.q0, c.k1 - c.k0) == (1, 1), c
                         for a in mine[c.q0:c.q1]:
-                            for b in theirs[:c.k1]:
+                            for b in theirs[c.k0:c.k1]:
                                 assert (a, b) not in seen
-                                seen[(a, b)] = "diag" if (c.diagonal and b == theirs[c.k1 - 1]) else "full"
-                        work += (c.q1 - c.q0) * c.k1
+                                seen[(a, b)] = "diag" if c.diagonal else "full"
+                        work += (c.q1 - c.q0) * (c.k1 - c.k0)
                 if balanced:
                     assert work == 2 * world + 1, (world, rank, work)
             want = {(a, b): "diag" if a == b else "full" for a in range(n) for b in range(a + 1)}
             assert seen == want, (world, balanced)
-    assert step_calls([0, 3], [1, 2], causal=False) == [ChunkCall(0, 2, 2, False)]
+    assert step_calls([0, 3], [1, 2], causal=False) == [ChunkCall(0, 2, 0, 2, False)]

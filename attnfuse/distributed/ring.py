@@ -19,11 +19,11 @@ to each other).
 :func:`step_calls` plans each step in chunk units: a query chunk sees the key chunks
 before it in full, its own chunk causally (the diagonal) and nothing after it. In the
 load-balanced layout the visible key chunks of a slice are always a prefix of it, ending
-at the diagonal if present, so each query chunk needs one call, ``causal="bottom_right"``
-when the diagonal is in it: step 0 (own slice) runs the head chunk's diagonal and the tail
-chunk against both chunks; a step from a lower rank runs both query chunks against its
-head chunk; from a higher rank, the tail chunk against both. Every step after the first
-is two chunk pairs on every rank: equal work.
+at the diagonal if present: one unmasked call per query chunk over the chunks before it,
+and one top-left causal call for the diagonal (step 0: the head chunk's diagonal, the tail
+chunk against the head chunk, the tail chunk's diagonal); a step from a lower rank runs
+both query chunks against its head chunk in one call; from a higher rank, the tail chunk
+against both. Every step after the first is two chunk pairs on every rank: equal work.
 
 **Backward** (flash attention's, over the same ring). With the global ``out`` and ``lse``
 of each row, a chunk's share of the gradient is ``dS = P_glob * (dP - rowsum(dout *
@@ -64,11 +64,12 @@ __all__ = ["ChunkCall", "step_calls", "ring_attention"]
 
 class ChunkCall(NamedTuple):
     """One fused call of a ring step, in chunk units of the local slices: queries
-    ``[q0, q1)`` against keys ``[0, k1)``; ``diagonal``: the last key chunk is the query
-    chunk's own (run ``causal="bottom_right"``)."""
+    ``[q0, q1)`` against keys ``[k0, k1)``; ``diagonal``: one query chunk against itself
+    (run causally, top-left); otherwise every key is visible to every query."""
 
     q0: int
     q1: int
+    k0: int
     k1: int
     diagonal: bool
 
@@ -76,25 +77,26 @@ class ChunkCall(NamedTuple):
 def step_calls(q_chunks: Sequence[int], k_chunks: Sequence[int], causal: bool) -> List[ChunkCall]:
     """The calls one ring step needs, for a rank holding the query chunks ``q_chunks`` and
     a K/V slice of the key chunks ``k_chunks`` (natural-order chunk indices, ascending
-    within each slice, all chunks one size). Adjacent query chunks with the same full
-    (non-diagonal) key prefix share one call."""
+    within each slice, all chunks one size). Under ``causal``, a query chunk sees the key
+    chunks before it in full (one call over them: they are a prefix of the slice), its own
+    chunk causally (a call of its own, so that every call is square-causal or unmasked:
+    the CPU op's cheapest paths) and nothing after it. Adjacent query chunks with the same
+    full key prefix share one call."""
     if not causal:
-        return [ChunkCall(0, len(q_chunks), len(k_chunks), False)]
+        return [ChunkCall(0, len(q_chunks), 0, len(k_chunks), False)]
     calls: List[ChunkCall] = []
     for i, a in enumerate(q_chunks):
-        seen = [b <= a for b in k_chunks]
-        k1 = sum(seen)
-        if k1 == 0:
-            continue  # every key chunk comes after this query chunk
-        if not all(seen[:k1]):
-            raise AssertionError(f"visible key chunks {k_chunks} of query chunk {a} are not a prefix")
-        call = ChunkCall(i, i + 1, k1, k_chunks[k1 - 1] == a)
-        last = calls[-1] if calls else None
-        if (last is not None and last.q1 == i and last.k1 == k1 and not last.diagonal
-                and not call.diagonal):
-            calls[-1] = last._replace(q1=i + 1)
-        else:
-            calls.append(call)
+        full = sum(b < a for b in k_chunks)
+        if not all(b < a for b in k_chunks[:full]):
+            raise AssertionError(f"key chunks {k_chunks} seen by query chunk {a} are not a prefix")
+        if full:
+            last = calls[-1] if calls else None
+            if last is not None and not last.diagonal and last.q1 == i and last.k1 == full:
+                calls[-1] = last._replace(q1=i + 1)
+            else:
+                calls.append(ChunkCall(i, i + 1, 0, full, False))
+        if full < len(k_chunks) and k_chunks[full] == a:
+            calls.append(ChunkCall(i, i + 1, full, full + 1, True))
     return calls
 
 
@@ -148,16 +150,27 @@ def _wait(reqs) -> None:
 
 
 # ------------------------------------------------------------------------------ math
-def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor):
-    """(out, lse) of the softmax over the union of two disjoint key sets, from each one's
-    normalised output and log-sum-exp; rows that see no key in either stay (0, -inf)."""
+def _merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Merge one call's (``out``, ``lse``) into the running (``acc_out``, ``acc_lse``) in
+    place (views of the running tensors; ``out`` is consumed): the softmax over the union
+    of two disjoint key sets, from each one's normalised output and log-sum-exp. Rows
+    that see no key in either stay (0, -inf)."""
     lse = lse.to(acc_lse.dtype)
     new = torch.logaddexp(acc_lse, lse)
     dead = new == float("-inf")
     safe = new.masked_fill(dead, 0.0)
-    w_acc = torch.exp(acc_lse - safe).masked_fill(dead, 0.0)
-    w_new = torch.exp(lse - safe).masked_fill(dead, 0.0)
-    return acc_out * w_acc[..., None] + out.to(acc_out.dtype) * w_new[..., None], new
+    w_acc = torch.exp(acc_lse - safe).masked_fill_(dead, 0.0)
+    w_new = torch.exp(lse - safe).masked_fill_(dead, 0.0)
+    out = out.to(acc_out.dtype)
+    acc_out.mul_(w_acc[..., None]).add_(out.mul_(w_new[..., None]))
+    acc_lse.copy_(new)
+
+
+def _rows(t: Tensor, rows: slice) -> Tensor:
+    """Rows ``rows`` of ``t`` along the sequence, contiguous: the CPU op's fused path folds
+    a GQA query group into the row axis only through a view, which a row slice of a
+    longer tensor does not allow (it would fall back to the blocked path)."""
+    return t[:, :, rows].contiguous()
 
 
 def _chunk_weight(lse_chunk: Tensor, lse: Tensor) -> Tensor:
@@ -186,12 +199,12 @@ class _RingAttention(torch.autograd.Function):
             calls, n = _plan(rank, src, world, load_balanced, causal)
             cq, ck = q.shape[2] // n, k.shape[2] // n
             for c in calls:
-                rows = slice(c.q0 * cq, c.q1 * cq)
-                km = None if cur[2] is None else cur[2][:, :c.k1 * ck].bool()
+                rows, keys = slice(c.q0 * cq, c.q1 * cq), slice(c.k0 * ck, c.k1 * ck)
+                km = None if cur[2] is None else cur[2][:, keys].bool()
                 o, l = torch.ops.attnfuse.flash_attention(
-                    q[:, :, rows], cur[0][:, :, :c.k1 * ck], cur[1][:, :, :c.k1 * ck], None, scale,
-                    "bottom_right" if c.diagonal else "none", 0.0, softcap, None, impl, 0, km)
-                out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], o, l)
+                    _rows(q, rows), cur[0][:, :, keys], cur[1][:, :, keys], None, scale,
+                    "top_left" if c.diagonal else "none", 0.0, softcap, None, impl, 0, km)
+                _merge_into(out[:, :, rows], lse[:, :, rows], o, l)
                 step.append(l)
             saved_lse.append(step)
             _wait(reqs)
@@ -227,13 +240,13 @@ class _RingAttention(torch.autograd.Function):
             calls, n = _plan(rank, src, world, load_balanced, causal)
             cq, ck = q.shape[2] // n, k.shape[2] // n
             for c, l in zip(calls, ctx.saved_lse[s]):
-                rows, keys = slice(c.q0 * cq, c.q1 * cq), slice(0, c.k1 * ck)
+                rows, keys = slice(c.q0 * cq, c.q1 * cq), slice(c.k0 * ck, c.k1 * ck)
                 w = _chunk_weight(l, lse[:, :, rows])
                 dout_w = (dout[:, :, rows].to(acc_dt) * w[..., None]).to(cdt)
                 km = None if cur[2] is None else cur[2][:, keys].bool()
                 gq, gk, gv, _ = torch.ops.attnfuse.flash_attention_backward(
-                    dout_w, qc[:, :, rows], kc[:, :, keys], vc[:, :, keys], None,
-                    outc[:, :, rows], l, scale, "bottom_right" if c.diagonal else "none", 0.0,
+                    dout_w, _rows(qc, rows), kc[:, :, keys], vc[:, :, keys], None,
+                    _rows(outc, rows), l, scale, "top_left" if c.diagonal else "none", 0.0,
                     softcap, None, impl, False, 0, km)
                 dq[:, :, rows] += gq
                 dk[:, :, keys] += gk
