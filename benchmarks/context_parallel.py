@@ -9,7 +9,10 @@ memory is the rise of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over its resident set just before the first step, the inputs
 already allocated, after one step at length 64 that pays the one-time costs (lazy imports,
 thread pools, gloo buffers): the allocator then holds little freed memory, so the rise is
-mostly what the step itself needed; time is the median of ``--reps`` steps after it. On a
+mostly what the step itself needed (glibc's mmap threshold is pinned at 64 KiB,
+``MALLOC_MMAP_THRESHOLD_``, set here for every process, so that freed large tensors leave
+the resident set at once instead of staying in the heap, where the peak would count them
+again); time is the median of ``--reps`` steps after it. On a
 shared 2-core machine the two ranks share the cores: their times measure contention, not
 the speed-up of two machines; the memory column is the point.
 
@@ -95,6 +98,8 @@ def _rank(rank: int, world: int, strategy: str, port: int, length: int, reps: in
 
 
 def main() -> None:
+    # read by glibc at process start: the spawned ranks inherit it (see the docstring)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--reps", type=int, default=3)
@@ -113,7 +118,8 @@ def main() -> None:
                     with open(os.path.join(tmp, f"w{world}_{strategy}_l{length}_r{r}.tsv")) as f:
                         rows.append(f.read().strip())
     header = (f"# torch {torch.__version__}; causal GQA attention fwd+bwd, B={B} Hq={HQ} Hkv={HKV} D={D} fp32, "
-              "1 torch thread per process, gloo; shared 2-core machine (other jobs running)\n"
+              "1 torch thread per process, gloo, MALLOC_MMAP_THRESHOLD_="
+              f"{os.environ['MALLOC_MMAP_THRESHOLD_']}; shared 2-core machine (other jobs running)\n"
               "world\tstrategy\trank\tseq_len\tstep_ms\tpeak_rss_rise_MiB")
     text = header + "\n" + "\n".join(rows)
     print(text)
