@@ -305,9 +305,11 @@ def fsdp2(rank: int, mesh) -> None:
 
 @check
 def context_parallel(rank: int, mesh) -> None:
-    """context_parallel_attention over two ranks: causal with load balancing (and a window,
-    GQA, a padding key_mask), causal without load balancing, non-causal; outputs and the
-    gradients of q, k and v equal one process over the whole sequence (float64 reference)."""
+    """context_parallel_attention over two ranks, both strategies (the ring, and the
+    all-gather): causal with load balancing (GQA; a padding key_mask; a window, all-gather
+    only), causal without load balancing, non-causal with a mask and softcap, and bf16
+    through the ring; outputs and the gradients of q, k and v equal one process over the
+    whole sequence (float64 reference)."""
     from attnfuse.distributed import context_parallel_attention, shard_sequence, unshard_sequence
     from tests.reference import attention_reference
 
@@ -315,24 +317,59 @@ def context_parallel(rank: int, mesh) -> None:
     b, hq, hkv, l, d = 2, 4, 2, 16, 8
     km = torch.ones(b, l, dtype=torch.bool)
     km[1, -5:] = False
-    cases = [("causal-balanced", dict(causal=True), True, None),
-             ("causal-window-mask", dict(causal=True, window=5), True, km),
-             ("causal-contiguous", dict(causal=True), False, None),
-             ("full-mask", dict(), True, km)]
-    for name, kw, lb, mask in cases:
-        q = torch.randn(b, hq, l, d, requires_grad=True)
-        k, v = (torch.randn(b, hkv, l, d, requires_grad=True) for _ in range(2))
+    km[0, :3] = False
+    both = ("ring", "allgather")
+    cases = [("causal-balanced", dict(causal=True), True, None, both, torch.float32),
+             ("causal-balanced-mask", dict(causal=True), True, km, both, torch.float32),
+             ("causal-window-mask", dict(causal=True, window=5), True, km, ("allgather",), torch.float32),
+             ("causal-contiguous-mask", dict(causal=True), False, km, both, torch.float32),
+             ("full-mask-softcap", dict(softcap=3.0), True, km, both, torch.float32),
+             ("causal-balanced-bf16", dict(causal=True), True, km, ("ring",), torch.bfloat16)]
+    for name, kw, lb, mask, strategies, dtype in cases:
+        q = torch.randn(b, hq, l, d, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(b, hkv, l, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
         want = attention_reference(q, k, v, causal="top_left" if kw.get("causal") else "none",
-                                   window=kw.get("window", 0), key_mask=mask, dead_rows="zero")
+                                   window=kw.get("window", 0), softcap=kw.get("softcap", 0.0),
+                                   key_mask=mask, dead_rows="zero")
         dout = torch.randn_like(want)
         want.backward(dout)
-        mine = [shard_sequence(t.detach(), 2, rank, WORLD, lb).requires_grad_() for t in (q, k, v)]
-        local_mask = None if mask is None else shard_sequence(mask, 1, rank, WORLD, lb)
-        out = context_parallel_attention(*mine, key_mask=local_mask, load_balanced=lb, **kw)
-        out.backward(shard_sequence(dout.float(), 2, rank, WORLD, lb))
-        close(unshard_sequence(out.detach(), 2, load_balanced=lb), want, f"cp {name}: out")
-        for t, ref_t, what in zip(mine, (q, k, v), "qkv"):
-            close(unshard_sequence(t.grad, 2, load_balanced=lb), ref_t.grad, f"cp {name}: d{what}")
+        tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=4e-2, rtol=2e-2)
+        for strategy in strategies:
+            what = f"cp {name} ({strategy})"
+            mine = [shard_sequence(t.detach().to(dtype), 2, rank, WORLD, lb).requires_grad_()
+                    for t in (q, k, v)]
+            local_mask = None if mask is None else shard_sequence(mask, 1, rank, WORLD, lb)
+            out = context_parallel_attention(*mine, key_mask=local_mask, load_balanced=lb,
+                                             strategy=strategy, **kw)
+            assert out.dtype == dtype, f"{what}: out dtype {out.dtype}"
+            out.backward(shard_sequence(dout.to(dtype), 2, rank, WORLD, lb))
+            close(unshard_sequence(out.detach(), 2, load_balanced=lb), want, f"{what}: out", **tol)
+            for t, ref_t, x in zip(mine, (q, k, v), "qkv"):
+                close(unshard_sequence(t.grad, 2, load_balanced=lb), ref_t.grad, f"{what}: d{x}", **tol)
+    _raises(lambda: context_parallel_attention(*mine, causal=True, window=3, strategy="ring"),
+            "window", "allgather")
+
+
+@check
+def context_parallel_torch_cm(rank: int, mesh) -> None:
+    """Inside PyTorch's ``context_parallel`` context manager (which routes only its own
+    SDPA ops), the buffers it shards hold exactly :func:`shard_sequence`'s head-tail
+    slices, so ``context_parallel_attention`` on them (causal, the ring) equals one
+    process; the buffer is restored on exit."""
+    from torch.distributed.tensor.experimental import context_parallel
+
+    from attnfuse.distributed import context_parallel_attention, shard_sequence, unshard_sequence
+    from tests.reference import attention_reference
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 4, 16, 8)  # (B, H, L, D): q = k = v = x, sharded on dim 2
+    want = attention_reference(x, x, x, causal="top_left").float()
+    buf = x.clone()
+    with context_parallel(mesh, buffers=[buf], buffer_seq_dims=[2]):
+        close(buf, shard_sequence(x, 2, rank, WORLD), "torch's context_parallel sharding")
+        out = context_parallel_attention(buf, buf, buf, causal=True, group=mesh.get_group())
+    close(unshard_sequence(out, 2), want, "cp inside torch's context_parallel: out")
+    close(buf, x, "buffer restored")
 
 
 # ------------------------------------------------------------------------------ driver

@@ -1,95 +1,47 @@
 """Context parallelism: exact attention over a sequence sharded across a process group.
 
-Each of N ranks holds a slice of the sequence of q, k and v (and of a key-padding mask).
-:func:`context_parallel_attention` all-gathers K and V (and the mask) over the group and
-runs the fused op on the rank's own queries against the keys they can see; its backward
-sends each rank's dK/dV contributions back to the rank that owns those keys (a
-reduce-scatter: NCCL's, or an all-reduce and a slice where the backend has none, as gloo).
-No (L, L) score matrix exists anywhere; q, out and their gradients stay local.
+Each of N ranks holds a slice of the sequence of q, k and v (and of a key-padding mask),
+cut as :mod:`.layout` says (with **load balancing**, ``load_balanced=True``, the default:
+of 2N chunks rank r holds chunks r and 2N-1-r, a head and a tail, so under a causal mask
+every rank does the same work; :func:`shard_sequence` cuts a full tensor that way,
+:func:`unshard_sequence` puts the pieces back). :func:`context_parallel_attention` returns
+this rank's slice of the exact output, differentiable in q, k, v, by one of two strategies:
 
-Causal attention with **load balancing** (``load_balanced=True``, the default): the
-sequence is cut into 2N chunks and rank r holds chunks r and 2N-1-r (a head and a tail:
-:func:`shard_sequence` cuts a full tensor that way, :func:`unshard_sequence` puts the
-pieces back). Rank r's head queries see (r+1) chunks of keys and its tail queries 2N-r, so
-every rank computes (2N+1) chunk pairs: equal work. Each chunk runs as one fused call on
-the keys up to its own end with ``causal="bottom_right"`` (a sliding ``window`` works the
-same way). With ``load_balanced=False`` rank r holds the r-th contiguous slice (rank N-1
-then does N times the work of rank 0).
+- ``"ring"`` (:mod:`.ring`): K/V slices travel around a ring of ranks, each step's
+  partial output is merged through the op's log-sum-exp, the transfer of the next slice
+  overlapping the current step's compute; the backward passes K/V around again while the
+  dK/dV accumulators travel with them back to their owner. Each rank holds at most two
+  K/V slices: memory O(L/N) per rank.
+- ``"allgather"`` (this module): K and V (and the mask) are all-gathered, the fused op
+  runs once per query chunk on the keys it can see (``causal="bottom_right"``), and the
+  backward sends each rank's dK/dV contributions to their owners (a reduce-scatter:
+  NCCL's, or an all-reduce and a slice on gloo, which has none). One collective instead of
+  N-1 steps, and it takes a sliding ``window``; but every rank holds the whole K and V
+  (and dK, dV) during the step, O(L * Hkv * D), and nothing overlaps.
 
-Why all-gather rather than a ring: with GQA, K and V are Hq/Hkv times smaller than Q, and
-gathering them once costs the same volume per rank as passing them around a ring
-((N-1)/N of K and V received per rank, per step, forward; the same again as dK/dV in the
-backward), with one collective instead of N-1, and without merging partial outputs through
-their log-sum-exp. Such a merge would need the op's backward to take the *global* lse and
-output of each row (ring attention's backward); several of the CPU paths recompute their
-own softmax normaliser in the backward (the blocked and bf16 paths take no lse), so a merge
-through the op would give wrong gradients there. The price: each rank holds the whole
-K and V (O(L * Hkv * D)) for the step, while everything of size O(L * Hq * D) and the
-attention's work are split N ways. The all-gather is not overlapped with compute.
+``strategy="auto"`` (the default) takes the ring unless a ``window`` is given (the ring
+does not run windows): the point of context parallelism is memory per rank falling with
+N, which only the ring gives. The volume on the wire is the same in the forward (each
+rank receives (N-1)/N of K and V either way); see README "Distributed".
 
-Not supported (``ValueError``): dropout (keep-masks are a function of local indices),
-an additive bias; causal attention needs as many queries as keys (self-attention).
+Not supported (``ValueError``): dropout (keep-masks are a function of local indices), an
+additive bias; causal attention needs as many queries as keys (self-attention).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["context_parallel_attention", "shard_sequence", "unshard_sequence"]
+from .layout import natural_order, shard_sequence, unshard_sequence, world_and_rank
+from .ring import ring_attention
 
+__all__ = ["context_parallel_attention", "shard_sequence", "unshard_sequence", "STRATEGIES"]
 
-def _world(group) -> tuple:
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _chunk_owner_order(world: int, load_balanced: bool) -> List[int]:
-    """For each position in the concatenation of the ranks' slices (rank 0's pieces, then
-    rank 1's...), the index of the natural sequence chunk it holds."""
-    if not load_balanced:
-        return list(range(world))
-    order = []
-    for r in range(world):
-        order += [r, 2 * world - 1 - r]
-    return order
-
-
-def shard_sequence(x: Tensor, dim: int, rank: int, world: int, load_balanced: bool = True) -> Tensor:
-    """Rank ``rank``'s slice of the full tensor ``x`` along ``dim``: with load balancing, the
-    chunks ``rank`` and ``2 * world - 1 - rank`` of ``2 * world`` equal chunks, concatenated;
-    otherwise the ``rank``-th of ``world`` equal slices. The length must divide evenly."""
-    pieces = 2 * world if load_balanced else world
-    if x.shape[dim] % pieces:
-        raise ValueError(f"sequence length {x.shape[dim]} must be a multiple of {pieces} "
-                         f"({'2 * ' if load_balanced else ''}world size)")
-    chunks = x.chunk(pieces, dim)
-    if not load_balanced:
-        return chunks[rank]
-    return torch.cat([chunks[rank], chunks[2 * world - 1 - rank]], dim)
-
-
-def _natural_order(pieces: List[Tensor], world: int, load_balanced: bool, dim: int) -> Tensor:
-    """Concatenate the gathered per-rank slices (each split into its chunks) in sequence order."""
-    chunks = []
-    for p in pieces:
-        chunks += list(p.chunk(2, dim)) if load_balanced else [p]
-    order = _chunk_owner_order(world, load_balanced)
-    natural = [None] * len(chunks)
-    for pos, c in enumerate(order):
-        natural[c] = chunks[pos]
-    return torch.cat(natural, dim)
-
-
-def unshard_sequence(x: Tensor, dim: int, group=None, load_balanced: bool = True) -> Tensor:
-    """The full tensor from every rank's slice ``x`` (the inverse of :func:`shard_sequence`;
-    a collective: every rank of ``group`` calls it). Not differentiable."""
-    world, _ = _world(group)
-    pieces = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(pieces, x.contiguous(), group=group)
-    return _natural_order(pieces, world, load_balanced, dim)
+STRATEGIES = ("auto", "ring", "allgather")
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -98,11 +50,11 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, dim: int, group, load_balanced: bool) -> Tensor:
-        world, rank = _world(group)
+        world, rank = world_and_rank(group)
         ctx.dim, ctx.group, ctx.load_balanced, ctx.world, ctx.rank = dim, group, load_balanced, world, rank
         pieces = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(pieces, x.contiguous(), group=group)
-        return _natural_order(pieces, world, load_balanced, dim)
+        return natural_order(pieces, world, load_balanced, dim)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -123,7 +75,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None,
                                causal: bool = False, scale: Optional[float] = None,
                                softcap: float = 0.0, window: int = 0,
                                key_mask: Optional[Tensor] = None, load_balanced: bool = True,
-                               impl: str = "auto") -> Tensor:
+                               impl: str = "auto", strategy: str = "auto") -> Tensor:
     """Exact attention for this rank's queries over the whole sharded sequence.
 
     Args:
@@ -136,13 +88,16 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None,
         key_mask: None or this rank's slice (B|1, Lk/N) of a bool key-padding mask.
         load_balanced: how the slices were cut (must be the same on every rank).
         scale, softcap, impl: as :func:`attnfuse.flash_attention`.
+        strategy: ``"ring"`` (K/V passed around the ranks; memory per rank O(L/N)),
+            ``"allgather"`` (K/V gathered; takes a ``window``) or ``"auto"``: the ring,
+            unless ``window`` is set.
 
     Returns:
         (B, Hq, Lq/N, Dv): this rank's slice of the output. Differentiable in q, k, v.
     """
     from attnfuse.op import flash_attention
 
-    world, rank = _world(group)
+    world, rank = world_and_rank(group)
     if window and not causal:
         raise ValueError("window needs causal=True")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -153,8 +108,20 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None,
     if causal and load_balanced and q.shape[2] % 2:
         raise ValueError(f"with load balancing each rank holds two equal chunks: its local length "
                          f"{q.shape[2]} must be even")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "ring" and window:
+        raise ValueError("the ring strategy does not run a sliding window: use "
+                         "strategy='allgather' (or 'auto')")
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.dim() != 2
+                                 or key_mask.shape[1] != k.shape[2]):
+        raise ValueError(f"key_mask must be this rank's bool (B|1, {k.shape[2]}) slice, got "
+                         f"{key_mask.dtype} of shape {tuple(key_mask.shape)}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if strategy == "ring" or (strategy == "auto" and not window):
+        return ring_attention(q, k, v, group=group, causal=causal, scale=scale, softcap=softcap,
+                              key_mask=key_mask, load_balanced=load_balanced, impl=impl)
     k_all = _GatherSequence.apply(k, 2, group, load_balanced)
     v_all = _GatherSequence.apply(v, 2, group, load_balanced)
     mask_all = None
