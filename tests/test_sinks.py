@@ -202,3 +202,44 @@ def test_triton_huge_negative_rows_rebuild_their_statistics_with_the_sink():
     bias[:, 0] = torch.finfo(torch.float32).min
     out = _check(q, k, v, sinks, bias, impl="triton")
     assert out[0, 0].abs().max() == 0
+
+
+# --------------------------------------------------------- inlined and exported lowering
+def test_inline_attention_with_sinks_matches_the_reference():
+    """The aten form the backend hands Inductor for small CPU calls (and export lowers
+    to): the sink column concatenated and sliced off, with autograd's gradients."""
+    from attnfuse.kernels.torch_inline import inline_attention
+
+    q, k, v, sinks = _inputs(2, 4, 2, 7, 9, 8, torch.float32)
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[1] = False
+    out, lse = inline_attention(q, k, v, None, 8 ** -0.5, "top_left", 0.0, 0.0, None, "torch",
+                                0, key_mask, sinks)
+    ref, ref_lse = sink_reference(q, k, v, sinks, causal="top_left", key_mask=key_mask)
+    assert_close_rel(out, ref, 2e-5, "out")
+    assert_close_rel(lse, ref_lse, 2e-5, "lse")
+    got = torch.autograd.grad(out.sum(), (q, k, v, sinks))
+    want = torch.autograd.grad(ref.sum(), (q, k, v, sinks))
+    for name, a, e in zip("q k v sinks".split(), got, want):
+        assert_close_rel(a, e, 5e-5, f"d{name}")
+
+
+class _SinkCall(torch.nn.Module):
+    def __init__(self, heads: int):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(heads))
+
+    def forward(self, q, k, v):
+        return flash_attention(q, k, v, causal=True, sinks=self.sinks)
+
+
+def test_export_lowering_keeps_the_sinks():
+    import attnfuse.export as afx
+
+    model = _SinkCall(4).eval()
+    q, k, v, _ = _inputs(1, 4, 2, 6, 6, 8, torch.float32)
+    inputs = tuple(t.detach() for t in (q, k, v))
+    lowered = afx.lower_to_aten(torch.export.export(model, inputs))
+    assert not afx.fused_calls(lowered)
+    ref, _ = sink_reference(*inputs, model.sinks.detach(), causal="top_left")
+    assert_close_rel(lowered.module()(*inputs), ref, 2e-5, "lowered out")
