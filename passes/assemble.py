@@ -227,6 +227,24 @@ def _right_tags(n: fx.Node, stags: List, what: str) -> List:
     return [None if A.is_one(x) else stags[r - len(s) + j] for j, x in enumerate(s)]
 
 
+def _sinks_view(sink, ctx, ob) -> View4:
+    """The sink column's source (:mod:`.sinks`) in op order, proven to be one logit per
+    head: it may vary along the op's head axis only (not the batch, queries or keys)."""
+    tags = ctx["tags"].get(sink.scores)
+    if tags is None:
+        raise Miss("unsupported_op", f"sinks {sink.source.name}: the axes of {sink.scores.name} are unknown",
+                   sink.cat)
+    view = build_view(sink.source, _right_tags(sink.source, tags, "sinks"), ob + ["q", None], "sinks")
+    if view.groups != (1, 1):
+        raise Miss("unsupported_op", f"sinks {sink.source.name} on scores with more than two batch axes",
+                   sink.cat)
+    for i, what in ((0, "batch"), (2, "query"), (3, "key")):
+        if view.axes[i] is not None:
+            raise Miss("unsupported_op", f"sinks {sink.source.name} vary along the {what} axis of the scores "
+                                         f"(the op takes one sink logit per head)", sink.cat)
+    return view
+
+
 def _pv_roles(pspec, p_node, ptags, kview_tags_fn):
     if pspec.a is p_node and pspec.b is not p_node:
         lp, lv, v_node = pspec.la, pspec.lb, pspec.b
@@ -340,6 +358,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     causal = ms.causal
     row_zero = [(BA.complete(build_view(c, ctags, ob + ["q", None], "row fill"), refs), zero_when)
                 for c, ctags, zero_when in ctx.get("row_fills", ())]
+    sinks = _sinks_view(ctx["sink"], ctx, ob) if ctx.get("sink") is not None else None
     # output: op (B, H, Lq, Dv) -> (split batch axes, when merged) -> P·V layout
     op_out = slot_tags(ob + ["q", "dv"])[0]
     squeeze = tuple(i for i in (1, 0) if op_out[i] is None)
@@ -363,7 +382,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         window=ms.window, key_masks=ms.key_masks, fixup=ms.fixup,
         fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + dropped + [
             f"{c.name}: rows of P filled with 0, applied to the output" for c, _, _ in ctx.get("row_fills", ())],
-        row_zero=row_zero,
+        row_zero=row_zero, sinks=sinks,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
         location=location_of(sm) or location_of(pv),
         info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq,
