@@ -23,7 +23,7 @@ from attnfuse.passes.breaks import probs_to_output, scores_from_input
 from attnfuse.passes.decomposed import product_above, product_below
 from attnfuse.passes.rowfill import row_fill
 from attnfuse.passes.shift import row_max
-from attnfuse.passes.sinks import drops_sink_column, is_full_slice, sink_cat
+from attnfuse.passes.sinks import drops_sink_column, is_full_slice, is_slice, sink_cat
 from attnfuse.passes.sliceadd import slice_add
 from attnfuse.passes.types import AttentionMatch, NearMiss, Result, Term, Miss as _Miss, location_of
 
@@ -318,6 +318,9 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
                 chain.append(u)
                 cur = u
                 continue
+            if u.args and u.args[0] is cur and is_slice(u):
+                raise _Miss("after_softmax", f"{u.name} slices the probabilities but does not drop exactly "
+                                             f"the sink column of {sink.cat.name} (the sink has no value row)", u)
         if sink is not None and is_full_slice(u) and u.args[0] is cur:  # make_fx's no-op slice
             chain.append(u)
             cur = u

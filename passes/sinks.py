@@ -18,7 +18,8 @@ drops exactly the sink column, in the torch-level and aten dialects):
   (through casts and a max shift over the concatenated axis) and peels the column back
   to its source through expands and casts (:class:`SinkCat`);
 - :func:`drops_sink_column` says whether a node between the softmax and P·V slices off
-  exactly the sink column; :func:`is_full_slice` recognises make_fx's no-op slices.
+  exactly the sink column; :func:`is_slice` / :func:`is_full_slice` recognise slices and
+  make_fx's no-op slices.
 
 What the matcher still proves (:mod:`.match`, :mod:`.assemble`): that the concatenated
 axis is the key axis of the scores (the softmax's axis), that the source varies along
@@ -211,6 +212,13 @@ def _aten_slice(n: fx.Node) -> Optional[Tuple[int, Any, Any, Any]]:
     end = n.kwargs.get("end", end)
     step = n.kwargs.get("step", 1 if step is None else step)
     return dim, start, end, step
+
+
+def is_slice(n: fx.Node) -> bool:
+    """``x[...]`` with slices only, or an ``aten.slice``."""
+    return _aten_slice(n) is not None or (
+        n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2 and
+        isinstance(n.args[0], fx.Node) and _getitem_slices(n, A.rank(n.args[0]) or 0) is not None)
 
 
 def is_full_slice(n: fx.Node) -> bool:
