@@ -101,8 +101,10 @@ def _staged_shapes(term: fx.Node, stage_shape, sshape, dynamic_ok: bool, where: 
     return tuple(st), tuple(-1 if x is None else x for x in co)
 
 
-def _score_items(items, spec, stags0=None) -> Dict:
-    """Validate the order of score changes and fold them."""
+def _score_items(items, spec, stags0=None, with_sink: bool = False) -> Dict:
+    """Validate the order of score changes and fold them. ``with_sink``: a sink column is
+    concatenated to these scores (:mod:`.sinks`), so a shift of the scores alone is no
+    longer a softmax no-op (it moves them against the sink)."""
     seq = []
     if getattr(spec, "alpha_node", None) is not None:  # baddbmm's run-time alpha scales the product only
         seq.append((None, "dscale", (spec.alpha_node, "mul")))
@@ -128,6 +130,10 @@ def _score_items(items, spec, stags0=None) -> Dict:
             stage = _view_stage(node, stage, stags0, spec)
             continue
         if kind in ("shift", "rowshift"):  # a constant, or a row maximum (match._prove_row_shifts)
+            if with_sink:
+                what = "adds a constant to" if kind == "shift" else "subtracts a row maximum from"
+                raise Miss("unsupported_op", f"{where.name} {what} the scores before the sink column is "
+                                             f"concatenated: a shift against the sink, not a softmax no-op", where)
             if has_softcap and phase == 0:
                 what = "constant added" if kind == "shift" else "row maximum subtracted"
                 raise Miss("unsupported_op", f"{where.name}: {what} before the softcap", where)
@@ -282,7 +288,7 @@ def _pv_roles(pspec, p_node, ptags, kview_tags_fn):
 
 def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags, pchain, dropout_p, ctx):
     gm = ctx["gm"]
-    folded = _score_items(items, spec, stags)
+    folded = _score_items(items, spec, stags, with_sink=ctx.get("sink") is not None)
     r = len(stags)
     batch = [t for t in stags if t not in ("q", "k")]
     feat = roles["feat"]
@@ -332,7 +338,9 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             sshape_to = sshape
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
-            if kind == "float" and pad is None and _key_constant_count(n, tags, where, gm):
+            # (with a sink column such a term shifts the scores against the sink: kept)
+            if kind == "float" and pad is None and ctx.get("sink") is None and \
+                    _key_constant_count(n, tags, where, gm):
                 dropped.append(f"{n.name}: an integer/bool term constant along the keys, a softmax no-op")
                 continue
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
