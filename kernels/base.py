@@ -6,7 +6,9 @@ launcher (``triton_*``) both rely on, and nothing else: the -inf of masked logit
 the causal diagonal's offset (:func:`causal_offset`), the key band a block of rows can
 see (:func:`band_kmin` / :func:`band_kmax`), the per-batch key bounds of a key_mask
 (:func:`key_bounds`), the compute dtype of the CPU paths, the compact view of an
-expanded bias, and the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`).
+expanded bias, the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`), and the
+algebra of attention sinks (:func:`add_sinks`: a result without sinks corrected from its
+own lse; :func:`sinks_grad`: the sinks' gradient from the lse and rowsum(dO·O)).
 
 It imports no sibling module: every other module in ``kernels/`` may import it, and it
 is the bottom of the house (``tests/test_kernels_layout.py`` checks that).
