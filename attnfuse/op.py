@@ -304,17 +304,20 @@ def flash_attention_backward_op(
     backend = _backend(impl, q.device)
     dout = dout.contiguous()
     extra = {} if sinks is None else {"sinks": sinks}
-    dq, dk, dv, dbias = backend.backward(
+    grads = backend.backward(
         dout, q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
         dropout_p=float(dropout_p), softcap=float(softcap), seed=_seed_int(seed, dropout_p),
         need_dbias=need_dbias, window=int(window), key_mask=key_mask, **extra,
     )
+    dq, dk, dv, dbias = grads[:4]
     if dbias is None:
         dbias = q.new_empty((0,))
     else:
         dbias = dbias.reshape(bias.shape).contiguous()
     if sinks is None:
         dsinks = q.new_empty((0,))
+    elif len(grads) > 4:  # the backend reduced it from its own delta (the Triton one)
+        dsinks = grads[4]
     else:  # delta = rowsum(dO·O), the row term the backward kernels use too
         delta = (dout.float() * out.float()).sum(-1)
         dsinks = sinks_grad(sinks, lse, delta)

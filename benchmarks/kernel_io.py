@@ -75,8 +75,8 @@ query head): bytes read and written per kernel.  The sink is merged once per row
 the key loop, so the kernels read 4 bytes more per program (the head's sink) and nothing
 more per tile; the backward kernels are the plain ones (the sink is in the lse), except
 the preprocess's rare recompute path, not taken here.  The sinks' own gradient is a torch
-reduction in the op (``base.sinks_grad``: it reads dO, O and the lse once more), listed
-as "dsinks (torch)".
+reduction in the launcher (``base.sinks_grad`` over the preprocess's delta and the lse:
+8 bytes per row), listed as "dsinks (torch)".
 
 Decode shapes (``--decode-sizes``): B = 1, Hq = 8, Hkv = 2 (GQA groups of 4), Lq in
 ``--decode-lq``, Lk = N, fp16, causal bottom-right.  The flash-decoding path
@@ -330,9 +330,9 @@ def _sinks_table(sizes, decode_sizes, d, dtype, es, causal):
             worst = max(worst, sr - pr)
             print(f"{lq:>6} {lk:>6} {p + ('(dec)' if decode else ''):<6} {pr:>12,} {sr:>12,} "
                   f"{pw:>12,} {sw:>12,} {sr - pr:>10,} {programs:>8,}")
-        if not decode:  # the op's torch reduction for dsinks: dO, O (es each) and lse (fp32)
-            print(f"{lq:>6} {lk:>6} {'dsinks (torch)':<14} reads {B * Hq * lq * (2 * es * d + 4):,} "
-                  f"bytes (dO, O, lse), writes {4 * Hq:,}")
+        if not decode:  # the launcher's torch reduction for dsinks: delta and lse (fp32 each)
+            print(f"{lq:>6} {lk:>6} {'dsinks (torch)':<14} reads {B * Hq * lq * 8:,} "
+                  f"bytes (the preprocess's delta, lse), writes {4 * Hq:,}")
     print(f"largest extra read of a sink kernel: {worst:,} bytes (4 per program: the head's sink)")
     return worst
 

@@ -20,7 +20,8 @@ Fully masked rows (lse = -inf) get P = 0, hence zero gradients.
 Attention sinks need nothing here beyond the forward's lse (it includes the sink, so P
 rebuilt from it is the sink-aware P, and delta = rowsum(dO∘O) is unchanged): only the
 preprocess kernel's rare recompute path merges the sink into the rebuilt statistics.
-The sinks' own gradient, ``-Σ exp(sink - lse)·delta``, is a torch reduction in the op.
+The sinks' own gradient, ``-Σ exp(sink - lse)·delta``, is a torch reduction over this delta
+in the launcher (``triton_flash.backward``).
 
 Structure (causal, window, key_mask) is handled as in the forward (``triton_fwd``):
 the dQ kernel and the preprocess recompute visit only the key blocks of the band of

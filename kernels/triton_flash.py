@@ -40,6 +40,7 @@ from .triton_launch import (LOG2E, _bias_args, _common, _dot_precision,  # noqa:
                             _head_dim_class, _interpreted, _is_fp32, _key_mask_args,
                             _no_key_result, _seed, _sinks_args, _strides, _structure,
                             device_error, padded_head_dim)
+from .base import sinks_grad
 from .triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .triton_fwd import _attn_fwd
 
@@ -249,7 +250,9 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     zero gradients, and so do masked keys.  With ``sinks``, ``out`` and ``lse`` are the
     forward's (the sink included) and the kernels are the plain ones (P rebuilt from that
     lse is the sink-aware P); only the preprocess's rare recompute path merges the sink.
-    The sinks' gradient is computed by the op (``base.sinks_grad``).
+    With ``sinks`` a fifth value is returned, the sinks' gradient (``base.sinks_grad``),
+    reduced in torch from the preprocess's delta and the lse (8 bytes per row, not another
+    pass over dO and O).
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -316,6 +319,8 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
         float(dropout_p), seed, DROPOUT=dropout, NEED_DS=want_ds, **consts, **meta,
     )
     dbias = _reduce_dbias(ds, bias) if want_ds else None
+    if has_sinks:  # delta = rowsum(dO·O) from the preprocess: no second pass over dO, O
+        return dq, dk, dv, dbias, sinks_grad(sinks, lse, delta)
     return dq, dk, dv, dbias
 
 
