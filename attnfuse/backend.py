@@ -267,10 +267,12 @@ def _inline_small_calls_in(gm: fx.GraphModule) -> int:
         q, k = a["q"], a["k"]
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
             continue  # no recorded example value: the shapes are unknown here
-        if any(isinstance(bound.arguments[n], fx.Node) and a[n] is None for n in ("bias", "key_mask")):
+        if any(isinstance(bound.arguments.get(n), fx.Node) and a.get(n) is None
+               for n in ("bias", "key_mask", "sinks")):
             continue
         training = torch.is_grad_enabled() and any(
-            isinstance(a[n], torch.Tensor) and a[n].requires_grad for n in ("q", "k", "v", "bias"))
+            isinstance(a.get(n), torch.Tensor) and a[n].requires_grad
+            for n in ("q", "k", "v", "bias", "sinks"))
         if a["impl"] == "triton" or not torch_inline.inline_applicable(
                 tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
                 scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],

@@ -12,7 +12,8 @@ attnfuse, and Inductor compiles the attention into its own kernels (the (Lq, Lk)
 exist there, as in the unfused graph; the op's Triton kernels are not in the package).
 :func:`aoti_package` lowers and packages in one call.
 
-Refused before anything is compiled, with a ``ValueError`` naming the call: dropout
+Attention sinks lower as gpt-oss writes them (the sink column concatenated to the
+scores, sliced off after the softmax). Refused before anything is compiled, with a ``ValueError`` naming the call: dropout
 (its keep-mask comes from a seed drawn at run time, a Python-side generator).
 """
 from __future__ import annotations
@@ -50,11 +51,11 @@ def _check_lowerable(ep: "torch.export.ExportedProgram") -> None:
 
 
 def _decomposition(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
-                   seed=None, impl="auto", window=0, key_mask=None):
+                   seed=None, impl="auto", window=0, key_mask=None, sinks=None):
     from attnfuse.kernels import torch_inline
 
     return torch_inline.inline_attention(q, k, v, bias, scale, causal, dropout_p, softcap, seed,
-                                         impl, window, key_mask)
+                                         impl, window, key_mask, sinks)
 
 
 def lower_to_aten(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":

@@ -29,6 +29,11 @@ Semantics, for q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)::
 - A row whose logits are all ``-inf`` (or that sees no key) gives 0 (eager PyTorch gives NaN) and a
   zero gradient. A row of large finite negatives (``finfo.min`` masks) gives the
   same uniform average as eager.
+- ``sinks`` (float, (Hq,)): attention sinks (gpt-oss, x-transformers' learned sink):
+  one extra logit per query head in every row's softmax denominator, with no value
+  row: ``p_ij = exp(s_ij) / (exp(sink_h) + Σ_j exp(s_ij))``. The lse includes it, a row
+  that sees no key attends only to its sink (out = 0, lse = sink), and the sinks get a
+  gradient: ``dsink_h = -Σ_{b,i} exp(sink_h - lse_bhi) · rowsum(dO·O)_bhi``.
 - Dropout keeps each probability with chance ``1 - dropout_p`` and scales kept
   ones by ``1 / (1 - dropout_p)``; the keep-mask is a pure function of a seed
   drawn from torch's default generator, so the backward regenerates the
@@ -44,6 +49,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from attnfuse.kernels.base import add_sinks, sinks_grad
+
 CAUSAL_ALIGNMENTS = ("none", "top_left", "bottom_right")
 IMPLS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256
@@ -58,7 +65,8 @@ def _shape(t: Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, key_mask=None) -> None:
+def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, key_mask=None,
+             sinks=None) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the argument for bad input."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -123,6 +131,21 @@ def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, k
         if key_mask.dim() != 2 or key_mask.shape[0] not in (1, B) or key_mask.shape[1] != Lk:
             raise ValueError(f"key_mask must have shape (B, Lk) = ({B}, {Lk}) or (1, {Lk}), "
                              f"got {_shape(key_mask)}")
+    if sinks is not None:
+        _validate_sinks(sinks, q)
+
+
+def _validate_sinks(sinks, q: Tensor) -> None:
+    """``sinks``: a float tensor of one logit per query head, (Hq,), on q's device."""
+    if not isinstance(sinks, Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    if not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must be a float tensor (one logit per query head), got {sinks.dtype}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+    if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+        raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), one logit per query "
+                         f"head, got {_shape(sinks)}")
 
 
 def _causal_str(causal: Union[bool, str]) -> str:
@@ -179,13 +202,14 @@ def _seed_int(seed: Optional[Tensor], dropout_p: float) -> int:
 SEED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask) -> None:
+def validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
+                     sinks=None) -> None:
     """Everything the graph-level op checks, raised before any kernel runs: :func:`validate`,
     the dropout seed, and whether ``impl`` runs on the inputs' device. The real kernel and
     the fake (tracing) kernel both run it, so a call the fake kernel accepts also runs for
     real (tests/test_op_contract.py checks this over the argument space), and a bad call
     fails when the graph is traced, not at its first run."""
-    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask)
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks)
     if dropout_p > 0.0 and (not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype not in SEED_DTYPES):
         got = type(seed).__name__ if not isinstance(seed, Tensor) else f"{seed.dtype} of shape {_shape(seed)}"
         raise ValueError(f"dropout_p > 0 needs a seed tensor (int64, 0-d), got {got}")
@@ -215,17 +239,24 @@ def flash_attention_op(
     impl: str = "auto",
     window: int = 0,
     key_mask: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention; returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32, natural log)."""
-    validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask)
+    validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
+                     sinks)
     seed_int = _seed_int(seed, dropout_p)
     if _is_empty(q, k):
         out = q.new_zeros(q.shape[:3] + (v.shape[3],))
-        return out, q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.float32)
+        if sinks is not None and q.numel():  # no key: every row attends only to its sink
+            out, lse = add_sinks(out, lse, sinks)
+        return out, lse
     backend = _backend(impl, q.device)
+    # the sinks are passed only when given: backends written before them keep working
+    extra = {} if sinks is None else {"sinks": sinks}
     out, lse = backend.forward(
         q, k, v, _bias_4d(bias), scale=float(scale), causal=causal, dropout_p=float(dropout_p),
-        softcap=float(softcap), seed=seed_int, window=int(window), key_mask=key_mask,
+        softcap=float(softcap), seed=seed_int, window=int(window), key_mask=key_mask, **extra,
     )
     # The fake kernel promises contiguous outputs (Inductor asserts strides against it);
     # some paths (e.g. PyTorch's CPU SDPA) return other layouts.
@@ -234,8 +265,9 @@ def flash_attention_op(
 
 @flash_attention_op.register_fake
 def _flash_attention_fake(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
-                          seed=None, impl="auto", window=0, key_mask=None):
-    validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask)
+                          seed=None, impl="auto", window=0, key_mask=None, sinks=None):
+    validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
+                     sinks)
     B, Hq, Lq, _ = q.shape
     out = q.new_empty((B, Hq, Lq, v.shape[3]))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -260,31 +292,45 @@ def flash_attention_backward_op(
     need_dbias: bool,
     window: int = 0,
     key_mask: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dbias); dbias has bias's shape, or is empty unless ``need_dbias``."""
+    sinks: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias, dsinks); dbias has bias's shape, or is empty unless
+    ``need_dbias``; dsinks has the sinks' shape and dtype, or is empty without sinks."""
     if _is_empty(q, k):
         dbias = torch.zeros_like(bias) if need_dbias else q.new_empty((0,))
+        dsinks = torch.zeros_like(sinks) if sinks is not None else q.new_empty((0,))
         return (q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape),
-                dbias.contiguous())
+                dbias.contiguous(), dsinks)
     backend = _backend(impl, q.device)
-    dq, dk, dv, dbias = backend.backward(
-        dout.contiguous(), q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
+    dout = dout.contiguous()
+    extra = {} if sinks is None else {"sinks": sinks}
+    grads = backend.backward(
+        dout, q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
         dropout_p=float(dropout_p), softcap=float(softcap), seed=_seed_int(seed, dropout_p),
-        need_dbias=need_dbias, window=int(window), key_mask=key_mask,
+        need_dbias=need_dbias, window=int(window), key_mask=key_mask, **extra,
     )
+    dq, dk, dv, dbias = grads[:4]
     if dbias is None:
         dbias = q.new_empty((0,))
     else:
         dbias = dbias.reshape(bias.shape).contiguous()
+    if sinks is None:
+        dsinks = q.new_empty((0,))
+    elif len(grads) > 4:  # the backend reduced it from its own delta (the Triton one)
+        dsinks = grads[4]
+    else:  # delta = rowsum(dO·O), the row term the backward kernels use too
+        delta = (dout.float() * out.float()).sum(-1)
+        dsinks = sinks_grad(sinks, lse, delta)
     # contiguous, as the fake kernel promises (Inductor asserts strides against it)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias, dsinks
 
 
 @flash_attention_backward_op.register_fake
 def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed,
-                                   impl, need_dbias, window=0, key_mask=None):
+                                   impl, need_dbias, window=0, key_mask=None, sinks=None):
     dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
 
 
 def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -296,9 +342,10 @@ def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask = inputs
+    q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(*map(_savable, (q, k, v, bias)), out, lse, *map(_savable, (seed, key_mask)))
+    ctx.save_for_backward(*map(_savable, (q, k, v, bias)), out, lse,
+                          *map(_savable, (seed, key_mask, sinks)))
     ctx.args = (scale, causal, dropout_p, softcap, impl, window)
     ctx.bias_is_float = bias is not None and bias.dtype.is_floating_point
     ctx.mark_non_differentiable(lse)
@@ -306,14 +353,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     # lse is marked non-differentiable: only ``out`` carries a gradient.
-    q, k, v, bias, out, lse, seed, key_mask = ctx.saved_tensors
+    q, k, v, bias, out, lse, seed, key_mask, sinks = ctx.saved_tensors
     scale, causal, dropout_p, softcap, impl, window = ctx.args
     need_dbias = bool(ctx.bias_is_float and ctx.needs_input_grad[3])
-    dq, dk, dv, dbias = flash_attention_backward_op(
+    dq, dk, dv, dbias, dsinks = flash_attention_backward_op(
         dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl, need_dbias,
-        window, key_mask,
+        window, key_mask, sinks,
     )
-    return (dq, dk, dv, (dbias if need_dbias else None)) + (None,) * 8
+    need_dsinks = sinks is not None and ctx.needs_input_grad[12]
+    return ((dq, dk, dv, (dbias if need_dbias else None)) + (None,) * 8
+            + ((dsinks if need_dsinks else None),))
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -350,6 +399,7 @@ def flash_attention(
     impl: str = "auto",
     window: int = 0,
     key_mask: Optional[Tensor] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused attention ``dropout(softmax(mask(softcap(scale·q·kᵀ) + bias))) · v``.
 
@@ -371,21 +421,23 @@ def flash_attention(
         window: sliding window (needs ``causal``): query i sees at most ``window``
             keys, ``i + off - window < j <= i + off``; 0 (default) turns it off.
         key_mask: None or a bool (B, Lk) / (1, Lk) key-padding mask, True = visible.
+        sinks: None or a float (Hq,) tensor of attention-sink logits (gpt-oss): each
+            joins its head's softmax denominators and has no value row; differentiable.
 
     Returns:
         (B, Hq, Lq, Dv) in q's dtype. Rows whose logits are all ``-inf``, or that see
-        no key, give 0.
+        no key, give 0 (with sinks too: such a row attends only to its sink).
     """
     if scale is None and isinstance(q, Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1])
     causal = _causal_str(causal)
-    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask)
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks)
     if type(q) is not Tensor:  # a DTensor needs the op's sharding rules
         register_dtensor_rules_if_loaded()
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = torch.ops.attnfuse.flash_attention(
-        q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask
+        q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks
     )
     return out

@@ -242,6 +242,7 @@ def to_dict(report: Any, context: Optional[GraphContext] = None) -> dict:
             "window": int(getattr(f, "window", 0)), "key_mask": getattr(f, "key_mask", ""),
             "structure": _structure(f), "masks": list(getattr(f, "masks", [])),
             "empty_row_fixup": bool(getattr(f, "empty_row_fixup", False)), "bias": f.bias,
+            "sinks": getattr(f, "sinks", ""),
             "gqa": f.gqa, "dropout_p": float(f.dropout_p), "softcap": float(f.softcap),
             "dtype": d.dtype, "probs_dtype": d.probs_dtype, "scores_shape": d.scores_shape,
             "memory_bytes_per_call": d.memory_bytes_per_call, "memory_note": d.memory_note,

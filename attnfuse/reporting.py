@@ -28,6 +28,7 @@ JSON schema ``attnfuse.report/1`` (:func:`to_json`; one object)::
                                         structure (no (Lq, Lk) tensor read)
         masks           list[str]       per mask term: the structure it became, or why it stayed a tensor
         empty_row_fixup bool            rows that see no key get eager's finite-fill uniform average
+        sinks           str             "" or the graph node passed as sinks (one logit per head)
         bias            str             "none" or the bias/mask terms still passed as a tensor
         gqa             str             "" or how K/V repeats were undone
         dropout_p       float
@@ -101,6 +102,8 @@ def to_text(report: Any, context: Optional[GraphContext] = None) -> str:
             if f["key_mask"]:
                 rec.append(f"key_mask={f['key_mask']}")
             rec.append(f"bias={f['bias']}")
+            if f.get("sinks"):
+                rec.append(f"sinks={f['sinks']}")
             if f["empty_row_fixup"]:
                 rec.append("empty-row fix-up")
             if f["gqa"]:

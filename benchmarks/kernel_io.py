@@ -4,6 +4,7 @@ against the minimum, FlashAttention-2's IO model for the same tiles, and unfused
     .venv/bin/python benchmarks/kernel_io.py [--sizes 256,512,1024] [--dim 64] [--causal]
                                              [--padded 0.4]
                                              [--decode-sizes 4096,16384] [--decode-lq 1,16]
+                                             [--sinks]
 
 Counting: every ``tl.load`` / ``tl.store`` executed by the interpreter is intercepted and
 the bytes of its masked-in elements are added up per kernel (each program's loads are
@@ -66,6 +67,16 @@ of the forward model above (Q once, the visited K_j, V_j) for the real keys only
 and the visited pairs counted over the first Lk·(1 - F) keys: what a varlen FA2 reads);
 our forward also reads the key mask (1 byte per key it visits) and 8 bytes of key
 bounds per program.
+
+Attention sinks (``--sinks``, replaces the other tables): the training shapes (B = 1,
+Hq = 4, Hkv = 2, fp16, causal with ``--causal``) and one decode shape per
+``--decode-sizes`` (Lq = 1) run twice, without and with ``sinks`` (one fp32 logit per
+query head): bytes read and written per kernel.  The sink is merged once per row after
+the key loop, so the kernels read 4 bytes more per program (the head's sink) and nothing
+more per tile; the backward kernels are the plain ones (the sink is in the lse), except
+the preprocess's rare recompute path, not taken here.  The sinks' own gradient is a torch
+reduction in the launcher (``base.sinks_grad`` over the preprocess's delta and the lse:
+8 bytes per row), listed as "dsinks (torch)".
 
 Decode shapes (``--decode-sizes``): B = 1, Hq = 8, Hkv = 2 (GQA groups of 4), Lq in
 ``--decode-lq``, Lk = N, fp16, causal bottom-right.  The flash-decoding path
@@ -277,6 +288,55 @@ def _padded_table(sizes, d, dtype, es, causal, padded):
         print(f"      after, per kernel/kind: {per}  ({secs:.1f}s in the interpreter)")
 
 
+def _sinks_table(sizes, decode_sizes, d, dtype, es, causal):
+    B, Hq, Hkv = 1, 4, 2
+    mode = "top_left" if causal else "none"
+    print(f"sinks: B={B} Hq={Hq} Hkv={Hkv} d=dv={d} fp16{', causal top-left' if causal else ''}; "
+          f"bytes counted in the interpreter with the first GPU config of each list")
+    hdr = f"{'Lq':>6} {'Lk':>6} {'pass':<6} {'plain read':>12} {'sinks read':>12} {'plain write':>12} " \
+          f"{'sinks write':>12} {'extra read':>10} {'programs':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    worst = 0
+    shapes = [(n, n, False) for n in sizes] + [(1, n, True) for n in decode_sizes]
+    for lq, lk, decode in shapes:
+        g = torch.Generator().manual_seed(2)
+        q = torch.randn(B, Hq, lq, d, generator=g).to(dtype)
+        k = torch.randn(B, Hkv, lk, d, generator=g).to(dtype)
+        v = torch.randn(B, Hkv, lk, d, generator=g).to(dtype)
+        sinks = torch.randn(Hq, generator=g)
+        causal_mode = "bottom_right" if decode else mode
+        if decode:
+            _use_gpu_decode_plan(d, dtype, td.decode_block_m((Hq // Hkv) * lq, d, dtype))
+        kw = dict(scale=d ** -0.5, causal=causal_mode, dropout_p=0.0, softcap=0.0, seed=0)
+        res = {}
+        for name, sk in (("plain", None), ("sinks", sinks)):
+            _counts.clear()
+            extra = {} if sk is None else {"sinks": sk}
+            out, lse = tf.forward(q, k, v, None, **kw, **extra)
+            fwd = dict(_counts)
+            bwd = {}
+            if not decode:
+                _counts.clear()
+                tf.backward(torch.randn_like(out), q, k, v, None, out, lse, need_dbias=False,
+                            **kw, **extra)
+                bwd = dict(_counts)
+            res[name] = (fwd, bwd)
+        for p, idx in (("fwd", 0), ("bwd", 1)):
+            if decode and p == "bwd":
+                continue
+            (pr, pw), (sr, sw) = _split(res["plain"][idx]), _split(res["sinks"][idx])
+            programs = (sr - pr) // 4
+            worst = max(worst, sr - pr)
+            print(f"{lq:>6} {lk:>6} {p + ('(dec)' if decode else ''):<6} {pr:>12,} {sr:>12,} "
+                  f"{pw:>12,} {sw:>12,} {sr - pr:>10,} {programs:>8,}")
+        if not decode:  # the launcher's torch reduction for dsinks: delta and lse (fp32 each)
+            print(f"{lq:>6} {lk:>6} {'dsinks (torch)':<14} reads {B * Hq * lq * 8:,} "
+                  f"bytes (the preprocess's delta, lse), writes {4 * Hq:,}")
+    print(f"largest extra read of a sink kernel: {worst:,} bytes (4 per program: the head's sink)")
+    return worst
+
+
 def _decode_table(sizes, lqs, d, dtype, es):
     B, Hq, Hkv = 1, 8, 2
     G = Hq // Hkv
@@ -332,11 +392,17 @@ def main(argv=None):
     ap.add_argument("--decode-sizes", default="4096,16384",
                     help="KV lengths for the decode comparison ('' to skip)")
     ap.add_argument("--decode-lq", default="1,16")
+    ap.add_argument("--sinks", action="store_true",
+                    help="compare the kernels without and with attention sinks (only that table)")
     args = ap.parse_args(argv)
     dtype, es = torch.float16, 2
     d = args.dim
     _install_counters()
     _use_gpu_configs()
+    if args.sinks:
+        _sinks_table([int(x) for x in args.sizes.split(",") if x],
+                     [int(x) for x in args.decode_sizes.split(",") if x], d, dtype, es, args.causal)
+        return 0
     if args.sizes and args.padded:
         _padded_table([int(x) for x in args.sizes.split(",")], d, dtype, es, args.causal,
                       args.padded)

@@ -6,7 +6,9 @@ launcher (``triton_*``) both rely on, and nothing else: the -inf of masked logit
 the causal diagonal's offset (:func:`causal_offset`), the key band a block of rows can
 see (:func:`band_kmin` / :func:`band_kmax`), the per-batch key bounds of a key_mask
 (:func:`key_bounds`), the compute dtype of the CPU paths, the compact view of an
-expanded bias, and the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`).
+expanded bias, the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`), and the
+algebra of attention sinks (:func:`add_sinks`: a result without sinks corrected from its
+own lse; :func:`sinks_grad`: the sinks' gradient from the lse and rowsum(dO·O)).
 
 It imports no sibling module: every other module in ``kernels/`` may import it, and it
 is the bottom of the house (``tests/test_kernels_layout.py`` checks that).
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["NEG_INF", "BLOCK_Q", "BLOCK_ELEMS", "compute_dtype", "compact", "effective_causal",
-           "causal_offset", "band_kmin", "band_kmax", "key_bounds"]
+           "causal_offset", "band_kmin", "band_kmax", "key_bounds", "sinks_rows", "add_sinks",
+           "sinks_grad"]
 
 #: The logit of a masked (row, key) pair.
 NEG_INF = float("-inf")
@@ -86,3 +89,43 @@ def key_bounds(key_mask: Tensor) -> Tensor:
     lo = torch.where(key_mask, j, n).amin(1)          # first visible key; n if none
     hi = torch.where(key_mask, j + 1, 0).amax(1)      # last visible key + 1; 0 if none
     return torch.stack((lo, hi), 1).to(torch.int32)
+
+
+# ------------------------------------------------------------------------ attention sinks
+# A sink (gpt-oss, x-transformers' learned sink) is one extra logit per query head that
+# joins every row's softmax denominator and has no value row: out_i = Σ_j p_ij v_j with
+# p_ij = exp(s_ij - lse_i) and lse_i = log(exp(sink_h) + Σ_j exp(s_ij)).  The kernels
+# take ``sinks`` as a (Hq,) float tensor.
+
+
+def sinks_rows(sinks: Tensor) -> Tensor:
+    """``sinks`` (Hq,) as a float32 (1, Hq, 1) view-shaped tensor, to broadcast against
+    per-row (B, Hq, Lq) statistics."""
+    return sinks.detach().to(torch.float32).reshape(1, -1, 1)
+
+
+def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention WITH the sinks, from the (out, lse) of the same call
+    without them: the sink only enlarges each row's denominator, so
+    ``lse' = logaddexp(lse, sink)`` and ``out' = out * exp(lse - lse')``.  A row that
+    sees no key (lse = -inf, out = 0) attends only to its sink: out' = 0, lse' = sink.
+    Exact (one rounding of out to its dtype), including dropout, which scales each
+    probability by its own keep factor."""
+    sink = sinks_rows(sinks).to(lse.device)
+    new_lse = torch.logaddexp(lse.float(), sink)
+    ratio = torch.exp(lse.float() - new_lse)      # 0 where lse = -inf (and the sink is finite)
+    ratio = torch.nan_to_num(ratio, nan=0.0)      # sink = -inf and lse = -inf: no key, no sink
+    cdt = compute_dtype(out.dtype)
+    scaled = (out.to(cdt) * ratio.to(cdt).unsqueeze(-1)).to(out.dtype)
+    return scaled, new_lse
+
+
+def sinks_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
+    """d loss / d sinks, shape and dtype of ``sinks``: with ``delta`` = rowsum(dO · O)
+    (B, Hq, Lq) and P_sink = exp(sink - lse) (lse including the sink), the sink's logit
+    gradient is P_sink · (0 - delta) per row (it has no value row), summed over the
+    batch and the rows that share it.  A plain reduction: deterministic, no atomics."""
+    sink = sinks_rows(sinks).to(lse.device)
+    p_sink = torch.exp(sink - lse.float())
+    p_sink = torch.nan_to_num(p_sink, nan=0.0)     # sink = lse = -inf: no sink mass
+    return (-(p_sink * delta.float()).sum(dim=(0, 2))).to(sinks.dtype)

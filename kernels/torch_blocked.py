@@ -13,7 +13,9 @@ pass (no running rescale across key blocks is needed).
 
 The backward loops over the same blocks and recomputes P from the block's scores (not
 from lse: that stays exact for rows of huge finite logits), accumulating dk, dv and
-the reduced dbias across blocks. GQA/MQA views q as (B, Hkv, G*rows, D) per block and
+the reduced dbias across blocks. With attention sinks (one extra logit per query head,
+no value row), the recomputed P is rescaled by each row's share outside the sink.
+GQA/MQA views q as (B, Hkv, G*rows, D) per block and
 never repeats K/V. Half types are computed in float32.
 
 The row blocks and the block masking are :mod:`.torch_base`'s. Imports only
@@ -104,7 +106,7 @@ def blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed, w
 
 
 def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, softcap, seed,
-                      need_dbias, window=0, key_mask=None):
+                      need_dbias, window=0, key_mask=None, sinks=None):
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
@@ -130,16 +132,25 @@ def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, soft
     dvv = torch.zeros((b, hkv, lk, dv), dtype=cdt, device=q.device)
     dbias = torch.zeros(bias.shape, dtype=cdt, device=q.device) if grad_bias else None
     drop_scale = 0.0 if dropout_p >= 1 else 1.0 / (1.0 - dropout_p)
+    sink5 = (base.sinks_rows(sinks).to(cdt).view(1, hkv, g, 1, 1) if sinks is not None
+             else None)
     for b0, b1, i0, i1, kmin, kmax in TS.blocks(b, hq, lq, lk, causal, window):
         n, nb = i1 - i0, b1 - b0
         kw = kmax - kmin
         if kw == 0:
             dq5[b0:b1, :, :, i0:i1] = 0
             continue
-        p, _, dcap = _block_probs(q5[b0:b1], kc[b0:b1], TS.bslice(bias5, b0, b1),
+        p, lse_b, dcap = _block_probs(q5[b0:b1], kc[b0:b1], TS.bslice(bias5, b0, b1),
                                   TS.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
                                   kmax=kmax, scale=scale, softcap=softcap, causal=causal,
                                   window=window, lq=lq, lk=lk, want_softcap_grad=True)
+        if sink5 is not None:
+            # the sink takes its share of each row: P = P_keys * exp(lse_keys - lse_all),
+            # exp(lse_keys - logaddexp(lse_keys, sink)) = sigmoid(lse_keys - sink)
+            # (0 on rows that see no key: lse_keys = -inf)
+            share = torch.sigmoid(lse_b.unsqueeze(-1).to(cdt) - sink5)  # (nb, Hkv, G, n, 1)
+            share.nan_to_num_(nan=1.0)  # a -inf sink on a row that sees no key: P is 0 there
+            p.view(nb, hkv, g, n, kw).mul_(share)
         kb, vb = kc[b0:b1, :, kmin:kmax], vc[b0:b1, :, kmin:kmax]
         dob = do5[b0:b1, :, :, i0:i1].to(cdt).reshape(nb, hkv, g * n, dv)
         dp = torch.matmul(dob, vb.transpose(-1, -2))  # (nb, Hkv, G*n, kw)

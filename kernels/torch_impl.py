@@ -72,7 +72,7 @@ from . import torch_blocked as TBK
 from . import torch_fused as TF
 from . import torch_lowp as TL
 from . import torch_runs as TR
-from .base import NEG_INF, key_bounds
+from .base import NEG_INF, add_sinks, key_bounds
 from .torch_base import fused_sdpa_plan, lse_well_conditioned
 from .torch_dropout import dropout_keep_mask
 
@@ -176,14 +176,20 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, cau
 
 def backward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: Tensor, *,
                   causal: str, dropout_p: float, softcap: float, need_dbias: bool,
-                  window: int = 0, key_mask: Optional[Tensor] = None) -> CpuPlan:
+                  window: int = 0, key_mask: Optional[Tensor] = None,
+                  sinks: Optional[Tensor] = None) -> CpuPlan:
     """The path :func:`backward` takes: the forward's, except that the fused kernel's
     backward gives no bias gradient and needs a well-conditioned lse (then "blocked"),
-    and that the key-run backward has fewer parallel tasks than its forward (then one
-    fused call with the folded mask)."""
+    that the key-run backward has fewer parallel tasks than its forward (then one
+    fused call with the folded mask), and that with ``sinks`` the lowp backward (which
+    rebuilds P from the scores, without the sink) becomes the blocked one (which takes
+    the sinks)."""
     plan = forward_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask)
     path = plan.path
+    if path == "lowp" and sinks is not None:
+        return _chosen("blocked", "sinks: the lowp backward rebuilds P without them; the "
+                       "blocked one rescales P by each row's sink share")
     if path == "runs":
         if not lse_well_conditioned(lse):
             return _chosen("blocked", "the lse is too large for the fused kernel's backward")
@@ -217,18 +223,30 @@ def forward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, cau
 
 def backward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: Tensor, *,
                   causal: str, dropout_p: float, softcap: float, need_dbias: bool,
-                  window: int = 0, key_mask: Optional[Tensor] = None) -> str:
+                  window: int = 0, key_mask: Optional[Tensor] = None,
+                  sinks: Optional[Tensor] = None) -> str:
     """``backward_plan(...).path``."""
     return backward_plan(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
                          softcap=softcap, need_dbias=need_dbias, window=window,
-                         key_mask=key_mask).path
+                         key_mask=key_mask, sinks=sinks).path
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
             causal: str, dropout_p: float, softcap: float, seed: int, window: int = 0,
-            key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+            key_mask: Optional[Tensor] = None,
+            sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse): out (B, Hq, Lq, Dv) in q's dtype; lse (B, Hq, Lq) float32, the
-    natural log-sum-exp of the final logits (-inf for rows masked entirely)."""
+    natural log-sum-exp of the final logits (-inf for rows masked entirely).
+
+    ``sinks`` (Hq,) float: one more logit per query head in every row's denominator,
+    with no value row.  Every path runs without it and the result is corrected exactly
+    from that path's own lse (:func:`~attnfuse.kernels.base.add_sinks`): the lse gains
+    the sink (logaddexp), out shrinks by exp(lse_without - lse_with); a row that sees
+    no key gives out 0 and lse = sink."""
+    if sinks is not None:
+        out, lse = forward(q, k, v, bias, scale=scale, causal=causal, dropout_p=dropout_p,
+                           softcap=softcap, seed=seed, window=window, key_mask=key_mask)
+        return add_sinks(out, lse, sinks)
     b, hq, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[-1]
     if min(b, hq, lq, lk) == 0:
@@ -257,10 +275,17 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
              out: Tensor, lse: Tensor, *, scale: float, causal: str, dropout_p: float,
              softcap: float, seed: int, need_dbias: bool, window: int = 0,
-             key_mask: Optional[Tensor] = None):
+             key_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
     """(dq, dk, dv, dbias): shapes and dtypes of q, k, v; dbias has the 4-D shape and
     dtype of ``bias`` (summed over its size-1 dims), None unless ``need_dbias`` (and
-    None for a bool bias, which has no gradient)."""
+    None for a bool bias, which has no gradient).
+
+    With ``sinks``, ``out`` and ``lse`` are the forward's (the sink included): the
+    paths that rebuild P from the lse and take delta = rowsum(dO·O) from ``out``
+    (fused, runs, banded) are then exact as they are; the blocked path rescales its
+    recomputed P by each row's share outside the sink; the lowp one is not used
+    (:func:`backward_plan`).  The sinks' own gradient is the op layer's
+    (:func:`~attnfuse.kernels.base.sinks_grad`)."""
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
     grad_bias = need_dbias and bias is not None and bias.dtype != torch.bool
@@ -270,7 +295,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
     path = backward_plan(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
                          softcap=softcap, need_dbias=need_dbias, window=window,
-                         key_mask=key_mask).path
+                         key_mask=key_mask, sinks=sinks).path
     if path == "lowp":
         return TL.lowp_backward(dout, q, k, v, bias, lse, scale=scale, dropout_p=dropout_p,
                                 seed=int(seed), need_dbias=need_dbias, key_mask=key_mask)
@@ -291,4 +316,5 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         return dq, dk, dv, None
     return TBK.blocked_backward(dout, q, k, v, bias, out, scale=scale, causal=causal,
                                 dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
-                                need_dbias=need_dbias, window=window, key_mask=key_mask)
+                                need_dbias=need_dbias, window=window, key_mask=key_mask,
+                                sinks=sinks)

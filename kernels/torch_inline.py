@@ -24,6 +24,9 @@ keeps nothing quadratic. Causal, window and key_mask are index comparisons insid
 softmax kernel (no (Lq, Lk) mask is read).
 
 Rows that see no key give out = 0, lse = -inf and zero gradients (the op's contract).
+Attention sinks are written as gpt-oss writes them: the per-head sink column is
+concatenated to ``t`` before the softmax and sliced off after it (autograd gives the
+sinks their gradient; a row that sees no key attends only to its sink: out = 0).
 Not inlined (the runtime op runs): dropout (its keep-mask comes from a seed read at
 run time), fp16 and float64, and anything over :func:`max_scores`. Under dynamic shapes
 the bound becomes a guard (see :func:`inline_applicable`).
@@ -185,7 +188,8 @@ class _Probs(torch.autograd.Function):
 
 def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
                    causal: str, softcap: float, window: int,
-                   key_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                   key_mask: Optional[Tensor],
+                   sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse) as :func:`attnfuse.kernels.torch_impl.forward` (no dropout)."""
     lq, lk = q.shape[2], k.shape[2]
     g = q.shape[1] // k.shape[1]
@@ -194,8 +198,17 @@ def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, s
     t = _logits(torch.matmul(q, _heads(k, g).transpose(-1, -2)), bias, scale=scale,
                 softcap=softcap)
     masked_out = _masked_out(bias, keep)
-    p = _Probs.apply(t, masked_out, q.dtype,
-                     not _sees_every_row(lq, lk, causal, window, bias, key_mask))
+    may_see_nothing = not _sees_every_row(lq, lk, causal, window, bias, key_mask)
+    if sinks is not None:
+        # the sink column joins the softmax and is sliced off after it (gpt-oss's form)
+        if masked_out is not None:
+            t = t.masked_fill(masked_out, base.NEG_INF)
+        b, hq = t.shape[0], t.shape[1]
+        col = sinks.to(t.dtype).reshape(1, -1, 1, 1).expand(b, hq, lq, 1)
+        t = torch.cat([t, col], dim=-1)
+        p = _Probs.apply(t, None, q.dtype, may_see_nothing)[..., :lk]
+        return torch.matmul(p, _heads(v, g)), torch.logsumexp(t, -1)
+    p = _Probs.apply(t, masked_out, q.dtype, may_see_nothing)
     out = torch.matmul(p, _heads(v, g))
     # -inf on rows that see no key; Inductor drops it when the graph does not read it
     # (the rewrite reads only out, and the backward does not need it)
@@ -206,7 +219,8 @@ def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, s
 def inline_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
                      scale: float = 1.0, causal: str = "none", dropout_p: float = 0.0,
                      softcap: float = 0.0, seed: Optional[Tensor] = None, impl: str = "auto",
-                     window: int = 0, key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     window: int = 0, key_mask: Optional[Tensor] = None,
+                     sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Drop-in for a ``torch.ops.attnfuse.flash_attention`` call (same arguments, same
     (out, lse) result) computed by :func:`inline_forward`, differentiable by autograd;
     ``dropout_p`` must be 0 (``seed`` and ``impl`` are ignored)."""
@@ -216,4 +230,5 @@ def inline_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
     if bias is not None and bias.dim() < 4:
         bias = bias[(None,) * (4 - bias.dim())]
     return inline_forward(q, k, v, bias, scale=float(scale), causal=causal,
-                          softcap=float(softcap), window=int(window), key_mask=key_mask)
+                          softcap=float(softcap), window=int(window), key_mask=key_mask,
+                          sinks=sinks)

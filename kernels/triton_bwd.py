@@ -17,6 +17,12 @@ The bias is added AFTER softcap, so ``dBias = dS``; the raw score ``scale·q·k�
 
 Fully masked rows (lse = -inf) get P = 0, hence zero gradients.
 
+Attention sinks need nothing here beyond the forward's lse (it includes the sink, so P
+rebuilt from it is the sink-aware P, and delta = rowsum(dO∘O) is unchanged): only the
+preprocess kernel's rare recompute path merges the sink into the rebuilt statistics.
+The sinks' own gradient, ``-Σ exp(sink - lse)·delta``, is a torch reduction over this delta
+in the launcher (``triton_flash.backward``).
+
 Structure (causal, window, key_mask) is handled as in the forward (``triton_fwd``):
 the dQ kernel and the preprocess recompute visit only the key blocks of the band of
 their query block (:func:`triton_fwd._key_range`), in the dQ kernel narrowed to the
@@ -32,8 +38,8 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import (_band_keep, _clip_to_key_bounds, _dot, _dropout_keep,
-                         _key_mask_block, _key_range, _logits, _query_range, _tile_is_edge,
-                         _to_log2)
+                         _key_mask_block, _key_range, _logits, _merge_sink, _query_range,
+                         _tile_is_edge, _to_log2)
 
 # lse (log2 units) below -HUGE_LSE2 has lost log2(l) to rounding (lse2 = m + log2(l)
 # with |m| huge, e.g. rows biased by finfo.min everywhere): those rows get their
@@ -47,7 +53,7 @@ HUGE_LSE2 = tl.constexpr(4096.0)
 
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias, KeyMask,
+    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias, KeyMask, Sinks,   # Sinks (Hq,) fp32
     stride_oz, stride_oh, stride_om, stride_od,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -61,6 +67,7 @@ def _attn_bwd_preprocess(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    SINKS: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
@@ -118,6 +125,8 @@ def _attn_bwd_preprocess(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
             m_i = m_new
+        if SINKS:  # the lse being rebuilt includes the head's sink, as the forward's
+            m_i, l_i, _ = _merge_sink(m_i, l_i, Sinks, off_h)
         empty = l_i == 0.0
         mrow = tl.where(empty, 0.0, m_i)
         lrow = tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i)))

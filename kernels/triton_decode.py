@@ -16,7 +16,9 @@ group re-reads the same K/V.  This module owns the decode path that fixes both:
    in fp32 to a scratch buffer.
 2. ``_attn_decode_combine`` — one program per block of (batch, query head, query row)
    rows: rescales the partial states of all splits to their common max, sums them, and
-   writes ``out`` (q's dtype) and ``lse`` (fp32, natural log).
+   writes ``out`` (q's dtype) and ``lse`` (fp32, natural log).  Attention sinks
+   (``SINKS``: one logit per query head) join each row's merged state here, once
+   (``triton_fwd._merge_sink``): the split kernel is the plain one.
 
 The contract is exactly that of :func:`triton_flash.forward` (same logits, same lse
 convention, rows that see no key give ``out = 0`` and ``lse = -inf``, finite huge
@@ -54,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import triton_launch as _tl   # shared with triton_flash, which imports this module
-from .triton_fwd import LN2, _clip_to_key_bounds, _dot, _scores
+from .triton_fwd import LN2, _clip_to_key_bounds, _dot, _merge_sink, _scores
 
 __all__ = [
     "decode_applicable", "decode_forward", "num_splits", "decode_block_m", "decode_block_ms",
@@ -199,9 +201,11 @@ def _attn_decode_split(
 
 @triton.jit
 def _attn_decode_combine(
-    PartM, PartL, PartAcc, Out, Lse,
+    PartM, PartL, PartAcc, Out, Lse, Sinks,        # Sinks (Hq,) fp32, read if SINKS
     R, DV, n_splits,                               # R = B·Hq·Lq rows; Out contiguous
+    H, M,                                          # row r is query head (r // M) % H
     HEAD_DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    SINKS: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -226,7 +230,11 @@ def _attn_decode_combine(
         acc = acc * alpha[:, None] + a_s * beta[:, None]
         m_i = m_new
 
-    # rows that saw no key in any split (l = 0): out = 0, lse = -inf
+    if SINKS:  # the row's head sink joins the merged state (no value row)
+        m_i, l_i, alpha = _merge_sink(m_i, l_i, Sinks, (rows // M) % H)
+        acc = acc * alpha[:, None]
+    # rows that saw no key in any split (l = 0; with a finite sink l >= 1): out = 0,
+    # lse = -inf
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -342,7 +350,8 @@ def decode_applicable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: Optional[torch.Tensor], *, scale: float, causal: str,
                    softcap: float, window: int = 0, key_mask: Optional[torch.Tensor] = None,
-                   splits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   splits: Optional[int] = None,
+                   sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention forward; same arguments and result as
     :func:`triton_flash.forward` without dropout, plus ``window`` and ``key_mask``.
 
@@ -350,7 +359,8 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     4-D broadcastable to (B, Hq, Lq, Lk) (float: added; bool: True = keep).  Returns
     ``(out, lse)``: out (B, Hq, Lq, Dv) contiguous in q's dtype, lse (B, Hq, Lq) fp32
     natural log; rows that see no key give out = 0, lse = -inf.  ``splits`` overrides
-    the number of key splits (tests); by default :func:`num_splits` decides.
+    the number of key splits (tests); by default :func:`num_splits` decides.  ``sinks``
+    None or (Hq,) float: attention sinks, merged by the combine kernel.
     On CPU tensors it runs in Triton's interpreter (``TRITON_INTERPRET=1`` before
     import) with one small fixed config.
     """
@@ -374,7 +384,7 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if window:
             kv_lo = max(0, shift - window + 1)
     if kv_hi <= kv_lo:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return _tl._no_key_result(out, lse, sinks)
 
     interp = _tl._interpreted()
     if q.device.type != ("cpu" if interp else "cuda"):
@@ -417,8 +427,9 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], **meta,
     )
     extra = {} if interp else {"num_warps": _COMBINE_WARPS}
+    sk_t, has_sinks = _tl._sinks_args(sinks, q, lse)
     _attn_decode_combine[(triton.cdiv(R, COMBINE_BLOCK_R),)](
-        part_m, part_l, part_acc, out, lse, R, Dv, n_splits,
-        HEAD_DV=_tl.padded_head_dim(Dv), BLOCK_R=COMBINE_BLOCK_R, **extra,
+        part_m, part_l, part_acc, out, lse, sk_t, R, Dv, n_splits, Hq, M,
+        HEAD_DV=_tl.padded_head_dim(Dv), BLOCK_R=COMBINE_BLOCK_R, SINKS=has_sinks, **extra,
     )
     return out, lse

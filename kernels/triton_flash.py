@@ -37,8 +37,10 @@ import triton
 # triton_decode, which does not import it back (both use triton_launch)
 from . import triton_decode as _td
 from .triton_launch import (LOG2E, _bias_args, _common, _dot_precision,  # noqa: F401
-                            _head_dim_class, _interpreted, _is_fp32, _key_mask_args, _seed,
-                            _strides, _structure, device_error, padded_head_dim)
+                            _head_dim_class, _interpreted, _is_fp32, _key_mask_args,
+                            _no_key_result, _seed, _sinks_args, _strides, _structure,
+                            device_error, padded_head_dim)
+from .base import sinks_grad
 from .triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .triton_fwd import _attn_fwd
 
@@ -159,7 +161,7 @@ KERNEL_CONFIGS = {
 }
 
 _TUNE_KEY = ["M", "N", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "BIAS_KIND", "SOFTCAP",
-             "KEY_MASK", "DROPOUT"]
+             "KEY_MASK", "DROPOUT", "SINKS"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,7 +182,8 @@ def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool
 
 def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
             softcap: float, seed: int, window: int = 0,
-            key_mask: Optional[torch.Tensor] = None, decode: bool = True):
+            key_mask: Optional[torch.Tensor] = None, decode: bool = True,
+            sinks: Optional[torch.Tensor] = None):
     """Fused attention forward.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; bias None or
@@ -196,27 +199,31 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     eager), and :func:`backward` recomputes its statistics exactly.
     Shapes where :func:`triton_decode.decode_applicable` holds run the flash-decoding
     kernels (same result); ``decode=False`` forces the main kernel (benchmarks, tests).
+    ``sinks`` None or (Hq,) float: one more logit per query head in each row's softmax,
+    with no value row (merged after the key loop); the lse includes it, and a row that
+    sees no key gives out = 0, lse = sink.
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
     if decode and _td.decode_applicable(q, k, v, dropout_p=dropout_p):
         # validates window/key_mask through _structure itself (one set of key bounds)
         return _td.decode_forward(q, k, v, bias, scale=scale, causal=causal, softcap=softcap,
-                                  window=window, key_mask=key_mask)
+                                  window=window, key_mask=key_mask, sinks=sinks)
     st = _structure(q, k, causal, window, key_mask)
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:
         return out, lse
     if N == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return _no_key_result(out, lse, sinks)
     b_t, b_s, bias_kind = _bias_args(bias, q)
+    sk_t, has_sinks = _sinks_args(sinks, q, lse)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
     kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype, bias_kind or dropout)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, st["km"], st["kb"], out, lse,
+        q, k, v, b_t, st["km"], st["kb"], out, lse, sk_t,
         *_strides(q), *_strides(k), *_strides(v), *b_s, *st["km_strides"], st["kb_stride"],
         *_strides(out),
         Hq, Hq // Hkv, M, N, D, Dv,
@@ -224,7 +231,7 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
         _seed(seed),
         HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
         CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"],
-        KEY_MASK=st["KEY_MASK"], DROPOUT=dropout,
+        KEY_MASK=st["KEY_MASK"], DROPOUT=dropout, SINKS=has_sinks,
         DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], **meta,
     )
     return out, lse
@@ -232,14 +239,20 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
 
 def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
              dropout_p: float, softcap: float, seed: int, need_dbias: bool,
-             window: int = 0, key_mask: Optional[torch.Tensor] = None):
+             window: int = 0, key_mask: Optional[torch.Tensor] = None,
+             sinks: Optional[torch.Tensor] = None):
     """Fused attention backward: ``(dq, dk, dv, dbias or None)``.
 
     dq/dk/dv have the shapes and dtypes of q/k/v.  dbias (only when ``need_dbias``) has
     the 4-D shape of ``bias`` (summed over its size-1 dims) and its dtype.  The dropout
     mask is regenerated from ``seed`` exactly as in :func:`forward`; ``window`` and
     ``key_mask`` must be the forward's.  Rows that saw no key (lse = -inf) contribute
-    zero gradients, and so do masked keys.
+    zero gradients, and so do masked keys.  With ``sinks``, ``out`` and ``lse`` are the
+    forward's (the sink included) and the kernels are the plain ones (P rebuilt from that
+    lse is the sink-aware P); only the preprocess's rare recompute path merges the sink.
+    With ``sinks`` a fifth value is returned, the sinks' gradient (``base.sinks_grad``),
+    reduced in torch from the preprocess's delta and the lse (8 bytes per row, not another
+    pass over dO and O).
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -273,13 +286,15 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     delta = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     mrow = torch.empty_like(delta)
     lrow = torch.empty_like(delta)
+    sk_t, has_sinks = _sinks_args(sinks, q, delta)
     kern, meta = _launcher("attn_bwd_preprocess", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t, km_t,
+        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t, km_t, sk_t,
         *_strides(out), *_strides(dout), *_strides(q), *_strides(k), *b_s, *km_s,
         Hq, Hq // Hkv, M, N, D, Dv,
-        c["qk_scale"], c["cap_scale"], c["causal_shift"], window, **consts, **meta,
+        c["qk_scale"], c["cap_scale"], c["causal_shift"], window, SINKS=has_sinks,
+        **consts, **meta,
     )
 
     kern, meta = _launcher("attn_bwd_dkdv", q.device, hd, q.dtype, heavy)
@@ -304,6 +319,8 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
         float(dropout_p), seed, DROPOUT=dropout, NEED_DS=want_ds, **consts, **meta,
     )
     dbias = _reduce_dbias(ds, bias) if want_ds else None
+    if has_sinks:  # delta = rowsum(dO·O) from the preprocess: no second pass over dO, O
+        return dq, dk, dv, dbias, sinks_grad(sinks, lse, delta)
     return dq, dk, dv, dbias
 
 

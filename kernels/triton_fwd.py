@@ -36,6 +36,10 @@ Edge rows (documented contract):
   key through causal/window/key_mask, e.g. bottom-right causal with Lq > Lk) has no
   defined softmax (eager gives NaN).  Here it gives ``out = 0``, ``lse = -inf`` and
   zero gradients.
+* Attention sinks (``SINKS``: one logit per query head, gpt-oss) join each row's
+  online-softmax state once, after its key loop (:func:`_merge_sink`): the loop is the
+  plain kernel's, no extra load per tile.  A row that sees no key then gives
+  ``out = 0``, ``lse = sink``.
 * A row whose logits are all large FINITE negatives (e.g. a bias of
   ``torch.finfo(dtype).min`` everywhere, as Hugging Face masks do) gives what eager
   softmax gives: the uniform average of the row.  ``finfo.min * log2(e)`` overflows to
@@ -243,13 +247,30 @@ def _dropout_keep(seed, off_z, off_h, offs_m, start_n, dropout_p,
     return uint_to_uniform_float(r) >= dropout_p   # keep with probability 1 - p
 
 
+@triton.jit
+def _merge_sink(m_i, l_i, Sinks, off_h):
+    """Online-softmax state (m_i, l_i) (log2 units) of a row after its sink joined it:
+    the sink is one more logit of its query head, with no value row, so it adds
+    ``exp2(sink - m)`` to the sum and nothing to the accumulator.  Returns
+    (m, l, alpha), alpha the rescale of the accumulator (the max may have grown).
+    Done once per row, after the key loop (the loop itself is the plain kernel's).
+    A row that saw no key (m_i = -inf, l_i = 0) ends with m = sink, l = 1: out 0,
+    lse = sink."""
+    sink = _to_log2(tl.load(Sinks + off_h).to(tl.float32))
+    m_new = tl.maximum(m_i, sink)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a -inf sink on an empty row
+    alpha = tl.exp2(m_i - m_safe)
+    l_new = l_i * alpha + tl.exp2(sink - m_safe)
+    return m_new, l_new, alpha
+
+
 # --------------------------------------------------------------------------------------
 # Forward kernel
 # --------------------------------------------------------------------------------------
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, KeyMask, KeyBounds, Out, Lse,
+    Q, K, V, Bias, KeyMask, KeyBounds, Out, Lse, Sinks,     # Sinks (Hq,) fp32, if SINKS
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -264,6 +285,7 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    SINKS: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
@@ -350,7 +372,11 @@ def _attn_fwd(
         acc += _dot(p.to(v.dtype), v, DOT_FP32, DOT_PREC)
         m_i = m_new
 
-    # Rows that saw no key (l = 0): out = 0, lse = -inf.
+    if SINKS:
+        # the head's sink joins the denominator once, after the loop (no value row)
+        m_i, l_i, alpha = _merge_sink(m_i, l_i, Sinks, off_h)
+        acc = acc * alpha[:, None]
+    # Rows that saw no key (l = 0; with a finite sink l >= 1): out = 0, lse = -inf.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import triton
 
-from .base import key_bounds
+from .base import add_sinks, key_bounds
 from .triton_fwd import _attn_fwd
 
 LOG2E = 1.4426950408889634
@@ -42,6 +42,24 @@ def _interpreted() -> bool:
 
 def _strides(t):
     return tuple(t.stride())
+
+
+def _sinks_args(sinks, q, placeholder):
+    """(tensor, SINKS) for the kernels' ``Sinks`` pointer: the (Hq,) sinks as contiguous
+    fp32 (Hq floats: a copy costs nothing), or ``placeholder`` (never read) without."""
+    if sinks is None:
+        return placeholder, False
+    if sinks.dim() != 1 or sinks.size(0) != q.size(1):
+        raise ValueError(f"sinks must have shape (Hq,) = ({q.size(1)},), got {tuple(sinks.shape)}")
+    return sinks.detach().to(device=q.device, dtype=torch.float32).contiguous(), True
+
+
+def _no_key_result(out, lse, sinks):
+    """(out, lse) of a call in which no row sees a key: out 0, lse -inf, or with sinks
+    each row attends only to its sink (out 0, lse = sink)."""
+    out.zero_()
+    lse.fill_(float("-inf"))
+    return (out, lse) if sinks is None else add_sinks(out, lse, sinks)
 
 
 def _bias_args(bias, q):

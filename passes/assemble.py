@@ -101,8 +101,10 @@ def _staged_shapes(term: fx.Node, stage_shape, sshape, dynamic_ok: bool, where: 
     return tuple(st), tuple(-1 if x is None else x for x in co)
 
 
-def _score_items(items, spec, stags0=None) -> Dict:
-    """Validate the order of score changes and fold them."""
+def _score_items(items, spec, stags0=None, with_sink: bool = False) -> Dict:
+    """Validate the order of score changes and fold them. ``with_sink``: a sink column is
+    concatenated to these scores (:mod:`.sinks`), so a shift of the scores alone is no
+    longer a softmax no-op (it moves them against the sink)."""
     seq = []
     if getattr(spec, "alpha_node", None) is not None:  # baddbmm's run-time alpha scales the product only
         seq.append((None, "dscale", (spec.alpha_node, "mul")))
@@ -128,6 +130,10 @@ def _score_items(items, spec, stags0=None) -> Dict:
             stage = _view_stage(node, stage, stags0, spec)
             continue
         if kind in ("shift", "rowshift"):  # a constant, or a row maximum (match._prove_row_shifts)
+            if with_sink:
+                what = "adds a constant to" if kind == "shift" else "subtracts a row maximum from"
+                raise Miss("unsupported_op", f"{where.name} {what} the scores before the sink column is "
+                                             f"concatenated: a shift against the sink, not a softmax no-op", where)
             if has_softcap and phase == 0:
                 what = "constant added" if kind == "shift" else "row maximum subtracted"
                 raise Miss("unsupported_op", f"{where.name}: {what} before the softcap", where)
@@ -227,6 +233,24 @@ def _right_tags(n: fx.Node, stags: List, what: str) -> List:
     return [None if A.is_one(x) else stags[r - len(s) + j] for j, x in enumerate(s)]
 
 
+def _sinks_view(sink, ctx, ob) -> View4:
+    """The sink column's source (:mod:`.sinks`) in op order, proven to be one logit per
+    head: it may vary along the op's head axis only (not the batch, queries or keys)."""
+    tags = ctx["tags"].get(sink.scores)
+    if tags is None:
+        raise Miss("unsupported_op", f"sinks {sink.source.name}: the axes of {sink.scores.name} are unknown",
+                   sink.cat)
+    view = build_view(sink.source, _right_tags(sink.source, tags, "sinks"), ob + ["q", None], "sinks")
+    if view.groups != (1, 1):
+        raise Miss("unsupported_op", f"sinks {sink.source.name} on scores with more than two batch axes",
+                   sink.cat)
+    for i, what in ((0, "batch"), (2, "query"), (3, "key")):
+        if view.axes[i] is not None:
+            raise Miss("unsupported_op", f"sinks {sink.source.name} vary along the {what} axis of the scores "
+                                         f"(the op takes one sink logit per head)", sink.cat)
+    return view
+
+
 def _pv_roles(pspec, p_node, ptags, kview_tags_fn):
     if pspec.a is p_node and pspec.b is not p_node:
         lp, lv, v_node = pspec.la, pspec.lb, pspec.b
@@ -264,7 +288,7 @@ def _pv_roles(pspec, p_node, ptags, kview_tags_fn):
 
 def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags, pchain, dropout_p, ctx):
     gm = ctx["gm"]
-    folded = _score_items(items, spec, stags)
+    folded = _score_items(items, spec, stags, with_sink=ctx.get("sink") is not None)
     r = len(stags)
     batch = [t for t in stags if t not in ("q", "k")]
     feat = roles["feat"]
@@ -314,7 +338,9 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             sshape_to = sshape
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
-            if kind == "float" and pad is None and _key_constant_count(n, tags, where, gm):
+            # (with a sink column such a term shifts the scores against the sink: kept)
+            if kind == "float" and pad is None and ctx.get("sink") is None and \
+                    _key_constant_count(n, tags, where, gm):
                 dropped.append(f"{n.name}: an integer/bool term constant along the keys, a softmax no-op")
                 continue
             view = build_view(n, tags, ob + ["q", "k"], "bias" if kind == "float" else "mask")
@@ -340,6 +366,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     causal = ms.causal
     row_zero = [(BA.complete(build_view(c, ctags, ob + ["q", None], "row fill"), refs), zero_when)
                 for c, ctags, zero_when in ctx.get("row_fills", ())]
+    sinks = _sinks_view(ctx["sink"], ctx, ob) if ctx.get("sink") is not None else None
     # output: op (B, H, Lq, Dv) -> (split batch axes, when merged) -> P·V layout
     op_out = slot_tags(ob + ["q", "dv"])[0]
     squeeze = tuple(i for i in (1, 0) if op_out[i] is None)
@@ -363,7 +390,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         window=ms.window, key_masks=ms.key_masks, fixup=ms.fixup,
         fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + dropped + [
             f"{c.name}: rows of P filled with 0, applied to the output" for c, _, _ in ctx.get("row_fills", ())],
-        row_zero=row_zero,
+        row_zero=row_zero, sinks=sinks,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
         location=location_of(sm) or location_of(pv),
         info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq,

@@ -102,13 +102,16 @@ class Emitter:
                                                                   "device": torch.device("cpu")})
         return self._f(torch.randint, (0, 2 ** 62, ()), {"dtype": torch.int64})
 
-    def fused(self, q, k, v, bias, scale, causal, dropout_p, softcap, seed, window=0, key_mask=None):
+    def fused(self, q, k, v, bias, scale, causal, dropout_p, softcap, seed, window=0, key_mask=None,
+              sinks=None):
         kw = {"bias": bias, "scale": scale, "causal": causal, "dropout_p": dropout_p,
               "softcap": softcap, "seed": seed}
         if window:  # the structural arguments only when used: graphs without them read as before
             kw["window"] = int(window)
         if key_mask is not None:
             kw["key_mask"] = key_mask
+        if sinks is not None:
+            kw["sinks"] = sinks
         target = torch.ops.attnfuse.flash_attention
         call = self._f(target.default if self.aten else target, (q, k, v), kw)
         return self._f(operator.getitem, (call, 0)), call

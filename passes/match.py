@@ -23,6 +23,7 @@ from attnfuse.passes.breaks import probs_to_output, scores_from_input
 from attnfuse.passes.decomposed import product_above, product_below
 from attnfuse.passes.rowfill import row_fill
 from attnfuse.passes.shift import row_max
+from attnfuse.passes.sinks import drops_sink_column, is_full_slice, is_slice, sink_cat
 from attnfuse.passes.sliceadd import slice_add
 from attnfuse.passes.types import AttentionMatch, NearMiss, Result, Term, Miss as _Miss, location_of
 
@@ -309,10 +310,26 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
         u = users[0]
         if u.op == "output":  # P·V is not in this graph: a graph break or a subgraph's edge
             raise _Miss(*probs_to_output(cur, gm), cur)
+        sink = ctx.get("sink")
+        if sink is not None and not ctx.get("sink_dropped"):
+            if "k" in tags and drops_sink_column(u, cur, tags.index("k"), A.shape(sink.scores)[sink.dim],
+                                                 sink.first):
+                ctx["sink_dropped"] = True  # passes/sinks.py: the sink column is sliced off here
+                chain.append(u)
+                cur = u
+                continue
+            if u.args and u.args[0] is cur and is_slice(u):
+                raise _Miss("after_softmax", f"{u.name} slices the probabilities but does not drop exactly "
+                                             f"the sink column of {sink.cat.name} (the sink has no value row)", u)
+        if sink is not None and is_full_slice(u) and u.args[0] is cur:  # make_fx's no-op slice
+            chain.append(u)
+            cur = u
+            continue
         op = O.classify(u, gm)
         if op is None:
             raise _Miss("after_softmax", f"{_name(u)} between the softmax and P·V", u)
         if op.kind == O.MATMUL:
+            _check_sink_dropped(u, ctx)
             return u, cur, tags, chain, dropout_p, mm_spec(u, op)
         if op.kind == O.LAYOUT and op.sub == "view" and any(isinstance(t, tuple) and t[0] == "split"
                                                            for t in tags):
@@ -325,6 +342,7 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
             if dec is None and op.sub in ("view", "expand", "unsqueeze", "permute", "transpose"):
                 dec = product_below(u, cur, gm)
             if dec is not None:
+                _check_sink_dropped(u, ctx)
                 return dec[0], cur, tags, chain + dec[2], dropout_p, dec[1]
         if op.kind == O.CAST or (op.kind == O.LAYOUT and op.sub == "identity"):
             chain.append(u)
@@ -403,6 +421,12 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
     raise _Miss("unsupported_op", "probability chain too long", cur)
 
 
+def _check_sink_dropped(pv: fx.Node, ctx) -> None:
+    if ctx.get("sink") is not None and not ctx.get("sink_dropped"):
+        raise _Miss("after_softmax", f"{pv.name}: the probabilities reach P·V with the sink column of "
+                                     f"{ctx['sink'].cat.name} (no slice dropping exactly that column)", pv)
+
+
 def _decomposed_dropout(u: fx.Node, op: O.Op, cur: fx.Node, gm):
     """make_fx's dropout: ``cur * div_(bernoulli_(empty_like(cur), 1 - p), 1 - p)`` -> (p, nodes)."""
     if op.kind != O.SCALE or op.sub != "mul":
@@ -467,8 +491,19 @@ def _match(sm: fx.Node, op: O.Op, ctx) -> Result:
     x = op["x"]
     if not isinstance(x, fx.Node) or A.shape(x) is None:
         raise _Miss("unsupported_op", f"{sm.name}: no shape metadata (pass example_inputs)", sm)
+    consumer = sm
+    sink = sink_cat(x, sm, op.get("dim"), gm) if op.kind == O.SOFTMAX else None
+    if sink is not None:  # softmax(cat(scores, per-head sink column)): passes/sinks.py
+        ctx["sink"] = sink
+        x, consumer = sink.scores, sink.cat
+        if A.shape(x) is None:
+            raise _Miss("unsupported_op", f"{x.name}: no shape metadata (pass example_inputs)", x)
     sshape = A.shape(x)
-    qk, items, chain = _walk_up(x, sm, [sshape], ctx)
+    qk, items, chain = _walk_up(x, consumer, [sshape], ctx)
+    if sink is not None:
+        chain = chain + sink.nodes + sink.column_nodes
+        for n in sink.nodes + sink.column_nodes:  # no size of theirs is one of q, k or v
+            ctx["tags"][n] = None
     ctx["qk"] = qk
     if op.kind == O.LOG_SOFTMAX:
         raise _Miss("log_softmax", f"{sm.name} is a log_softmax between Q·Kᵀ and the next op", sm)

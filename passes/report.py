@@ -27,6 +27,7 @@ class Fusion:
     key_mask: str = ""         # "" or the graph node(s) passed as key_mask (B, Lk), "~" = negated
     masks: List[str] = field(default_factory=list)   # per mask term: its structure, or why it stayed a tensor
     empty_row_fixup: bool = False  # rows that see no key get eager's finite-fill uniform average
+    sinks: str = ""            # "" or the graph node passed as sinks (one logit per head, passes/sinks.py)
 
     @property
     def structure(self) -> str:
@@ -66,6 +67,8 @@ class Report:
                 extra.append(f"window={f.window}")
             if f.key_mask:
                 extra.append(f"key_mask={f.key_mask}")
+            if f.sinks:
+                extra.append(f"sinks={f.sinks}")
             if f.empty_row_fixup:
                 extra.append("empty-row fix-up")
             lines.append(f"  FUSED {f.location or '<unknown>'}: {f.node_inserted} "

@@ -100,7 +100,13 @@ def _emit(m: AttentionMatch, em: Emitter):
         x = em.squeeze(em.squeeze(em.view4(kv_), 2), 1)
         x = em.logical_not(x) if neg else x
         key_mask = x if key_mask is None else em.logical_and(key_mask, x)
-    out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask)
+    sinks = None
+    if m.sinks is not None:  # (1, H|1, 1, 1) -> (Hq,): one logit per query head
+        sinks = em.squeeze(em.squeeze(em.squeeze(em.view4(m.sinks), 3), 2), 0)
+        if m.sinks.axes[1] is None:  # one sink shared by every head
+            sinks = em.expand(sinks, [em.size(q, 1)])
+    out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask,
+                         sinks)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
     for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
@@ -191,7 +197,8 @@ def _remap(m: AttentionMatch, rep: dict) -> AttentionMatch:
     return dataclasses.replace(
         m, q=v(m.q), k=v(m.k), v=v(m.v), q_factors=[(v(f), how) for f, how in m.q_factors],
         terms=[dataclasses.replace(t, view=v(t.view)) for t in m.terms], info=info,
-        key_masks=[(v(kv_), neg) for kv_, neg in m.key_masks], row_zero=[(v(rv), z) for rv, z in m.row_zero])
+        key_masks=[(v(kv_), neg) for kv_, neg in m.key_masks], row_zero=[(v(rv), z) for rv, z in m.row_zero],
+        sinks=None if m.sinks is None else v(m.sinks))
 
 
 def _replace_with_const(u: fx.Node, value) -> None:
@@ -430,4 +437,5 @@ def _fusion_of(m: AttentionMatch, call: fx.Node) -> Fusion:
     key_mask = "&".join(("~" if neg else "") + kv_.base.name for kv_, neg in m.key_masks)
     return Fusion(m.location, scale, m.causal, _describe_bias(m), m.gqa, m.dropout_p, m.softcap,
                   [n.name for n in m.removed], call.name, m.softmax.name, window=m.window, key_mask=key_mask,
-                  masks=list(m.mask_notes), empty_row_fixup=m.fixup)
+                  masks=list(m.mask_notes), empty_row_fixup=m.fixup,
+                  sinks="" if m.sinks is None else m.sinks.base.name)

@@ -159,6 +159,36 @@ def dtensor_op(rank: int, mesh) -> None:
         close(full(lse), ref_lse, f"{name}: lse")
 
 
+@check
+def dtensor_sinks(rank: int, mesh) -> None:
+    """Attention sinks (issue 22) on DTensors: the (Hq,) sinks follow the heads (Shard(0)
+    under head sharding), their gradient is summed over batch shards (Partial); output
+    and the gradients of q, k, v and the sinks equal one process."""
+    import attnfuse
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(2)
+    b, hq, l, d = 2, 4, 6, 8
+    cases = [("batch", 2, Shard(0), Shard(0)), ("heads-gqa", 2, Shard(1), Shard(1)),
+             ("heads-mqa", 1, Shard(1), Replicate()), ("replicate", 2, Replicate(), Replicate())]
+    for name, hkv, qp, kvp in cases:
+        q = torch.randn(b, hq, l, d, requires_grad=True)
+        k, v = (torch.randn(b, hkv, l, d, requires_grad=True) for _ in range(2))
+        sinks = torch.randn(hq, requires_grad=True)
+        ref = attnfuse.flash_attention(q, k, v, causal=True, sinks=sinks)
+        dout = torch.randn_like(ref)
+        ref.backward(dout)
+        dq, dk, dv = (distribute_tensor(t.detach(), mesh, [p]).requires_grad_()
+                      for t, p in ((q, qp), (k, kvp), (v, kvp)))
+        ds = distribute_tensor(sinks.detach(), mesh, [Replicate()]).requires_grad_()
+        out = attnfuse.flash_attention(dq, dk, dv, causal=True, sinks=ds)
+        assert tuple(out.placements) == (qp,), f"{name}: output placements {out.placements}"
+        out.backward(distribute_tensor(dout, mesh, [qp]))
+        close(full(out), ref, f"sinks {name}: out")
+        for got, want, what in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv"), (ds, sinks, "dsinks")):
+            close(full(got.grad), want.grad, f"sinks {name}: {what}")
+
+
 def _raises(fn: Callable, *needles: str) -> None:
     try:
         fn()

@@ -51,6 +51,14 @@ DIALECTS = ["fx", "aten", "dynamo"]
 BATCH5 = ["none"] * 6 + ["window", "units", "grouped"]
 BATCH5_BIAS = ["none", "head", "partial", "fill", "full"]
 BATCH5_PERTURB = ["softmax_dim", "return_probs", "after_mul"]
+# attention sinks (issue 22, passes/sinks.py): a per-head logit column concatenated to the
+# scores (last, as gpt-oss, with or without its max shift; or first, as x-transformers) and
+# sliced off after the softmax; "none" keeps the plain softmax
+SINKS = ["none"] * 6 + ["last", "first", "last_shift"]
+# the perturbations a sink composes with (the others change the softmax axis or the
+# softmax itself, where the cat would be read differently)
+SINK_PERTURB = ["none", "return_probs", "return_scores", "after_mul", "after_mask", "fill_finite",
+                "key_scale", "relu", "max_other_axis", "row_fill_one"]
 
 PERTURB_KINDS = {
     "softmax_dim": ("softmax_axis",),
@@ -90,6 +98,7 @@ class Recipe:
     perturb: str = "none"
     extra: str = "none"
     batch5: str = "none"
+    sink: str = "none"
     dialect: str = "aten"
     b: int = 2
     hq: int = 4
@@ -140,10 +149,19 @@ def draw_recipe(choose: Choose, *, dialects=DIALECTS, perturb_rate: float = 0.3)
     r.d = choose("d", [4, 8])
     r.seed = choose("seed", [0, 1, 2, 3])
     r.batch5 = choose("batch5", BATCH5)
+    r.sink = choose("sink", SINKS)
     return repair(r)
 
 
 def repair(r: Recipe) -> Recipe:
+    if r.sink != "none" and (r.batch5 != "none" or r.perturb not in SINK_PERTURB):
+        r.sink = "none"
+    if r.sink != "none" and r.softmax == "upcast":
+        r.softmax = "dtype"  # ``.type_as(s)`` would read the concatenated scores' dtype too
+    if r.sink != "none" and r.extra == "max_shift":
+        # a row maximum subtracted before the cat shifts the scores against the sink: another
+        # function, which the matcher declines (tests/test_sinks_matcher.py), not a no-op
+        r.extra = "none"
     if r.batch5 != "none":  # its own small generator (build_batch5): map the shared options onto it
         r.qk = r.qk if r.qk in ("at", "matmul", "einsum") else "einsum"
         r.pv = r.pv if r.pv in ("at", "matmul", "einsum") else "at"
@@ -488,6 +506,15 @@ def build(r: Recipe) -> Built:
         lines.append("s = s - s.amax(dim=-1, keepdim=True).detach()")
     if r.perturb == "max_other_axis":
         lines.append("s = s - s.amax(dim=-2, keepdim=True)")
+    # ---- attention sinks: a per-head column joins the softmax (sliced off below)
+    if r.sink != "none":
+        add_input("sinks", torch.randn(Hq, generator=g))
+        lines.append(f"col = sinks.reshape(1, -1, 1, 1).expand({sz('s.size(0)', B)}, -1, "
+                     f"{sz('s.size(2)', Lq)}, 1)")
+        lines.append("s = torch.cat([col, s], dim=-1)" if r.sink == "first" else
+                     "s = torch.cat([s, col], dim=-1)")
+        if r.sink == "last_shift":
+            lines.append("s = s - s.max(dim=-1, keepdim=True).values")
     # ---- softmax
     dim = -1 if r.softmax != "dim3" else 3
     if r.perturb == "softmax_dim":
@@ -507,6 +534,8 @@ def build(r: Recipe) -> Built:
         lines.append(f"p = F.softmax(s, dim={dim}, dtype=torch.float32).to(q.dtype)")
     elif r.softmax == "upcast":
         lines.append(f"p = F.softmax(s.float(), dim={dim}).type_as(s)")
+    if r.sink != "none":
+        lines.append("p = p[..., 1:]" if r.sink == "first" else "p = p[..., :-1]")
     # ---- dropout (eval)
     if r.dropout == "F":
         lines.append("p = F.dropout(p, p=0.1, training=self.training)")

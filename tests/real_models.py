@@ -174,6 +174,11 @@ _DECODERS = {
     "falcon_alibi": ("FalconModel", "FalconConfig",
                      dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           max_position_embeddings=64, alibi=True), "num_hidden_layers"),
+    # attention sinks (issue 22): one learned logit per head, concatenated to the scores and
+    # sliced off after the softmax; a sliding-window layer and a full layer; a tiny MoE
+    "gpt_oss": ("GptOssModel", "GptOssConfig",
+                dict(_SMALL, intermediate_size=32, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                     num_experts_per_tok=2, sliding_window=5), "num_hidden_layers"),
 }
 # Falcon's eager path without ALiBi applies no attention dropout (modeling_falcon.py says so itself).
 _NO_ATTN_DROPOUT = {"falcon"}

@@ -44,9 +44,10 @@ def test_real_model_padding_mask_matters():
     assert not torch.allclose(a[1], b[1], atol=1e-3)   # row 1 has three padded keys
 
 
-@pytest.mark.parametrize("name", ["llama-padded"])
+@pytest.mark.parametrize("name", ["llama-padded", "gpt_oss-padded"])
 def test_real_model_train_gradients(name):
-    """Train mode, dropout 0: the backward through the fused op (aot_eager) gives eager's gradients."""
+    """Train mode, dropout 0: the backward through the fused op (aot_eager) gives eager's gradients
+    (gpt-oss: every site fused with its sinks, whose gradients are among those compared)."""
     torch.manual_seed(0)
     model, inputs, sites = R.CASES[name].build(train=True, dropout=0.0)
     ref = R._run(model, R._clone(inputs), train=True)
@@ -60,6 +61,9 @@ def test_real_model_train_gradients(name):
     assert rel_err <= R.TOL
     g_abs, g_rel = R.grad_errors(ref_grads, R.grads(model))
     assert g_rel <= R.GRAD_TOL, f"{name}: gradient max abs error {g_abs:.3g}, relative {g_rel:.3g}"
+    if name.startswith("gpt_oss"):
+        assert all(f.sinks for f in res.fusions), res.fusions
+        assert sum(n.endswith("self_attn.sinks") for n in ref_grads) == sites
 
 
 def test_real_model_train_dropout_fused():

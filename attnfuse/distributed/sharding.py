@@ -16,6 +16,9 @@ every mesh dimension), as (outputs, inputs) placements:
   whole); a bias with a head axis of size Hq ``Shard`` on it; key_mask ``Replicate()``.
 - **query heads only** (MQA, Hkv == 1): q, out, lse ``Shard(1)``, k and v
   ``Replicate()``; the backward's dk, dv ``Partial()``.
+- **sinks** ((Hq,), one logit per query head) follow the heads: ``Shard(0)`` where q is
+  sharded over heads, else ``Replicate()``; the backward's dsinks ``Partial()`` under
+  batch sharding (each rank sums the rows of its own batch items).
 
 Refused with an error naming the way out (rather than silently gathering; DTensor
 re-raises the rule's ``ValueError`` as a ``RuntimeError`` with the same message):
@@ -83,8 +86,8 @@ def _heads_split_whole(hq: int, hkv: int, mesh) -> bool:
     return hq == hkv or (hkv % mesh.size() == 0)
 
 
-def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[dict] = None
-           ) -> List[Tuple[list, list]]:
+def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[dict] = None,
+           sinks=None) -> List[Tuple[list, list]]:
     """(outputs, inputs) placement lists for one mesh dimension.
 
     ``backward_of`` is None for the forward; for the backward it holds ``need_dbias``
@@ -104,16 +107,23 @@ def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[di
     seed_p = None if seed is None else R
 
     def rule(qp, kvp, outp, bias_p, mask_p, dkv_p=None):
+        # the sinks follow q's head axis (their only axis): Shard(0) under head sharding
+        heads_sharded = qp.is_shard() and qp.dim == 1
+        sinks_p = None if sinks is None else (Shard(0) if heads_sharded else R)
         if backward_of is None:
-            return [outp, outp], [qp, kvp, kvp, bias_p, seed_p, mask_p]
+            return [outp, outp], [qp, kvp, kvp, bias_p, seed_p, mask_p, sinks_p]
         need_dbias = backward_of["need_dbias"]
         if bias_p is None or not need_dbias:
             dbias_p = R  # an empty (0,) tensor
         else:
             dbias_p = bias_p if (bias_p.is_shard() or qp == R) else Partial()
+        if sinks is None:
+            dsinks_p = R  # an empty (0,) tensor
+        else:  # batch sharding: each rank's dsinks sums its own batch items only
+            dsinks_p = sinks_p if (heads_sharded or qp == R) else Partial()
         dkv = kvp if dkv_p is None else dkv_p
-        return ([qp, dkv, dkv, dbias_p],
-                [outp, qp, kvp, kvp, bias_p, outp, outp, seed_p, mask_p])
+        return ([qp, dkv, dkv, dbias_p, dsinks_p],
+                [outp, qp, kvp, kvp, bias_p, outp, outp, seed_p, mask_p, sinks_p])
 
     rules = [rule(R, R, R, None if bias is None else R, None if key_mask is None else R)]
     if B > 1:
@@ -132,14 +142,14 @@ def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[di
 
 
 def _forward_rules(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
-                   seed=None, impl="auto", window=0, key_mask=None):
-    return _rules(q, k, v, bias, seed, key_mask, dropout_p)
+                   seed=None, impl="auto", window=0, key_mask=None, sinks=None):
+    return _rules(q, k, v, bias, seed, key_mask, dropout_p, sinks=sinks)
 
 
 def _backward_rules(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl,
-                    need_dbias, window=0, key_mask=None):
+                    need_dbias, window=0, key_mask=None, sinks=None):
     return _rules(q, k, v, bias, seed, key_mask, dropout_p,
-                  backward_of={"need_dbias": bool(need_dbias)})
+                  backward_of={"need_dbias": bool(need_dbias)}, sinks=sinks)
 
 
 def _widen_cache_key(op) -> None:
