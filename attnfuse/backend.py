@@ -267,7 +267,7 @@ def _inline_small_calls_in(gm: fx.GraphModule) -> int:
         q, k = a["q"], a["k"]
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
             continue  # no recorded example value: the shapes are unknown here
-        if any(isinstance(bound.arguments[n], fx.Node) and a[n] is None for n in ("bias", "key_mask")):
+        if any(isinstance(bound.arguments[n], fx.Node) and a[n] is None for n in ("bias", "key_mask", "alibi_slopes")):
             continue
         training = torch.is_grad_enabled() and any(
             isinstance(a[n], torch.Tensor) and a[n].requires_grad for n in ("q", "k", "v", "bias"))

@@ -6,7 +6,8 @@ launcher (``triton_*``) both rely on, and nothing else: the -inf of masked logit
 the causal diagonal's offset (:func:`causal_offset`), the key band a block of rows can
 see (:func:`band_kmin` / :func:`band_kmax`), the per-batch key bounds of a key_mask
 (:func:`key_bounds`), the compute dtype of the CPU paths, the compact view of an
-expanded bias, and the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`).
+expanded bias, the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`), and the
+ALiBi term of one block of scores (:func:`alibi_block`).
 
 It imports no sibling module: every other module in ``kernels/`` may import it, and it
 is the bottom of the house (``tests/test_kernels_layout.py`` checks that).
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NEG_INF", "BLOCK_Q", "BLOCK_ELEMS", "compute_dtype", "compact", "effective_causal",
-           "causal_offset", "band_kmin", "band_kmax", "key_bounds"]
+           "causal_offset", "band_kmin", "band_kmax", "key_bounds", "alibi_block"]
 
 #: The logit of a masked (row, key) pair.
 NEG_INF = float("-inf")
@@ -86,3 +87,17 @@ def key_bounds(key_mask: Tensor) -> Tensor:
     lo = torch.where(key_mask, j, n).amin(1)          # first visible key; n if none
     hi = torch.where(key_mask, j + 1, 0).amax(1)      # last visible key + 1; 0 if none
     return torch.stack((lo, hi), 1).to(torch.int32)
+
+
+def alibi_block(slopes: Tensor, i0: int, i1: int, kmin: int, kmax: int, lq: int, lk: int,
+                dtype: torch.dtype) -> Tensor:
+    """The ALiBi logits of rows [i0, i1) over keys [kmin, kmax), FlashAttention-2's
+    convention: ``-slope * |i + lk - lq - j|``, as a (B|1, Hq, rows, keys) tensor of
+    ``dtype`` from ``slopes`` (Hq,) or (B, Hq). Only one block is ever built (never
+    the whole (Lq, Lk) term); the distance is computed in float64 (exact integers)."""
+    i = torch.arange(i0 + lk - lq, i1 + lk - lq, device=slopes.device, dtype=torch.float64)
+    j = torch.arange(kmin, kmax, device=slopes.device, dtype=torch.float64)
+    dist = (i[:, None] - j[None, :]).abs_().to(dtype)
+    s = slopes.to(dtype)
+    s = s[None] if s.dim() == 1 else s
+    return -(s[:, :, None, None] * dist)

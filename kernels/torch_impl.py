@@ -122,10 +122,14 @@ PATHS: tuple[PathRule, ...] = (
              "bottom-right diagonal, a bias of q's dtype or bool (a key_mask alone folded "
              "into one; causal GQA repeats K/V)", "nothing: one call of PyTorch's fused CPU kernel"),
     PathRule("blocked", "everything else (softcap, dropout, float64, bottom-right with a "
-             "bias, ...); also the backward where the fused one has no bias gradient or "
+             "bias, ALiBi slopes, ...); also the backward where the fused one has no bias gradient or "
              "the lse is too large", "keys outside the causal/window band"),
 )
 _RULES = {rule.path: rule for rule in PATHS}
+
+
+_ALIBI_WHY = ("ALiBi slopes: the blocked path builds the ALiBi term per row block "
+              "(PyTorch's fused kernel would need it as a materialised (Lq, Lk) bias)")
 
 
 class CpuPlan(NamedTuple):
@@ -156,9 +160,13 @@ def uses_fused_sdpa_backward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, causal: str,
                  dropout_p: float, softcap: float, window: int = 0,
-                 key_mask: Optional[Tensor] = None) -> CpuPlan:
+                 key_mask: Optional[Tensor] = None,
+                 alibi_slopes: Optional[Tensor] = None) -> CpuPlan:
     """The path :func:`forward` takes for these inputs: the first of :data:`PATHS`
-    whose applicability test passes."""
+    whose applicability test passes (ALiBi slopes: always the blocked path, which
+    builds the ALiBi term per row block; the fused kernel would need it materialised)."""
+    if alibi_slopes is not None:
+        return _chosen("blocked", _ALIBI_WHY)
     if TL.lowp_applicable(q, k, v, bias, causal=causal, window=window, softcap=softcap):
         return _chosen("lowp")
     if TR.runs_applicable(q, k, v, bias, causal=causal, window=window,
@@ -176,11 +184,14 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, cau
 
 def backward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: Tensor, *,
                   causal: str, dropout_p: float, softcap: float, need_dbias: bool,
-                  window: int = 0, key_mask: Optional[Tensor] = None) -> CpuPlan:
+                  window: int = 0, key_mask: Optional[Tensor] = None,
+                  alibi_slopes: Optional[Tensor] = None) -> CpuPlan:
     """The path :func:`backward` takes: the forward's, except that the fused kernel's
     backward gives no bias gradient and needs a well-conditioned lse (then "blocked"),
     and that the key-run backward has fewer parallel tasks than its forward (then one
     fused call with the folded mask)."""
+    if alibi_slopes is not None:
+        return _chosen("blocked", _ALIBI_WHY)
     plan = forward_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask)
     path = plan.path
@@ -226,7 +237,8 @@ def backward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
             causal: str, dropout_p: float, softcap: float, seed: int, window: int = 0,
-            key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+            key_mask: Optional[Tensor] = None,
+            alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse): out (B, Hq, Lq, Dv) in q's dtype; lse (B, Hq, Lq) float32, the
     natural log-sum-exp of the final logits (-inf for rows masked entirely)."""
     b, hq, lq, _ = q.shape
@@ -236,6 +248,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
         lse = torch.full((b, hq, lq), NEG_INF, dtype=torch.float32, device=q.device)
         return out, lse
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
+    if alibi_slopes is not None:
+        return TBK.blocked_forward(q, k, v, bias, scale=scale, causal=causal,
+                                   dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
+                                   window=window, key_mask=key_mask,
+                                   alibi=_slopes_2d(alibi_slopes))
     path = forward_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask).path
     if path == "lowp":
@@ -257,7 +274,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
              out: Tensor, lse: Tensor, *, scale: float, causal: str, dropout_p: float,
              softcap: float, seed: int, need_dbias: bool, window: int = 0,
-             key_mask: Optional[Tensor] = None):
+             key_mask: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None):
     """(dq, dk, dv, dbias): shapes and dtypes of q, k, v; dbias has the 4-D shape and
     dtype of ``bias`` (summed over its size-1 dims), None unless ``need_dbias`` (and
     None for a bool bias, which has no gradient)."""
@@ -268,6 +285,11 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if grad_bias else None
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias)
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
+    if alibi_slopes is not None:
+        return TBK.blocked_backward(dout, q, k, v, bias, out, scale=scale, causal=causal,
+                                    dropout_p=dropout_p, softcap=float(softcap),
+                                    seed=int(seed), need_dbias=need_dbias, window=window,
+                                    key_mask=key_mask, alibi=_slopes_2d(alibi_slopes))
     path = backward_plan(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
                          softcap=softcap, need_dbias=need_dbias, window=window,
                          key_mask=key_mask).path
@@ -292,3 +314,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     return TBK.blocked_backward(dout, q, k, v, bias, out, scale=scale, causal=causal,
                                 dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
                                 need_dbias=need_dbias, window=window, key_mask=key_mask)
+
+
+def _slopes_2d(slopes: Tensor) -> Tensor:
+    """ALiBi slopes as (1|B, Hq), the layout the row blocks slice per batch."""
+    return slopes[None] if slopes.dim() == 1 else slopes
