@@ -27,6 +27,7 @@ class Fusion:
     key_mask: str = ""         # "" or the graph node(s) passed as key_mask (B, Lk), "~" = negated
     masks: List[str] = field(default_factory=list)   # per mask term: its structure, or why it stayed a tensor
     empty_row_fixup: bool = False  # rows that see no key get eager's finite-fill uniform average
+    alibi: str = ""            # "" or the graph's slope tensor passed as alibi_slopes (ALiBi as structure)
 
     @property
     def structure(self) -> str:
@@ -38,6 +39,8 @@ class Fusion:
             parts.append(f"window={self.window}")
         if self.key_mask:
             parts.append(f"key_mask={self.key_mask}")
+        if self.alibi:
+            parts.append(f"alibi_slopes={self.alibi}")
         return ", ".join(parts) or "none"
 
 

@@ -96,6 +96,7 @@ class AttentionMatch:
     mask_notes: List[str] = field(default_factory=list)  # per mask term: the structure, or why a tensor
     row_zero: List[Tuple[View4, bool]] = field(default_factory=list)  # (B, H, Lq, 1) bool views: output rows
                                      # where the view equals the flag are 0 (a row fill of P, rowfill.py)
+    alibi: Any = None                # a proven ALiBi term (passes/alibi.py AlibiTerm): the op's alibi_slopes
 
 
 Result = Union[AttentionMatch, NearMiss]

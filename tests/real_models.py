@@ -174,6 +174,9 @@ _DECODERS = {
     "falcon_alibi": ("FalconModel", "FalconConfig",
                      dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           max_position_embeddings=64, alibi=True), "num_hidden_layers"),
+    "mpt": ("MptModel", "MptConfig",
+            dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, expansion_ratio=2),
+            "n_layers"),
 }
 # Falcon's eager path without ALiBi applies no attention dropout (modeling_falcon.py says so itself).
 _NO_ATTN_DROPOUT = {"falcon"}
