@@ -163,10 +163,14 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, cau
                  key_mask: Optional[Tensor] = None,
                  alibi_slopes: Optional[Tensor] = None) -> CpuPlan:
     """The path :func:`forward` takes for these inputs: the first of :data:`PATHS`
-    whose applicability test passes (ALiBi slopes: always the blocked path, which
-    builds the ALiBi term per row block; the fused kernel would need it materialised)."""
+    whose applicability test passes. ALiBi slopes: where :func:`alibi_key_bias` applies,
+    the path of its (B|1, Hq, 1, Lk) key bias; else the blocked path, which builds the
+    ALiBi term per row block (the fused kernel would need it materialised)."""
     if alibi_slopes is not None:
-        return _chosen("blocked", _ALIBI_WHY)
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal)
+        if kb is None:
+            return _chosen("blocked", _ALIBI_WHY)
+        bias = kb[0]
     if TL.lowp_applicable(q, k, v, bias, causal=causal, window=window, softcap=softcap):
         return _chosen("lowp")
     if TR.runs_applicable(q, k, v, bias, causal=causal, window=window,
@@ -191,7 +195,10 @@ def backward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: 
     and that the key-run backward has fewer parallel tasks than its forward (then one
     fused call with the folded mask)."""
     if alibi_slopes is not None:
-        return _chosen("blocked", _ALIBI_WHY)
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal)
+        if kb is None:
+            return _chosen("blocked", _ALIBI_WHY)
+        bias, need_dbias = kb[0], False
     plan = forward_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask)
     path = plan.path
@@ -249,6 +256,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
         return out, lse
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
     if alibi_slopes is not None:
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal)
+        if kb is not None:  # ALiBi as a broadcast key bias, the lse shifted back per row
+            out, lse = forward(q, k, v, kb[0], scale=scale, causal=causal, dropout_p=dropout_p,
+                               softcap=softcap, seed=seed, window=window, key_mask=key_mask)
+            return out, lse - kb[1]
         return TBK.blocked_forward(q, k, v, bias, scale=scale, causal=causal,
                                    dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
                                    window=window, key_mask=key_mask,
@@ -286,6 +298,13 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias)
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
     if alibi_slopes is not None:
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal)
+        if kb is not None:
+            dq, dk, dv, _ = backward(dout, q, k, v, kb[0], out, lse + kb[1], scale=scale,
+                                     causal=causal, dropout_p=dropout_p, softcap=softcap,
+                                     seed=seed, need_dbias=False, window=window,
+                                     key_mask=key_mask)
+            return dq, dk, dv, None
         return TBK.blocked_backward(dout, q, k, v, bias, out, scale=scale, causal=causal,
                                     dropout_p=dropout_p, softcap=float(softcap),
                                     seed=int(seed), need_dbias=need_dbias, window=window,
@@ -319,3 +338,24 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
 def _slopes_2d(slopes: Tensor) -> Tensor:
     """ALiBi slopes as (1|B, Hq), the layout the row blocks slice per batch."""
     return slopes[None] if slopes.dim() == 1 else slopes
+
+
+def alibi_key_bias(q: Tensor, k: Tensor, bias: Optional[Tensor], alibi_slopes: Tensor, *,
+                   causal: str) -> Optional[tuple[Tensor, Tensor]]:
+    """``(key bias (B|1, Hq, 1, Lk), row shift (B|1, Hq, Lq))``, both float32, where the
+    op's ALiBi ``-slope * |i + Lk - Lq - j|`` equals ``slope * j - slope * (i + Lk - Lq)``
+    on every visible key: a causal mask that hides every key ``j > i + Lk - Lq``
+    (``"bottom_right"``, or ``"top_left"`` with ``Lk >= Lq``). The key bias is a broadcast
+    view of O(Hq * Lk) values that PyTorch's fused kernel (and every other path) takes;
+    the lse of those logits minus the row shift is the op's lse. Only for float32 q (a
+    half-precision bias would round ``slope * j``) and no other bias; else None (the
+    blocked path builds the term per row block)."""
+    lq, lk = q.shape[2], k.shape[2]
+    if q.dtype != torch.float32 or bias is not None:
+        return None
+    if not (causal == "bottom_right" or (causal == "top_left" and lk >= lq)):
+        return None
+    s = _slopes_2d(alibi_slopes).to(torch.float32)
+    j = torch.arange(lk, device=q.device, dtype=torch.float32)
+    i = torch.arange(lk - lq, lk, device=q.device, dtype=torch.float32)
+    return s[:, :, None, None] * j, s[:, :, None] * i

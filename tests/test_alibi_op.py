@@ -133,9 +133,9 @@ def test_triton_decode_kernel_with_alibi():
 
 def test_cpu_plan_never_materialises_alibi():
     q, k, v, _ = _inputs()
-    plan = torch_impl.forward_plan(q, k, v, None, causal="top_left", dropout_p=0.0,
+    plan = torch_impl.forward_plan(q, k, v, None, causal="none", dropout_p=0.0,
                                    softcap=0.0, alibi_slopes=torch.ones(4))
-    assert plan.path == "blocked" and "ALiBi" in plan.why
+    assert plan.path == "blocked" and "ALiBi" in plan.why   # no causal band: the term per block
 
 
 @pytest.mark.parametrize("slopes,err,match", [
@@ -189,3 +189,31 @@ def test_inline_lowering_keeps_alibi():
     out.sum().backward()
     ref.sum().backward()
     assert_close_rel(leaves[1].grad, ref_leaves[1].grad, 5e-4, "inline dk")
+
+
+def test_cpu_causal_alibi_runs_as_a_key_bias_with_the_ops_lse():
+    """Under a causal mask that hides every key right of the bottom-right diagonal, the CPU
+    path passes ALiBi as a broadcast (B|1, Hq, 1, Lk) key bias (PyTorch's fused kernel for
+    top-left Lq == Lk, the models' case) and shifts the lse back: out, lse and gradients
+    are the FA2 definition's."""
+    for causal, lq in (("top_left", 10), ("bottom_right", 6)):
+        q, k, v, g = _inputs(lq=lq, lk=10)
+        slopes = torch.rand(2, 4, generator=g)
+        plan = torch_impl.forward_plan(q, k, v, None, causal=causal, dropout_p=0.0,
+                                       softcap=0.0, alibi_slopes=slopes)
+        assert causal != "top_left" or plan.path == "fused", plan
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = torch.ops.attnfuse.flash_attention(*leaves, None, 0.25, causal, 0.0, 0.0,
+                                                      None, "torch", 0, None, slopes)
+        ref_leaves = [t.double().clone().requires_grad_() for t in (q, k, v)]
+        ref = _ref(*ref_leaves, slopes, scale=0.25, causal=causal)
+        assert_close_rel(out, ref, 2e-4, f"out {causal}")
+        term = alibi_dense(slopes, 2, 4, lq, 10)
+        s = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25 + term
+        s = s.masked_fill(torch.ones(lq, 10, dtype=torch.bool).triu(10 - lq + 1), float("-inf"))
+        assert_close_rel(lse, torch.logsumexp(s, -1), 2e-5, f"lse {causal}")
+        grad = torch.randn_like(ref)
+        out.backward(grad.float())
+        ref.backward(grad)
+        for name, t, r in zip("qkv", leaves, ref_leaves):
+            assert_close_rel(t.grad, r.grad, 5e-4, f"d{name} {causal}")
