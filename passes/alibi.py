@@ -59,6 +59,7 @@ class AlibiTerm:
     (product first), ``view`` the term's op-order view (its base is the term node)."""
 
     term: Any
+    product: fx.Node
     slopes: fx.Node
     expand_to: Tuple[int, ...]
     chain: Tuple[fx.Node, ...]
@@ -226,7 +227,7 @@ def prove(term: Any, node: fx.Node, tags: Sequence[Any], view: View4, coef: floa
                           f"slopes are constants; stays a bias")
         note = (f"{node.name}: ALiBi (slopes {a.name} x key positions {p.name}), passed as alibi_slopes "
                 f"(no (Lq, Lk) tensor)")
-        return AlibiTerm(term, a, shape_p, tuple(chain), float(coef), view, note), None
+        return AlibiTerm(term, prod, a, shape_p, tuple(chain), float(coef), view, note), None
     return None, why
 
 

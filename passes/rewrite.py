@@ -129,7 +129,9 @@ def _alibi_slopes(em: Emitter, al, q):
     tensor broadcast to the product's shape, through the term's own layout ops, viewed in
     op order, read at query 0 / key 0 (it is constant along both), times the term's
     constant factor. Its values are the graph's, at run time."""
-    x = em.replay(al.chain, em.expand(al.slopes, list(al.expand_to)))
+    x = em.expand(al.slopes, list(al.expand_to))
+    x.meta.update({k: v for k, v in al.product.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    x = em.replay(al.chain, x)   # node_copy keeps each layout node's metadata
     x = em.view4(dataclasses.replace(al.view, base=x))
     x = em.select(em.select(x, 3, 0), 2, 0)
     x = em.cast(em.expand(x, [em.size(q, 0), em.size(q, 1)]), torch.float32)

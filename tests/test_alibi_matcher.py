@@ -63,6 +63,16 @@ class MptStyle(nn.Module):
         return torch.softmax(s, dim=-1) @ v
 
 
+class DirectProduct(BloomStyle):
+    """The product itself added (no layout op after it), bottom-right causal mask."""
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+        s = q @ k.transpose(-1, -2) + self.slopes.view(1, H, 1, 1) * (torch.arange(n) - n)
+        return torch.softmax(s.masked_fill(j > i, float("-inf")), dim=-1) @ v
+
+
 class NotCausal(BloomStyle):
     """The key-position ALiBi without a causal mask: not the op's symmetric ALiBi."""
 
@@ -99,8 +109,8 @@ def _op_kwargs(gm):
     return n.kwargs
 
 
-@pytest.mark.parametrize("dialect", ["dynamo", "aten"])
-@pytest.mark.parametrize("module", [BloomStyle, MptStyle])
+@pytest.mark.parametrize("module,dialect", [(m, d) for m in (BloomStyle, MptStyle) for d in ("dynamo", "aten")]
+                         + [(DirectProduct, "dynamo")])
 def test_alibi_becomes_structure(module, dialect):
     mod = module()
     q, k, v = _qkv()
