@@ -268,7 +268,7 @@ def _inline_small_calls_in(gm: fx.GraphModule) -> int:
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
             continue  # no recorded example value: the shapes are unknown here
         if any(isinstance(bound.arguments.get(n), fx.Node) and a.get(n) is None
-               for n in ("bias", "key_mask", "sinks")):
+               for n in ("bias", "key_mask", "sinks", "alibi_slopes")):
             continue
         training = torch.is_grad_enabled() and any(
             isinstance(a.get(n), torch.Tensor) and a[n].requires_grad

@@ -26,6 +26,15 @@ Semantics, for q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)::
   causal/window band are never visited (the Triton kernels also skip the padding: the
   keys before the first and after the last visible key of each batch item; the dK/dV
   kernel skips every key block a key_mask hides entirely).
+- ``alibi_slopes`` (float32, (Hq,) or (B, Hq)): ALiBi as structure, FlashAttention-2's
+  convention: the logit of (query ``i``, key ``j``) of head ``h`` gains
+  ``-slope[b, h] * |i + Lk - Lq - j|`` after softcap, with the bias. It is computed
+  inside every kernel (CPU: per row block; Triton: per tile), never as an (Lq, Lk)
+  tensor. Under a causal mask where every visible key has ``j <= i + Lk - Lq``
+  (``"bottom_right"``, or ``"top_left"`` with ``Lk >= Lq``) it equals
+  ``slope * j`` up to a per-row constant, which softmax ignores: the key-position-only
+  ALiBi of BLOOM, Falcon and MPT (``slope * (j + c)``, any per-batch ``c``). Slopes are
+  constants: no gradient is computed for them, and slopes that require grad raise.
 - A row whose logits are all ``-inf`` (or that sees no key) gives 0 (eager PyTorch gives NaN) and a
   zero gradient. A row of large finite negatives (``finfo.min`` masks) gives the
   same uniform average as eager.
@@ -66,7 +75,7 @@ def _shape(t: Tensor) -> tuple:
 
 
 def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, key_mask=None,
-             sinks=None) -> None:
+             sinks=None, alibi_slopes=None) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the argument for bad input."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -133,6 +142,8 @@ def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, k
                              f"got {_shape(key_mask)}")
     if sinks is not None:
         _validate_sinks(sinks, q)
+    if alibi_slopes is not None:
+        validate_alibi_slopes(alibi_slopes, q)
 
 
 def _validate_sinks(sinks, q: Tensor) -> None:
@@ -146,6 +157,28 @@ def _validate_sinks(sinks, q: Tensor) -> None:
     if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
         raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), one logit per query "
                          f"head, got {_shape(sinks)}")
+
+
+def validate_alibi_slopes(alibi_slopes, q: Tensor) -> None:
+    """ALiBi slopes: a float32 tensor (Hq,) or (B, Hq) on q's device (FlashAttention-2's
+    convention); raises ``TypeError`` / ``ValueError`` naming the argument."""
+    if not isinstance(alibi_slopes, Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32 (one slope per query head), got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    B, Hq = q.shape[0], q.shape[1]
+    if alibi_slopes.shape not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), "
+                         f"got {_shape(alibi_slopes)}")
+
+
+def _refuse_slope_grad(alibi_slopes) -> None:
+    if alibi_slopes is not None and alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes must not require grad: the slopes are constants of the "
+                         "op (no gradient is computed for them); pass alibi_slopes.detach() or "
+                         "add the ALiBi term to a float bias to learn the slopes")
 
 
 def _causal_str(causal: Union[bool, str]) -> str:
@@ -203,17 +236,24 @@ SEED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
-                     sinks=None) -> None:
+                     sinks=None, alibi_slopes=None) -> None:
     """Everything the graph-level op checks, raised before any kernel runs: :func:`validate`,
     the dropout seed, and whether ``impl`` runs on the inputs' device. The real kernel and
     the fake (tracing) kernel both run it, so a call the fake kernel accepts also runs for
     real (tests/test_op_contract.py checks this over the argument space), and a bad call
     fails when the graph is traced, not at its first run."""
-    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks)
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks,
+             alibi_slopes)
     if dropout_p > 0.0 and (not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype not in SEED_DTYPES):
         got = type(seed).__name__ if not isinstance(seed, Tensor) else f"{seed.dtype} of shape {_shape(seed)}"
         raise ValueError(f"dropout_p > 0 needs a seed tensor (int64, 0-d), got {got}")
     _resolved_impl(impl, q.device)
+
+
+def _alibi_kw(alibi_slopes: Optional[Tensor]) -> dict:
+    """The backends' ``alibi_slopes`` keyword, only when given (so a backend without
+    ALiBi support is never called with it for plain calls)."""
+    return {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes}
 
 
 def _is_empty(q: Tensor, k: Tensor) -> bool:
@@ -240,10 +280,11 @@ def flash_attention_op(
     window: int = 0,
     key_mask: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention; returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32, natural log)."""
     validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
-                     sinks)
+                     sinks, alibi_slopes)
     seed_int = _seed_int(seed, dropout_p)
     if _is_empty(q, k):
         out = q.new_zeros(q.shape[:3] + (v.shape[3],))
@@ -257,6 +298,7 @@ def flash_attention_op(
     out, lse = backend.forward(
         q, k, v, _bias_4d(bias), scale=float(scale), causal=causal, dropout_p=float(dropout_p),
         softcap=float(softcap), seed=seed_int, window=int(window), key_mask=key_mask, **extra,
+        **_alibi_kw(alibi_slopes),
     )
     # The fake kernel promises contiguous outputs (Inductor asserts strides against it);
     # some paths (e.g. PyTorch's CPU SDPA) return other layouts.
@@ -265,9 +307,10 @@ def flash_attention_op(
 
 @flash_attention_op.register_fake
 def _flash_attention_fake(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
-                          seed=None, impl="auto", window=0, key_mask=None, sinks=None):
+                          seed=None, impl="auto", window=0, key_mask=None, sinks=None,
+                          alibi_slopes=None):
     validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
-                     sinks)
+                     sinks, alibi_slopes)
     B, Hq, Lq, _ = q.shape
     out = q.new_empty((B, Hq, Lq, v.shape[3]))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -293,6 +336,7 @@ def flash_attention_backward_op(
     window: int = 0,
     key_mask: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsinks); dbias has bias's shape, or is empty unless
     ``need_dbias``; dsinks has the sinks' shape and dtype, or is empty without sinks."""
@@ -308,6 +352,7 @@ def flash_attention_backward_op(
         dout, q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
         dropout_p=float(dropout_p), softcap=float(softcap), seed=_seed_int(seed, dropout_p),
         need_dbias=need_dbias, window=int(window), key_mask=key_mask, **extra,
+        **_alibi_kw(alibi_slopes),
     )
     dq, dk, dv, dbias = grads[:4]
     if dbias is None:
@@ -327,7 +372,8 @@ def flash_attention_backward_op(
 
 @flash_attention_backward_op.register_fake
 def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed,
-                                   impl, need_dbias, window=0, key_mask=None, sinks=None):
+                                   impl, need_dbias, window=0, key_mask=None, sinks=None,
+                                   alibi_slopes=None):
     dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty((0,))
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
@@ -342,10 +388,12 @@ def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks = inputs
+    (q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks,
+     alibi_slopes) = inputs
     out, lse = output
+    _refuse_slope_grad(alibi_slopes)
     ctx.save_for_backward(*map(_savable, (q, k, v, bias)), out, lse,
-                          *map(_savable, (seed, key_mask, sinks)))
+                          *map(_savable, (seed, key_mask, sinks, alibi_slopes)))
     ctx.args = (scale, causal, dropout_p, softcap, impl, window)
     ctx.bias_is_float = bias is not None and bias.dtype.is_floating_point
     ctx.mark_non_differentiable(lse)
@@ -353,16 +401,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     # lse is marked non-differentiable: only ``out`` carries a gradient.
-    q, k, v, bias, out, lse, seed, key_mask, sinks = ctx.saved_tensors
+    q, k, v, bias, out, lse, seed, key_mask, sinks, alibi_slopes = ctx.saved_tensors
     scale, causal, dropout_p, softcap, impl, window = ctx.args
     need_dbias = bool(ctx.bias_is_float and ctx.needs_input_grad[3])
     dq, dk, dv, dbias, dsinks = flash_attention_backward_op(
         dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl, need_dbias,
-        window, key_mask, sinks,
+        window, key_mask, sinks, alibi_slopes,
     )
     need_dsinks = sinks is not None and ctx.needs_input_grad[12]
     return ((dq, dk, dv, (dbias if need_dbias else None)) + (None,) * 8
-            + ((dsinks if need_dsinks else None),))
+            + ((dsinks if need_dsinks else None), None))
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -400,6 +448,7 @@ def flash_attention(
     window: int = 0,
     key_mask: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused attention ``dropout(softmax(mask(softcap(scale·q·kᵀ) + bias))) · v``.
 
@@ -423,6 +472,10 @@ def flash_attention(
         key_mask: None or a bool (B, Lk) / (1, Lk) key-padding mask, True = visible.
         sinks: None or a float (Hq,) tensor of attention-sink logits (gpt-oss): each
             joins its head's softmax denominators and has no value row; differentiable.
+        alibi_slopes: None or float32 (Hq,) / (B, Hq) ALiBi slopes (FlashAttention-2's
+            convention): logit (i, j) of head h gains ``-slope * |i + Lk - Lq - j|``,
+            computed per block/tile, never as an (Lq, Lk) tensor. Constants: slopes
+            that require grad raise ``ValueError``.
 
     Returns:
         (B, Hq, Lq, Dv) in q's dtype. Rows whose logits are all ``-inf``, or that see
@@ -431,13 +484,17 @@ def flash_attention(
     if scale is None and isinstance(q, Tensor) and q.dim() == 4:
         scale = 1.0 / math.sqrt(q.shape[-1])
     causal = _causal_str(causal)
-    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks)
+    validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks,
+             alibi_slopes)
+    if torch.is_grad_enabled():
+        _refuse_slope_grad(alibi_slopes)
     if type(q) is not Tensor:  # a DTensor needs the op's sharding rules
         register_dtensor_rules_if_loaded()
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = torch.ops.attnfuse.flash_attention(
-        q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks
+        q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks,
+        alibi_slopes,
     )
     return out

@@ -2,7 +2,7 @@
 against the minimum, FlashAttention-2's IO model for the same tiles, and unfused attention.
 
     .venv/bin/python benchmarks/kernel_io.py [--sizes 256,512,1024] [--dim 64] [--causal]
-                                             [--padded 0.4]
+                                             [--padded 0.4] [--alibi]
                                              [--decode-sizes 4096,16384] [--decode-lq 1,16]
                                              [--sinks]
 
@@ -197,18 +197,20 @@ def _split(cnt):
     return rd, wr
 
 
-def _measure(n, d, dtype, causal, key_mask=None):
+def _measure(n, d, dtype, causal, key_mask=None, alibi_slopes=None, bias=None):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, d, generator=g).to(dtype) for _ in range(3))
     scale = 1 / math.sqrt(d)
     mode = "top_left" if causal else "none"
     kw = dict(scale=scale, causal=mode, dropout_p=0.0, softcap=0.0, seed=0, key_mask=key_mask)
+    if alibi_slopes is not None:
+        kw["alibi_slopes"] = alibi_slopes
     _counts.clear()
     t0 = time.time()
-    out, lse = tf.forward(q, k, v, None, **kw)
+    out, lse = tf.forward(q, k, v, bias, **kw)
     fwd = dict(_counts)
     _counts.clear()
-    tf.backward(torch.randn_like(out), q, k, v, None, out, lse, need_dbias=False, **kw)
+    tf.backward(torch.randn_like(out), q, k, v, bias, out, lse, need_dbias=False, **kw)
     bwd = dict(_counts)
     return fwd, bwd, time.time() - t0
 
@@ -245,6 +247,32 @@ def _training_table(sizes, d, dtype, es, causal):
         per = ", ".join(f"{kn} {kind} {v:,}" for (kn, kind), v in sorted({**fwd, **bwd}.items()))
         print(f"      per kernel/kind: {per}  ({secs:.1f}s in the interpreter)")
     print(f"worst measured / FA2 model: {worst:.2f} (target <= 1.2)")
+    return worst
+
+
+def _alibi_table(sizes, d, dtype, causal):
+    """Bytes of the ALiBi variant (slopes (1,), the term computed per tile) against the
+    plain kernels and against ALiBi as a materialised (1, 1, N, N) bias (before)."""
+    print(f"ALiBi: bytes moved per pass, d={d}, fp16{', causal top-left' if causal else ''}")
+    hdr = (f"{'N':>5} {'pass':<4} {'plain':>12} {'alibi':>12} {'alibi-plain':>11} "
+           f"{'materialised bias':>17} {'alibi/plain':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+    worst = 0
+    for n in sizes:
+        slopes = torch.tensor([0.25])
+        i = torch.arange(n, dtype=torch.float32)
+        dense = (-(0.25 * (i[:, None] - i[None, :]).abs())).to(dtype)[None, None]
+        runs = [_measure(n, d, dtype, causal),
+                _measure(n, d, dtype, causal, alibi_slopes=slopes),
+                _measure(n, d, dtype, causal, bias=dense)]
+        for p, name in enumerate(("fwd", "bwd")):
+            plain, alibi, mat = (sum(r[p].values()) for r in runs)
+            worst = max(worst, alibi - plain)
+            print(f"{n:>5} {name:<4} {plain:>12,} {alibi:>12,} {alibi - plain:>11,} "
+                  f"{mat:>17,} {alibi / plain:>11.4f}")
+    print(f"largest extra bytes of the ALiBi variant over the plain kernels: {worst:,} "
+          "(4 B per program: its slope)")
     return worst
 
 
@@ -389,6 +417,8 @@ def main(argv=None):
     ap.add_argument("--padded", type=float, default=0.0,
                     help="fraction of the keys right-padded (key_mask): replaces the "
                          "training table by the padded before/after table")
+    ap.add_argument("--alibi", action="store_true",
+                    help="replace the training table by plain vs ALiBi vs materialised bias")
     ap.add_argument("--decode-sizes", default="4096,16384",
                     help="KV lengths for the decode comparison ('' to skip)")
     ap.add_argument("--decode-lq", default="1,16")
@@ -403,7 +433,9 @@ def main(argv=None):
         _sinks_table([int(x) for x in args.sizes.split(",") if x],
                      [int(x) for x in args.decode_sizes.split(",") if x], d, dtype, es, args.causal)
         return 0
-    if args.sizes and args.padded:
+    if args.sizes and args.alibi:
+        _alibi_table([int(x) for x in args.sizes.split(",")], d, dtype, args.causal)
+    elif args.sizes and args.padded:
         _padded_table([int(x) for x in args.sizes.split(",")], d, dtype, es, args.causal,
                       args.padded)
     elif args.sizes:

@@ -8,7 +8,8 @@ see (:func:`band_kmin` / :func:`band_kmax`), the per-batch key bounds of a key_m
 (:func:`key_bounds`), the compute dtype of the CPU paths, the compact view of an
 expanded bias, the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`), and the
 algebra of attention sinks (:func:`add_sinks`: a result without sinks corrected from its
-own lse; :func:`sinks_grad`: the sinks' gradient from the lse and rowsum(dO·O)).
+own lse; :func:`sinks_grad`: the sinks' gradient from the lse and rowsum(dO·O)), and the
+ALiBi term of one block of scores (:func:`alibi_block`).
 
 It imports no sibling module: every other module in ``kernels/`` may import it, and it
 is the bottom of the house (``tests/test_kernels_layout.py`` checks that).
@@ -20,7 +21,7 @@ from torch import Tensor
 
 __all__ = ["NEG_INF", "BLOCK_Q", "BLOCK_ELEMS", "compute_dtype", "compact", "effective_causal",
            "causal_offset", "band_kmin", "band_kmax", "key_bounds", "sinks_rows", "add_sinks",
-           "sinks_grad"]
+           "sinks_grad", "alibi_block"]
 
 #: The logit of a masked (row, key) pair.
 NEG_INF = float("-inf")
@@ -129,3 +130,17 @@ def sinks_grad(sinks: Tensor, lse: Tensor, delta: Tensor) -> Tensor:
     p_sink = torch.exp(sink - lse.float())
     p_sink = torch.nan_to_num(p_sink, nan=0.0)     # sink = lse = -inf: no sink mass
     return (-(p_sink * delta.float()).sum(dim=(0, 2))).to(sinks.dtype)
+
+
+def alibi_block(slopes: Tensor, i0: int, i1: int, kmin: int, kmax: int, lq: int, lk: int,
+                dtype: torch.dtype) -> Tensor:
+    """The ALiBi logits of rows [i0, i1) over keys [kmin, kmax), FlashAttention-2's
+    convention: ``-slope * |i + lk - lq - j|``, as a (B|1, Hq, rows, keys) tensor of
+    ``dtype`` from ``slopes`` (Hq,) or (B, Hq). Only one block is ever built (never
+    the whole (Lq, Lk) term); the distance is computed in float64 (exact integers)."""
+    i = torch.arange(i0 + lk - lq, i1 + lk - lq, device=slopes.device, dtype=torch.float64)
+    j = torch.arange(kmin, kmax, device=slopes.device, dtype=torch.float64)
+    dist = (i[:, None] - j[None, :]).abs_().to(dtype)
+    s = slopes.to(dtype)
+    s = s[None] if s.dim() == 1 else s
+    return -(s[:, :, None, None] * dist)

@@ -288,10 +288,15 @@ def bslice(t: Optional[Tensor], b0: int, b1: int) -> Optional[Tensor]:
 
 def mask_block_scores(s5: Tensor, bias5: Optional[Tensor], key_mask: Optional[Tensor], *,
                       i0: int, i1: int, kmin: int, kmax: int, causal: str, window: int,
-                      lq: int, lk: int) -> None:
+                      lq: int, lk: int, alibi: Optional[Tensor] = None) -> None:
     """Add the bias to, and mask in place, the scores (B, Hkv, G, rows, keys) of rows
     [i0, i1) over keys [kmin, kmax): bias (a :func:`grouped_bias` view, sliced here; bool:
-    False -> -inf), key_mask, and the causal/window band (only on blocks it crosses)."""
+    False -> -inf), the ALiBi term of ``alibi`` (slopes (Hq,) or (B, Hq), batch-sliced
+    by the caller; :func:`base.alibi_block`, built for this block only), key_mask, and
+    the causal/window band (only on blocks it crosses)."""
+    if alibi is not None:
+        ab = base.alibi_block(alibi, i0, i1, kmin, kmax, lq, lk, s5.dtype)
+        s5.add_(ab.view(ab.shape[0], s5.shape[1], s5.shape[2], i1 - i0, kmax - kmin))
     if bias5 is not None:
         bs = bias5
         if bs.shape[3] > 1:

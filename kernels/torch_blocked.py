@@ -36,7 +36,7 @@ __all__ = ["blocked_forward", "blocked_backward"]
 
 
 def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap, causal,
-                 window, lq, lk, want_softcap_grad=False):
+                 window, lq, lk, want_softcap_grad=False, alibi=None):
     """Softmax probabilities (pre-dropout) of rows [i0, i1) over keys [kmin, kmax).
 
     Returns (p (B, Hkv, G*n, kw), lse (B, Hkv, G, n), softcap_grad or None), where
@@ -57,7 +57,7 @@ def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap,
             dcap = 1.0 - s * s  # d softcap(x) / dx = 1 - tanh(x / c)^2
         s.mul_(softcap)
     TS.mask_block_scores(s5, bias5, key_mask, i0=i0, i1=i1, kmin=kmin, kmax=kmax, causal=causal,
-                      window=window, lq=lq, lk=lk)
+                      window=window, lq=lq, lk=lk, alibi=alibi)
     m, arg = s.max(-1, keepdim=True)
     p = torch.softmax(s, dim=-1)
     del s, s5
@@ -72,7 +72,9 @@ def _block_probs(q5, kc, bias5, key_mask, *, i0, i1, kmin, kmax, scale, softcap,
 
 
 def blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed, window=0,
-                     key_mask=None):
+                     key_mask=None, alibi=None):
+    """(out, lse) by row blocks; ``alibi`` None or (1|B, Hq) slopes (the ALiBi term is
+    built per block, :func:`base.alibi_block`)."""
     b, hq, lq, _ = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
@@ -95,7 +97,7 @@ def blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed, w
         p, lse_b, _ = _block_probs(q5[b0:b1], kc[b0:b1], TS.bslice(bias5, b0, b1),
                                    TS.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
                                    kmax=kmax, scale=scale, softcap=softcap, causal=causal,
-                                   window=window, lq=lq, lk=lk)
+                                   window=window, lq=lq, lk=lk, alibi=TS.bslice(alibi, b0, b1))
         if dropout_p > 0:
             keep = block_keep(seed, dropout_p, b0, b1, hq, lq, lk, i0, i1, kmin, kmax, hkv, g)
             p.view(nb, hkv, g, n, kmax - kmin).mul_(keep).mul_(drop_scale)
@@ -106,7 +108,7 @@ def blocked_forward(q, k, v, bias, *, scale, causal, dropout_p, softcap, seed, w
 
 
 def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, softcap, seed,
-                      need_dbias, window=0, key_mask=None, sinks=None):
+                      need_dbias, window=0, key_mask=None, sinks=None, alibi=None):
     b, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
@@ -143,7 +145,8 @@ def blocked_backward(dout, q, k, v, bias, out, *, scale, causal, dropout_p, soft
         p, lse_b, dcap = _block_probs(q5[b0:b1], kc[b0:b1], TS.bslice(bias5, b0, b1),
                                   TS.bslice(key_mask, b0, b1), i0=i0, i1=i1, kmin=kmin,
                                   kmax=kmax, scale=scale, softcap=softcap, causal=causal,
-                                  window=window, lq=lq, lk=lk, want_softcap_grad=True)
+                                  window=window, lq=lq, lk=lk, want_softcap_grad=True,
+                                  alibi=TS.bslice(alibi, b0, b1))
         if sink5 is not None:
             # the sink takes its share of each row: P = P_keys * exp(lse_keys - lse_all),
             # exp(lse_keys - logaddexp(lse_keys, sink)) = sigmoid(lse_keys - sink)

@@ -122,10 +122,14 @@ PATHS: tuple[PathRule, ...] = (
              "bottom-right diagonal, a bias of q's dtype or bool (a key_mask alone folded "
              "into one; causal GQA repeats K/V)", "nothing: one call of PyTorch's fused CPU kernel"),
     PathRule("blocked", "everything else (softcap, dropout, float64, bottom-right with a "
-             "bias, ...); also the backward where the fused one has no bias gradient or "
+             "bias, ALiBi slopes, ...); also the backward where the fused one has no bias gradient or "
              "the lse is too large", "keys outside the causal/window band"),
 )
 _RULES = {rule.path: rule for rule in PATHS}
+
+
+_ALIBI_WHY = ("ALiBi slopes: the blocked path builds the ALiBi term per row block "
+              "(PyTorch's fused kernel would need it as a materialised (Lq, Lk) bias)")
 
 
 class CpuPlan(NamedTuple):
@@ -156,9 +160,17 @@ def uses_fused_sdpa_backward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Ten
 
 def forward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, causal: str,
                  dropout_p: float, softcap: float, window: int = 0,
-                 key_mask: Optional[Tensor] = None) -> CpuPlan:
+                 key_mask: Optional[Tensor] = None,
+                 alibi_slopes: Optional[Tensor] = None) -> CpuPlan:
     """The path :func:`forward` takes for these inputs: the first of :data:`PATHS`
-    whose applicability test passes."""
+    whose applicability test passes. ALiBi slopes: where :func:`alibi_key_bias` applies,
+    the path of its (B|1, Hq, 1, Lk) key bias; else the blocked path, which builds the
+    ALiBi term per row block (the fused kernel would need it materialised)."""
+    if alibi_slopes is not None:
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal)
+        if kb is None:
+            return _chosen("blocked", _ALIBI_WHY)
+        bias = kb[0]
     if TL.lowp_applicable(q, k, v, bias, causal=causal, window=window, softcap=softcap):
         return _chosen("lowp")
     if TR.runs_applicable(q, k, v, bias, causal=causal, window=window,
@@ -177,13 +189,21 @@ def forward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, cau
 def backward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: Tensor, *,
                   causal: str, dropout_p: float, softcap: float, need_dbias: bool,
                   window: int = 0, key_mask: Optional[Tensor] = None,
-                  sinks: Optional[Tensor] = None) -> CpuPlan:
+                  sinks: Optional[Tensor] = None,
+                  alibi_slopes: Optional[Tensor] = None) -> CpuPlan:
     """The path :func:`backward` takes: the forward's, except that the fused kernel's
     backward gives no bias gradient and needs a well-conditioned lse (then "blocked"),
     that the key-run backward has fewer parallel tasks than its forward (then one
     fused call with the folded mask), and that with ``sinks`` the lowp backward (which
     rebuilds P from the scores, without the sink) becomes the blocked one (which takes
     the sinks)."""
+    if alibi_slopes is not None:
+        # with sinks: the blocked path, whose per-block lse (without the ALiBi row shift)
+        # is the one the sink's share of each row needs
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal) if sinks is None else None
+        if kb is None:
+            return _chosen("blocked", _ALIBI_WHY)
+        bias, need_dbias = kb[0], False
     plan = forward_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask)
     path = plan.path
@@ -234,7 +254,8 @@ def backward_path(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: 
 def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
             causal: str, dropout_p: float, softcap: float, seed: int, window: int = 0,
             key_mask: Optional[Tensor] = None,
-            sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+            sinks: Optional[Tensor] = None,
+            alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse): out (B, Hq, Lq, Dv) in q's dtype; lse (B, Hq, Lq) float32, the
     natural log-sum-exp of the final logits (-inf for rows masked entirely).
 
@@ -245,7 +266,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
     no key gives out 0 and lse = sink."""
     if sinks is not None:
         out, lse = forward(q, k, v, bias, scale=scale, causal=causal, dropout_p=dropout_p,
-                           softcap=softcap, seed=seed, window=window, key_mask=key_mask)
+                           softcap=softcap, seed=seed, window=window, key_mask=key_mask,
+                           alibi_slopes=alibi_slopes)
         return add_sinks(out, lse, sinks)
     b, hq, lq, _ = q.shape
     lk, dv = k.shape[2], v.shape[-1]
@@ -254,6 +276,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
         lse = torch.full((b, hq, lq), NEG_INF, dtype=torch.float32, device=q.device)
         return out, lse
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
+    if alibi_slopes is not None:
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal)
+        if kb is not None:  # ALiBi as a broadcast key bias, the lse shifted back per row
+            out, lse = forward(q, k, v, kb[0], scale=scale, causal=causal, dropout_p=dropout_p,
+                               softcap=softcap, seed=seed, window=window, key_mask=key_mask)
+            return out, lse - kb[1]
+        return TBK.blocked_forward(q, k, v, bias, scale=scale, causal=causal,
+                                   dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
+                                   window=window, key_mask=key_mask,
+                                   alibi=_slopes_2d(alibi_slopes))
     path = forward_plan(q, k, v, bias, causal=causal, dropout_p=dropout_p, softcap=softcap,
                         window=window, key_mask=key_mask).path
     if path == "lowp":
@@ -275,7 +307,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
              out: Tensor, lse: Tensor, *, scale: float, causal: str, dropout_p: float,
              softcap: float, seed: int, need_dbias: bool, window: int = 0,
-             key_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None):
+             key_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
+             alibi_slopes: Optional[Tensor] = None):
     """(dq, dk, dv, dbias): shapes and dtypes of q, k, v; dbias has the 4-D shape and
     dtype of ``bias`` (summed over its size-1 dims), None unless ``need_dbias`` (and
     None for a bool bias, which has no gradient).
@@ -293,6 +326,19 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         dbias = torch.zeros_like(bias, memory_format=torch.contiguous_format) if grad_bias else None
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias)
     scale, window, dropout_p = float(scale), int(window), float(dropout_p)
+    if alibi_slopes is not None:
+        kb = alibi_key_bias(q, k, bias, alibi_slopes, causal=causal) if sinks is None else None
+        if kb is not None:
+            dq, dk, dv, _ = backward(dout, q, k, v, kb[0], out, lse + kb[1], scale=scale,
+                                     causal=causal, dropout_p=dropout_p, softcap=softcap,
+                                     seed=seed, need_dbias=False, window=window,
+                                     key_mask=key_mask)
+            return dq, dk, dv, None
+        return TBK.blocked_backward(dout, q, k, v, bias, out, scale=scale, causal=causal,
+                                    dropout_p=dropout_p, softcap=float(softcap),
+                                    seed=int(seed), need_dbias=need_dbias, window=window,
+                                    key_mask=key_mask, sinks=sinks,
+                                    alibi=_slopes_2d(alibi_slopes))
     path = backward_plan(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
                          softcap=softcap, need_dbias=need_dbias, window=window,
                          key_mask=key_mask, sinks=sinks).path
@@ -318,3 +364,29 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
                                 dropout_p=dropout_p, softcap=float(softcap), seed=int(seed),
                                 need_dbias=need_dbias, window=window, key_mask=key_mask,
                                 sinks=sinks)
+
+
+def _slopes_2d(slopes: Tensor) -> Tensor:
+    """ALiBi slopes as (1|B, Hq), the layout the row blocks slice per batch."""
+    return slopes[None] if slopes.dim() == 1 else slopes
+
+
+def alibi_key_bias(q: Tensor, k: Tensor, bias: Optional[Tensor], alibi_slopes: Tensor, *,
+                   causal: str) -> Optional[tuple[Tensor, Tensor]]:
+    """``(key bias (B|1, Hq, 1, Lk), row shift (B|1, Hq, Lq))``, both float32, where the
+    op's ALiBi ``-slope * |i + Lk - Lq - j|`` equals ``slope * j - slope * (i + Lk - Lq)``
+    on every visible key: a causal mask that hides every key ``j > i + Lk - Lq``
+    (``"bottom_right"``, or ``"top_left"`` with ``Lk >= Lq``). The key bias is a broadcast
+    view of O(Hq * Lk) values that PyTorch's fused kernel (and every other path) takes;
+    the lse of those logits minus the row shift is the op's lse. Only for float32 q (a
+    half-precision bias would round ``slope * j``) and no other bias; else None (the
+    blocked path builds the term per row block)."""
+    lq, lk = q.shape[2], k.shape[2]
+    if q.dtype != torch.float32 or bias is not None:
+        return None
+    if not (causal == "bottom_right" or (causal == "top_left" and lk >= lq)):
+        return None
+    s = _slopes_2d(alibi_slopes).to(torch.float32)
+    j = torch.arange(lk, device=q.device, dtype=torch.float32)
+    i = torch.arange(lk - lq, lk, device=q.device, dtype=torch.float32)
+    return s[:, :, None, None] * j, s[:, :, None] * i

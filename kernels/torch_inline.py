@@ -189,14 +189,19 @@ class _Probs(torch.autograd.Function):
 def inline_forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: float,
                    causal: str, softcap: float, window: int,
                    key_mask: Optional[Tensor],
-                   sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """(out, lse) as :func:`attnfuse.kernels.torch_impl.forward` (no dropout)."""
+                   sinks: Optional[Tensor] = None,
+                   alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(out, lse) as :func:`attnfuse.kernels.torch_impl.forward` (no dropout); ALiBi
+    slopes add :func:`base.alibi_block` (index arithmetic Inductor fuses into the
+    logits kernel)."""
     lq, lk = q.shape[2], k.shape[2]
     g = q.shape[1] // k.shape[1]
     causal = base.effective_causal(causal, lq, lk, window)
     keep = _keep(lq, lk, causal, window, key_mask, q.device)
     t = _logits(torch.matmul(q, _heads(k, g).transpose(-1, -2)), bias, scale=scale,
                 softcap=softcap)
+    if alibi_slopes is not None:
+        t = t + base.alibi_block(alibi_slopes, 0, lq, 0, lk, lq, lk, torch.float32)
     masked_out = _masked_out(bias, keep)
     may_see_nothing = not _sees_every_row(lq, lk, causal, window, bias, key_mask)
     if sinks is not None:
@@ -220,7 +225,8 @@ def inline_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
                      scale: float = 1.0, causal: str = "none", dropout_p: float = 0.0,
                      softcap: float = 0.0, seed: Optional[Tensor] = None, impl: str = "auto",
                      window: int = 0, key_mask: Optional[Tensor] = None,
-                     sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     sinks: Optional[Tensor] = None,
+                     alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Drop-in for a ``torch.ops.attnfuse.flash_attention`` call (same arguments, same
     (out, lse) result) computed by :func:`inline_forward`, differentiable by autograd;
     ``dropout_p`` must be 0 (``seed`` and ``impl`` are ignored)."""
@@ -231,4 +237,4 @@ def inline_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
         bias = bias[(None,) * (4 - bias.dim())]
     return inline_forward(q, k, v, bias, scale=float(scale), causal=causal,
                           softcap=float(softcap), window=int(window), key_mask=key_mask,
-                          sinks=sinks)
+                          sinks=sinks, alibi_slopes=alibi_slopes)

@@ -23,6 +23,10 @@ preprocess kernel's rare recompute path merges the sink into the rebuilt statist
 The sinks' own gradient, ``-Σ exp(sink - lse)·delta``, is a torch reduction over this delta
 in the launcher (``triton_flash.backward``).
 
+ALiBi slopes (constexpr ``ALIBI``) add ``-slope·|i + Lk - Lq - j|`` to every tile's
+logits as in the forward (:func:`triton_fwd._add_alibi`); slopes are constants (no
+gradient).
+
 Structure (causal, window, key_mask) is handled as in the forward (``triton_fwd``):
 the dQ kernel and the preprocess recompute visit only the key blocks of the band of
 their query block (:func:`triton_fwd._key_range`), in the dQ kernel narrowed to the
@@ -37,9 +41,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import (_band_keep, _clip_to_key_bounds, _dot, _dropout_keep,
-                         _key_mask_block, _key_range, _logits, _merge_sink, _query_range,
-                         _tile_is_edge, _to_log2)
+from .triton_fwd import (_add_alibi, _alibi_slope, _band_keep, _clip_to_key_bounds, _dot,
+                         _dropout_keep, _key_mask_block, _key_range, _logits, _merge_sink,
+                         _query_range, _tile_is_edge, _to_log2)
 
 # lse (log2 units) below -HUGE_LSE2 has lost log2(l) to rounding (lse2 = m + log2(l)
 # with |m| huge, e.g. rows biased by finfo.min everywhere): those rows get their
@@ -53,13 +57,14 @@ HUGE_LSE2 = tl.constexpr(4096.0)
 
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias, KeyMask, Sinks,   # Sinks (Hq,) fp32
+    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias, KeyMask, Alibi, Sinks,  # Sinks (Hq,) fp32
     stride_oz, stride_oh, stride_om, stride_od,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_mz, stride_mn,
+    stride_az, stride_ah,
     H, GROUP, M, N, D, DV,
     qk_scale, cap_scale, causal_shift, window,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
@@ -68,6 +73,7 @@ def _attn_bwd_preprocess(
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     SINKS: tl.constexpr = False,
+    ALIBI: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
@@ -114,6 +120,9 @@ def _attn_bwd_preprocess(
             b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
             s, t = _logits(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale,
                            BIAS_KIND, SOFTCAP)
+            if ALIBI:
+                s = _add_alibi(s, _alibi_slope(Alibi, off_z, off_h, stride_az, stride_ah),
+                               offs_m, offs_n, N - M)
             # rare path: the full element mask on every tile
             if KEY_MASK:
                 km, n_visible = _key_mask_block(km_base + offs_n * stride_mn, offs_n, N)
@@ -144,12 +153,13 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Bias, KeyMask, DO, DK, DV_, MRow, LRow, Delta,
+    Q, K, V, Bias, KeyMask, Alibi, DO, DK, DV_, MRow, LRow, Delta,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_mz, stride_mn,
+    stride_az, stride_ah,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dkz, stride_dkh, stride_dkn, stride_dkd,
     stride_dvz, stride_dvh, stride_dvn, stride_dvd,
@@ -160,6 +170,7 @@ def _attn_bwd_dkdv(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIBI: tl.constexpr = False,
 ):
     start_n = tl.program_id(0)
     off_zk = tl.program_id(1)
@@ -205,6 +216,8 @@ def _attn_bwd_dkdv(
         do_base = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         b_base = Bias + off_z.to(tl.int64) * stride_bz + off_h.to(tl.int64) * stride_bh
         row_base = (off_z * H + off_h).to(tl.int64) * M
+        if ALIBI:
+            slope2 = _alibi_slope(Alibi, off_z, off_h, stride_az, stride_ah)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -220,6 +233,8 @@ def _attn_bwd_dkdv(
             b_ptrs = b_base + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn
             s, t = _logits(qk, offs_m, offs_n, M, N, b_ptrs, qk_scale, cap_scale,
                            BIAS_KIND, SOFTCAP)
+            if ALIBI:
+                s = _add_alibi(s, slope2, offs_m, offs_n, N - M)
             # the element mask on edge tiles only (see triton_fwd._tile_is_edge)
             edge = _tile_is_edge(start_m, tl.minimum(start_m + BLOCK_M, M) - 1, n_first, N,
                                  causal_shift, window, BLOCK_N, CAUSAL, WINDOW) | km_partial
@@ -257,12 +272,13 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Bias, KeyMask, KeyBounds, DO, DQ, DS, MRow, LRow, Delta,
+    Q, K, V, Bias, KeyMask, KeyBounds, Alibi, DO, DQ, DS, MRow, LRow, Delta,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,
     stride_mz, stride_mn, stride_kbz,
+    stride_az, stride_ah,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_dqz, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, M, N, D, DV,
@@ -273,6 +289,7 @@ def _attn_bwd_dq(
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, NEED_DS: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIBI: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
@@ -306,6 +323,8 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     if DROPOUT:
         inv_keep = 1.0 / (1.0 - dropout_p)
+    if ALIBI:
+        slope2 = _alibi_slope(Alibi, off_z, off_h, stride_az, stride_ah)
 
     # the forward's loop (see _attn_fwd): key blocks [lo, hi) of the band and of the
     # batch item's key bounds, counted from lo, the element mask on edge tiles only;
@@ -337,6 +356,8 @@ def _attn_bwd_dq(
         b_ptrs = b_base + offs_n[None, :] * stride_bn
         s, t = _logits(qk, offs_m, offs_n, M, n_rel, b_ptrs, qk_scale, cap_scale,
                        BIAS_KIND, SOFTCAP)
+        if ALIBI:
+            s = _add_alibi(s, slope2, offs_m, offs_n, N - M - lo)
         if edge:
             s = tl.where(_band_keep(offs_m, offs_n, km, shift_rel, window, CAUSAL, WINDOW),
                          s, float("-inf"))

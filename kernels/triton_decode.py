@@ -31,6 +31,8 @@ outside the batch item's key bounds [first visible key, last visible key]
 (``triton_fwd._clip_to_key_bounds``: a split wholly in the padding runs no iteration
 and writes the empty state), are never visited, and a key block whose key_mask is all
 False is skipped before K/V are loaded.
+ALiBi slopes (``ALIBI``) add ``-slope·|i + Lk - Lq - j|`` per tile, one slope per packed
+row (its query head), as in ``triton_fwd._add_alibi``.
 No dropout: :func:`decode_applicable` is False then and the caller uses the main kernel.
 
 Why the partial state is (m, l, acc) and not (normalised out, lse) as in some
@@ -56,7 +58,7 @@ import triton
 import triton.language as tl
 
 from . import triton_launch as _tl   # shared with triton_flash, which imports this module
-from .triton_fwd import LN2, _clip_to_key_bounds, _dot, _merge_sink, _scores
+from .triton_fwd import LN2, LOG2E, _add_alibi, _clip_to_key_bounds, _dot, _merge_sink, _scores
 
 __all__ = [
     "decode_applicable", "decode_forward", "num_splits", "decode_block_m", "decode_block_ms",
@@ -85,13 +87,14 @@ INTERPRETER_PLAN = {"BLOCK_N": 16, "align": 16, "min_split": 32}
 
 @triton.jit
 def _attn_decode_split(
-    Q, K, V, Bias, KeyMask, KeyBounds, PartM, PartL, PartAcc,
+    Q, K, V, Bias, KeyMask, KeyBounds, Alibi, PartM, PartL, PartAcc,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,   # 0 along broadcast (size-1) bias dims
     stride_mz, stride_mn,                          # key_mask; stride_mz 0 when broadcast
     stride_kbz,                                    # KeyBounds (B|1, 2); 0 when broadcast
+    stride_az, stride_ah,                          # ALiBi slopes; stride_az 0 for (Hq,)
     HKV, GROUP, M, N, D, DV,                       # GROUP = Hq // Hkv, M = Lq, N = Lk
     kv_lo, split_len, n_splits,                    # split s covers [kv_lo + s·len, +len)
     qk_scale, cap_scale, causal_shift, window,
@@ -100,6 +103,7 @@ def _attn_decode_split(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BIAS_KIND: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    ALIBI: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     off_zk = tl.program_id(1)          # batch × kv head
@@ -132,6 +136,9 @@ def _attn_decode_split(
     b_base = Bias + off_z.to(tl.int64) * stride_bz + off_h0 * stride_bh
     b_rows = offs_g * stride_bh + offs_i * stride_bm
     km_base = KeyMask + off_z.to(tl.int64) * stride_mz
+    if ALIBI:   # one slope per packed row: the row's query head
+        slopes2 = tl.load(Alibi + off_z.to(tl.int64) * stride_az
+                          + (off_h0 + offs_g) * stride_ah) * LOG2E
 
     # Keys of this split, narrowed to the batch item's key bounds (a split that lies in
     # the padding does no work) and to the causal/window band of the rows of this block:
@@ -167,6 +174,8 @@ def _attn_decode_split(
             b_ptrs = b_base + (b_rows[:, None] + offs_n[None, :] * stride_bn)
             s, t = _scores(qk, offs_i, offs_n, M, hi, b_ptrs, qk_scale, cap_scale,
                            causal_shift, CAUSAL, BIAS_KIND, SOFTCAP)
+            if ALIBI:
+                s = _add_alibi(s, slopes2[:, None], offs_i, offs_n, N - M)
             if WINDOW:
                 s = tl.where(offs_n[None, :] > offs_i[:, None] + causal_shift - window,
                              s, float("-inf"))
@@ -296,7 +305,7 @@ DECODE_KERNEL_CONFIGS = {
 
 # N is deliberately not a tuning key: it grows by one every decoding step
 _TUNE_KEY = ["HEAD_D", "HEAD_DV", "BLOCK_M", "CAUSAL", "WINDOW", "BIAS_KIND", "SOFTCAP",
-             "KEY_MASK"]
+             "KEY_MASK", "ALIBI"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,7 +360,8 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    bias: Optional[torch.Tensor], *, scale: float, causal: str,
                    softcap: float, window: int = 0, key_mask: Optional[torch.Tensor] = None,
                    splits: Optional[int] = None,
-                   sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   sinks: Optional[torch.Tensor] = None,
+                   alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention forward; same arguments and result as
     :func:`triton_flash.forward` without dropout, plus ``window`` and ``key_mask``.
 
@@ -411,20 +421,21 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((R, n_splits, Dv), device=q.device, dtype=torch.float32)
     b_t, b_s, bias_kind = _tl._bias_args(bias, q)
+    a_t, a_s, alibi = _tl._alibi_args(alibi_slopes, B, Hq, q)
     if interp:
         kern, meta = _attn_decode_split, {"BLOCK_N": INTERPRETER_PLAN["BLOCK_N"]}
     else:
         kern, meta = _tuned_split(_tl.padded_head_dim(hd), q.dtype, block_m), {}
     kern[(n_splits, B * Hkv, row_blocks)](
-        q, k, v, b_t, km_t, kb_t, part_m, part_l, part_acc,
-        *q.stride(), *k.stride(), *v.stride(), *b_s, *km_s, kb_s,
+        q, k, v, b_t, km_t, kb_t, a_t, part_m, part_l, part_acc,
+        *q.stride(), *k.stride(), *v.stride(), *b_s, *km_s, kb_s, *a_s,
         Hkv, group, M, N, D, Dv,
         kv_lo, split_len, n_splits,
         c["qk_scale"], c["cap_scale"], shift, int(window),
         HEAD_D=_tl.padded_head_dim(D), HEAD_DV=_tl.padded_head_dim(Dv),
         BLOCK_M=block_m, CAUSAL=c["CAUSAL"], WINDOW=bool(window), BIAS_KIND=bias_kind,
         SOFTCAP=c["SOFTCAP"], KEY_MASK=has_km,
-        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], **meta,
+        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi, **meta,
     )
     extra = {} if interp else {"num_warps": _COMBINE_WARPS}
     sk_t, has_sinks = _tl._sinks_args(sinks, q, lse)

@@ -36,7 +36,7 @@ import triton
 # this module owns the choice between the main forward and the decode path: it imports
 # triton_decode, which does not import it back (both use triton_launch)
 from . import triton_decode as _td
-from .triton_launch import (LOG2E, _bias_args, _common, _dot_precision,  # noqa: F401
+from .triton_launch import (LOG2E, _alibi_args, _bias_args, _common, _dot_precision,  # noqa: F401
                             _head_dim_class, _interpreted, _is_fp32, _key_mask_args,
                             _no_key_result, _seed, _sinks_args, _strides, _structure,
                             device_error, padded_head_dim)
@@ -161,7 +161,7 @@ KERNEL_CONFIGS = {
 }
 
 _TUNE_KEY = ["M", "N", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "BIAS_KIND", "SOFTCAP",
-             "KEY_MASK", "DROPOUT", "SINKS"]
+             "KEY_MASK", "DROPOUT", "SINKS", "ALIBI"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,13 +183,15 @@ def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool
 def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
             softcap: float, seed: int, window: int = 0,
             key_mask: Optional[torch.Tensor] = None, decode: bool = True,
-            sinks: Optional[torch.Tensor] = None):
+            sinks: Optional[torch.Tensor] = None,
+            alibi_slopes: Optional[torch.Tensor] = None):
     """Fused attention forward.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; bias None or
     4-D broadcastable to (B, Hq, Lq, Lk) (float: added; bool: True = keep); ``window``
     (int >= 0, only with causal): query i sees keys ``i + off - window < j <= i + off``;
-    ``key_mask`` None or bool (B or 1, Lk), True = visible.
+    ``key_mask`` None or bool (B or 1, Lk), True = visible; ``alibi_slopes`` None or
+    float32 (Hq,) / (B, Hq): logits gain ``-slope * |i + Lk - Lq - j|`` per tile.
     Returns ``(out, lse)``: out (B, Hq, Lq, Dv) in q's dtype, contiguous; lse
     (B, Hq, Lq) float32, the natural log-sum-exp of the final logits of each row.
     Rows that see no key (all logits -inf) give out = 0 and lse = -inf.  Logits below
@@ -208,7 +210,8 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     if decode and _td.decode_applicable(q, k, v, dropout_p=dropout_p):
         # validates window/key_mask through _structure itself (one set of key bounds)
         return _td.decode_forward(q, k, v, bias, scale=scale, causal=causal, softcap=softcap,
-                                  window=window, key_mask=key_mask, sinks=sinks)
+                                  window=window, key_mask=key_mask, sinks=sinks,
+                                  alibi_slopes=alibi_slopes)
     st = _structure(q, k, causal, window, key_mask)
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
@@ -218,21 +221,22 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
         return _no_key_result(out, lse, sinks)
     b_t, b_s, bias_kind = _bias_args(bias, q)
     sk_t, has_sinks = _sinks_args(sinks, q, lse)
+    a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
     kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype, bias_kind or dropout)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, st["km"], st["kb"], out, lse, sk_t,
+        q, k, v, b_t, st["km"], st["kb"], a_t, out, lse, sk_t,
         *_strides(q), *_strides(k), *_strides(v), *b_s, *st["km_strides"], st["kb_stride"],
-        *_strides(out),
+        *a_s, *_strides(out),
         Hq, Hq // Hkv, M, N, D, Dv,
         c["qk_scale"], c["cap_scale"], c["causal_shift"], st["window"], float(dropout_p),
         _seed(seed),
         HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
         CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"],
         KEY_MASK=st["KEY_MASK"], DROPOUT=dropout, SINKS=has_sinks,
-        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], **meta,
+        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi, **meta,
     )
     return out, lse
 
@@ -240,7 +244,8 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
 def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
              dropout_p: float, softcap: float, seed: int, need_dbias: bool,
              window: int = 0, key_mask: Optional[torch.Tensor] = None,
-             sinks: Optional[torch.Tensor] = None):
+             sinks: Optional[torch.Tensor] = None,
+             alibi_slopes: Optional[torch.Tensor] = None):
     """Fused attention backward: ``(dq, dk, dv, dbias or None)``.
 
     dq/dk/dv have the shapes and dtypes of q/k/v.  dbias (only when ``need_dbias``) has
@@ -272,13 +277,14 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
         dout = dout.to(q.dtype)
     hd = max(D, Dv)
     b_t, b_s, bias_kind = _bias_args(bias, q)
+    a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
     heavy = bool(bias_kind or dropout)
     consts = dict(HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
                   CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind,
                   SOFTCAP=c["SOFTCAP"], KEY_MASK=st["KEY_MASK"],
-                  DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"])
+                  DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi)
     seed = _seed(seed)
     km_t, km_s, window = st["km"], st["km_strides"], st["window"]
     kb_t, kb_s = st["kb"], st["kb_stride"]
@@ -290,8 +296,8 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_preprocess", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t, km_t, sk_t,
-        *_strides(out), *_strides(dout), *_strides(q), *_strides(k), *b_s, *km_s,
+        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t, km_t, a_t, sk_t,
+        *_strides(out), *_strides(dout), *_strides(q), *_strides(k), *b_s, *km_s, *a_s,
         Hq, Hq // Hkv, M, N, D, Dv,
         c["qk_scale"], c["cap_scale"], c["causal_shift"], window, SINKS=has_sinks,
         **consts, **meta,
@@ -300,8 +306,8 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_dkdv", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * Hkv)
     kern[grid](
-        q, k, v, b_t, km_t, dout, dk, dv, mrow, lrow, delta,
-        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, *_strides(dout),
+        q, k, v, b_t, km_t, a_t, dout, dk, dv, mrow, lrow, delta,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, *a_s, *_strides(dout),
         *_strides(dk), *_strides(dv),
         Hq, Hkv, Hq // Hkv, M, N, D, Dv,
         float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"], window,
@@ -311,8 +317,8 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_dq", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, km_t, kb_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
-        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, kb_s, *_strides(dout),
+        q, k, v, b_t, km_t, kb_t, a_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
+        *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, kb_s, *a_s, *_strides(dout),
         *_strides(dq),
         Hq, Hq // Hkv, M, N, D, Dv,
         float(scale), c["qk_scale"], c["cap_scale"], c["causal_shift"], window,

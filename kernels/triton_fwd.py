@@ -8,6 +8,7 @@ Semantics (per batch ``z``, query head ``h``, query row ``i``, key ``j``)::
                   causal   j > i + off            (off = 0 top-left, Lk - Lq bottom-right)
                   window   j <= i + off - window  (only with causal; WINDOW constexpr)
                   key_mask key_mask[z, j] False   (a (B|1, Lk) key-padding mask; KEY_MASK)
+    logit[i, j] -= slope[z, h] * |i + Lk - Lq - j|    (ALiBi slopes (Hq,)|(B, Hq); ALIBI)
     p = softmax(logit, over j); p = dropout(p); out[i] = Σ_j p[i, j] v[j]
 
 Structure is never materialised as an (Lq, Lk) mask: the causal/window band becomes
@@ -15,7 +16,9 @@ loop bounds (:func:`_key_range`, :func:`_query_range`: key blocks outside the ba
 whole query block are never visited), the element mask is applied only on tiles that
 cross the band's edge or the end of the keys (:func:`_tile_is_edge`, the tutorial's
 diagonal-block trick), and the key mask is loaded once per key block
-(:func:`_key_mask_block`).  Key blocks that the key mask hides entirely are skipped
+(:func:`_key_mask_block`).  ALiBi is computed per tile from the row and key indices
+and one slope per program (:func:`_alibi_slope`, :func:`_add_alibi`): it reads no
+(Lq, Lk) tensor.  Key blocks that the key mask hides entirely are skipped
 where that is cheap.  The key loops of the forward, dQ and decode kernels are
 narrowed to each batch item's key bounds, [first visible key, last visible key]
 (:func:`_clip_to_key_bounds`, bounds computed by the launcher): padding at the end
@@ -117,6 +120,21 @@ def _logits(qk, offs_m, offs_n, M, N, bias_ptrs, qk_scale, cap_scale,
         keep = tl.load(bias_ptrs, mask=in_bounds, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _alibi_slope(Alibi, off_z, off_h, stride_az, stride_ah):
+    """This program's ALiBi slope in log2 units (stride_az 0 for (Hq,) slopes)."""
+    return tl.load(Alibi + off_z.to(tl.int64) * stride_az + off_h * stride_ah) * LOG2E
+
+
+@triton.jit
+def _add_alibi(s, slope2, offs_m, offs_n, alibi_shift):
+    """``s - slope2 * |i + alibi_shift - j|`` on a tile (log2 units).  alibi_shift is
+    Lk - Lq when keys are counted from 0 (less the loop's key origin when they are
+    counted from it); slope2 a scalar or a (BLOCK_M, 1) column."""
+    dist = (offs_m[:, None] + alibi_shift) - offs_n[None, :]
+    return s - slope2 * tl.abs(dist).to(tl.float32)
 
 
 @triton.jit
@@ -270,13 +288,14 @@ def _merge_sink(m_i, l_i, Sinks, off_h):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, KeyMask, KeyBounds, Out, Lse, Sinks,     # Sinks (Hq,) fp32, if SINKS
+    Q, K, V, Bias, KeyMask, KeyBounds, Alibi, Out, Lse, Sinks,  # Sinks (Hq,) fp32, if SINKS
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_bz, stride_bh, stride_bm, stride_bn,   # 0 along broadcast (size-1) bias dims
     stride_mz, stride_mn,                          # key_mask; stride_mz 0 when broadcast
     stride_kbz,                                    # KeyBounds (B|1, 2); 0 when broadcast
+    stride_az, stride_ah,                          # ALiBi slopes; stride_az 0 for (Hq,)
     stride_oz, stride_oh, stride_om, stride_od,
     H, GROUP, M, N, D, DV,                         # H = query heads, GROUP = Hq // Hkv
     qk_scale, cap_scale, causal_shift, window, dropout_p, seed,
@@ -286,12 +305,15 @@ def _attn_fwd(
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     SINKS: tl.constexpr = False,
+    ALIBI: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
     off_z = off_zh // H
     off_h = off_zh % H
     off_hk = off_h // GROUP            # GQA/MQA: kv head shared by GROUP query heads
+    if ALIBI:
+        slope2 = _alibi_slope(Alibi, off_z, off_h, stride_az, stride_ah)
     m_first = start_m * BLOCK_M
     m_last = tl.minimum(m_first + BLOCK_M, M) - 1      # last real row of the block
     offs_m = m_first + tl.arange(0, BLOCK_M)
@@ -352,6 +374,8 @@ def _attn_fwd(
         b_ptrs = b_base + offs_n[None, :] * stride_bn     # b_base: the block's bias rows
         s, t = _logits(qk, offs_m, offs_n, M, n_rel, b_ptrs, qk_scale, cap_scale,
                        BIAS_KIND, SOFTCAP)
+        if ALIBI:
+            s = _add_alibi(s, slope2, offs_m, offs_n, N - M - lo)
         if edge:
             s = tl.where(_band_keep(offs_m, offs_n, km, shift_rel, window, CAUSAL, WINDOW),
                          s, float("-inf"))

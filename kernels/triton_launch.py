@@ -1,7 +1,8 @@
 """What the Triton launcher (:mod:`.triton_flash`) and the decode path
 (:mod:`.triton_decode`) share to launch their kernels: the padded head dim and its
 config class, interpreter detection and the device error, the scalar arguments of the
-softmax (:func:`_common`), the bias and key_mask arguments, and the structural-mask
+softmax (:func:`_common`), the bias, key_mask and ALiBi-slope (:func:`_alibi_args`)
+arguments, and the structural-mask
 arguments (:func:`_structure`, with the per-batch key bounds of a key_mask from
 :func:`.base.key_bounds`).
 
@@ -120,6 +121,25 @@ def _key_mask_args(key_mask, B, N, q):
         raise ValueError(f"key_mask is on {key_mask.device}, q on {q.device}")
     sz = 0 if key_mask.size(0) == 1 else key_mask.stride(0)
     return key_mask.view(torch.uint8), (sz, key_mask.stride(1)), True   # loads as 0/1
+
+
+def _alibi_args(alibi_slopes, B, H, q):
+    """(tensor, (stride_z, stride_h), ALIBI) for float32 ALiBi slopes (H,) or (B, H):
+    the batch stride is 0 for (H,) slopes. Without slopes, q stands in (never read)."""
+    if alibi_slopes is None:
+        return q, (0, 0), False
+    if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be a float32 tensor, got "
+                        f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
+    if alibi_slopes.shape not in ((H,), (B, H)):
+        raise ValueError(f"alibi_slopes must have shape ({H},) or ({B}, {H}), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
+    if alibi_slopes.dim() == 1:
+        return alibi_slopes, (0, alibi_slopes.stride(0)), True
+    sz = 0 if B == 1 else alibi_slopes.stride(0)
+    return alibi_slopes, (sz, alibi_slopes.stride(1)), True
 
 
 # [first visible key, last visible key + 1] per batch item, the range the kernels' key

@@ -17,6 +17,7 @@ from torch import fx
 
 from attnfuse.passes import axes as A
 from attnfuse.passes import batchaxes as BA
+from attnfuse.passes import alibi as AL
 from attnfuse.passes import consts as C
 from attnfuse.passes import structure as S
 from attnfuse.passes.types import AttentionMatch, Miss, View4, location_of
@@ -319,7 +320,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         q_factors.append((BA.complete(build_view(f, tags, ob + ["q", None], "scale"), refs), how))
     sshape = A.shape(qk)
     rem_early = set(chain) | {qk}
-    raw, dropped = [], []
+    raw, dropped, alibis, alibi_notes = [], [], [], []
     for kind, n, coef, flag, where, stage, pad in folded["terms"]:
         pre = None
         if isinstance(n, fx.Node) and n.op == "call_method" and n.target == "expand_as" \
@@ -352,6 +353,10 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             view = View4(n, tuple(stags.index(t) if t in stags else None for t in ob + ["q", "k"]))
         raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None,
                              pad))
+        if kind == "float" and stage is None and pad is None and not BA.is_merged(ob) and not alibis:
+            found, why = AL.prove(raw[-1], n, tags, view, coef, A.dtype(qk), gm)
+            alibis += [found] if found is not None else []
+            alibi_notes += [why] if why else []
     axmap: Dict = {}
 
     def axmap_fn():
@@ -360,8 +365,8 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
                                        (v_node, vtags, "k"), (q, k, v), gm)
         return axmap["v"]
 
-    ms = S.choose(raw, gm, sshape, stags, ob, axmap_fn, softcap=float(folded["softcap"]),
-                  dropout_p=float(dropout_p), memo=ctx["memo"])
+    ms, alibi = _choose_with_alibi(raw, alibis, alibi_notes, gm, sshape, stags, ob, axmap_fn,
+                                   float(folded["softcap"]), float(dropout_p), ctx["memo"])
     terms = [dataclasses.replace(t, view=BA.complete(t.view, refs)) for t in ms.terms]
     causal = ms.causal
     row_zero = [(BA.complete(build_view(c, ctags, ob + ["q", None], "row fill"), refs), zero_when)
@@ -388,13 +393,39 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         softmax=sm, qk=qk, pv=pv, q=q, k=k, v=v, scale=float(folded["scale"]), q_factors=q_factors,
         terms=terms, causal=causal, softcap=float(folded["softcap"]), dropout_p=float(dropout_p),
         window=ms.window, key_masks=ms.key_masks, fixup=ms.fixup,
-        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + dropped + [
+        fixup_scores_grad=ms.fixup_scores_grad, mask_notes=ms.notes + dropped + alibi_notes + [
             f"{c.name}: rows of P filled with 0, applied to the output" for c, _, _ in ctx.get("row_fills", ())],
         row_zero=row_zero, sinks=sinks,
+        alibi=None if alibi is None else dataclasses.replace(alibi, view=BA.complete(alibi.view, refs)),
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
         location=location_of(sm) or location_of(pv),
         info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq,
               "mask_roots": ms.roots, "unmerge": BA.unmerge_sizes(ob, refs)})
+
+
+def _choose_with_alibi(raw, alibis, notes, gm, sshape, stags, ob, axmap_fn, softcap, dropout_p, memo):
+    """(:func:`.structure.choose` of the terms, the ALiBi term taken out of them or None).
+    A proven ALiBi term (:func:`.alibi.prove`) leaves the terms only where the rest proves
+    a causal band under which the op's ALiBi equals it (:func:`.alibi.causal_allows`);
+    else every term is chosen as before and ``notes`` says why the ALiBi term stayed."""
+    def choose(terms):
+        return S.choose(terms, gm, sshape, stags, ob, axmap_fn, softcap=softcap,
+                        dropout_p=dropout_p, memo=memo)
+
+    if alibis:
+        al = alibis[0]
+        try:
+            ms = choose([t for t in raw if t is not al.term])
+        except Miss:
+            ms = None
+        lq, lk = sshape[stags.index("q")], sshape[stags.index("k")]
+        if ms is not None and AL.causal_allows(ms.causal, lq, lk):
+            notes.append(al.note)
+            return ms, al
+        notes.append(f"{al.term.node.name}: ALiBi proven, but the masks do not show every visible key at or "
+                     f"before the bottom-right diagonal (causal={getattr(ms, 'causal', '?')}), where the op's "
+                     f"-slope*|i + Lk - Lq - j| equals it; stays a bias")
+    return choose(raw), None
 
 
 def _operands(spec, qtags, ktags, v_node, vtags, batch, qk, stags, gm):

@@ -57,6 +57,17 @@ class Emitter:
                 return st
         return self._f(aten.sym_size.int, (x, d)) if self.aten else self._m("size", (x, d))
 
+    def select(self, x, d, i):
+        return self._f(aten.select.int, (x, d, i)) if self.aten else self._m("select", (x, d, i))
+
+    def replay(self, nodes, x):
+        """Copies of the single-input layout nodes ``nodes`` (first applied first), the
+        first reading ``x`` instead of its own input; returns the last copy."""
+        for n in nodes:
+            src = n.args[0]
+            x = self.g.node_copy(n, lambda a, src=src, x=x: x if a is src else a)
+        return x
+
     def expand(self, x, sizes):
         return self._f(aten.expand.default, (x, list(sizes))) if self.aten else self._m("expand", (x, *sizes))
 
@@ -103,7 +114,7 @@ class Emitter:
         return self._f(torch.randint, (0, 2 ** 62, ()), {"dtype": torch.int64})
 
     def fused(self, q, k, v, bias, scale, causal, dropout_p, softcap, seed, window=0, key_mask=None,
-              sinks=None):
+              sinks=None, alibi_slopes=None):
         kw = {"bias": bias, "scale": scale, "causal": causal, "dropout_p": dropout_p,
               "softcap": softcap, "seed": seed}
         if window:  # the structural arguments only when used: graphs without them read as before
@@ -112,6 +123,8 @@ class Emitter:
             kw["key_mask"] = key_mask
         if sinks is not None:
             kw["sinks"] = sinks
+        if alibi_slopes is not None:
+            kw["alibi_slopes"] = alibi_slopes
         target = torch.ops.attnfuse.flash_attention
         call = self._f(target.default if self.aten else target, (q, k, v), kw)
         return self._f(operator.getitem, (call, 0)), call

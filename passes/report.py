@@ -28,6 +28,7 @@ class Fusion:
     masks: List[str] = field(default_factory=list)   # per mask term: its structure, or why it stayed a tensor
     empty_row_fixup: bool = False  # rows that see no key get eager's finite-fill uniform average
     sinks: str = ""            # "" or the graph node passed as sinks (one logit per head, passes/sinks.py)
+    alibi: str = ""            # "" or the graph's slope tensor passed as alibi_slopes (ALiBi as structure)
 
     @property
     def structure(self) -> str:
@@ -39,6 +40,8 @@ class Fusion:
             parts.append(f"window={self.window}")
         if self.key_mask:
             parts.append(f"key_mask={self.key_mask}")
+        if self.alibi:
+            parts.append(f"alibi_slopes={self.alibi}")
         return ", ".join(parts) or "none"
 
 

@@ -105,8 +105,9 @@ def _emit(m: AttentionMatch, em: Emitter):
         sinks = em.squeeze(em.squeeze(em.squeeze(em.view4(m.sinks), 3), 2), 0)
         if m.sinks.axes[1] is None:  # one sink shared by every head
             sinks = em.expand(sinks, [em.size(q, 1)])
+    alibi = None if m.alibi is None else _alibi_slopes(em, m.alibi, q)
     out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask,
-                         sinks)
+                         sinks, alibi)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
     for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
@@ -126,6 +127,22 @@ def _emit(m: AttentionMatch, em: Emitter):
     if m.out_dtype is not None and A.dtype(m.q.base) != m.out_dtype:
         out = em.cast(out, m.out_dtype)
     return out, call
+
+
+def _alibi_slopes(em: Emitter, al, q):
+    """The op's (B, Hq) float32 slopes of a proven ALiBi term (passes/alibi.py): the slope
+    tensor broadcast to the product's shape, through the term's own layout ops, viewed in
+    op order, read at query 0 / key 0 (it is constant along both), times the term's
+    constant factor. Its values are the graph's, at run time."""
+    x = em.expand(al.slopes, list(al.expand_to))
+    x.meta.update({k: v for k, v in al.product.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    x = em.replay(al.chain, x)   # node_copy keeps each layout node's metadata
+    x = em.view4(dataclasses.replace(al.view, base=x))
+    x = em.select(em.select(x, 3, 0), 2, 0)
+    x = em.cast(em.expand(x, [em.size(q, 0), em.size(q, 1)]), torch.float32)
+    if al.coef != 1.0:
+        x = em.mul(x, al.coef)
+    return em.contiguous(x)
 
 
 def _permute_keeps_layout(m: AttentionMatch) -> bool:
@@ -438,4 +455,5 @@ def _fusion_of(m: AttentionMatch, call: fx.Node) -> Fusion:
     return Fusion(m.location, scale, m.causal, _describe_bias(m), m.gqa, m.dropout_p, m.softcap,
                   [n.name for n in m.removed], call.name, m.softmax.name, window=m.window, key_mask=key_mask,
                   masks=list(m.mask_notes), empty_row_fixup=m.fixup,
-                  sinks="" if m.sinks is None else m.sinks.base.name)
+                  sinks="" if m.sinks is None else m.sinks.base.name,
+                  alibi="" if m.alibi is None else m.alibi.slopes.name)

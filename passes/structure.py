@@ -352,7 +352,7 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
     for t in raw:
         mask = None
         if t.kind == "float":
-            if t.pre is None and t.cast is None:  # an integer fill changes in the promotion (fp16: -inf)
+            if t.cast is None:  # an integer fill changes in the promotion (fp16: -inf)
                 mask = float_term_as_mask(t.node, t.coef, gm)
         else:
             mask = (t.kind, t.node, bool(t.flag), t.coef)

@@ -97,6 +97,7 @@ class AttentionMatch:
     row_zero: List[Tuple[View4, bool]] = field(default_factory=list)  # (B, H, Lq, 1) bool views: output rows
                                      # where the view equals the flag are 0 (a row fill of P, rowfill.py)
     sinks: Optional[View4] = None    # (1, H|1, 1, 1) float view: one sink logit per head (sinks.py)
+    alibi: Any = None                # a proven ALiBi term (passes/alibi.py AlibiTerm): the op's alibi_slopes
 
 
 Result = Union[AttentionMatch, NearMiss]

@@ -34,7 +34,7 @@ SCALES = ["none", "mul", "div", "rmul", "mul0d", "div0d", "head_temp", "q_before
           "inplace_div", "torch_mul"]
 BIASES = ["none", "add4d", "add2d", "keypad_add", "alibi", "fill_neginf", "fill_finfo", "where_finfo",
           "where_inverted", "tril_buffer", "arange_causal", "inplace_fill", "keypad_fill_plus_add",
-          "joint_lift", "bool_ones", "slice_add", "decomposed"]
+          "joint_lift", "bool_ones", "slice_add", "decomposed", "alibi_graph"]
 SOFTMAX = ["F", "torch", "method", "module", "dtype", "upcast", "dim3"]
 DROPOUT = ["none", "F", "module", "torch"]
 PV = ["at", "matmul", "einsum", "bmm"]
@@ -175,7 +175,8 @@ def repair(r: Recipe) -> Recipe:
     if r.layout == "blhd" and r.kt == "stored":
         r.kt = "transpose"
     if r.qk == "baddbmm":
-        r.bias = r.bias if r.bias not in ("add4d", "add2d", "keypad_add", "alibi", "slice_add", "decomposed") \
+        r.bias = r.bias if r.bias not in ("add4d", "add2d", "keypad_add", "alibi", "slice_add", "decomposed",
+                                          "alibi_graph") \
             else "none"  # alibi comes in baddbmm
         # baddbmm adds its bias before anything applied to the scores: a later scale or softcap
         # would act on the bias too, which the op cannot express; keep only pre-matmul scales
@@ -184,7 +185,7 @@ def repair(r: Recipe) -> Recipe:
         r.softcap = False
     if r.gqa != "none" and r.hq < 2:
         r.gqa = "none"
-    if r.bias in ("tril_buffer", "arange_causal") and r.lk < r.lq:
+    if r.bias in ("tril_buffer", "arange_causal", "alibi_graph") and r.lk < r.lq:
         r.lk = r.lq + 2  # a causal mask with Lq > Lk would mask whole rows
     if r.perturb in ("bad_permute", "pv_transpose"):
         # square sizes: H == L == D (== Dv) so that sizes cannot tell axes apart
@@ -195,7 +196,8 @@ def repair(r: Recipe) -> Recipe:
         else:
             r.pv = r.pv if r.pv in ("at", "matmul") else "at"
     if r.perturb == "fill_finite" and r.bias in ("fill_neginf", "fill_finfo", "where_finfo", "where_inverted",
-                                                 "inplace_fill", "tril_buffer", "arange_causal", "keypad_fill_plus_add"):
+                                                 "inplace_fill", "tril_buffer", "arange_causal", "keypad_fill_plus_add",
+                                                 "alibi_graph"):
         r.bias = "none"
     # issue 18 cat. 6: symbolic_trace cannot trace an item assignment; one in-place change per node
     if r.bias == "slice_add" and (r.dialect == "fx" or r.scale == "inplace_div"):
@@ -451,6 +453,13 @@ def build(r: Recipe) -> Built:
     elif bias == "alibi":
         add_input("alibi_b", torch.linspace(-1.0, -0.1, Hq)[:, None, None] * torch.arange(Lk)[None, None, :])
         lines.append("s = s + alibi_b")
+    elif bias == "alibi_graph":  # issue 22: slopes (a buffer) x arange key positions, bottom-right causal
+        init.append(("buffer", "slopes", torch.linspace(0.1, 1.0, Hq)))
+        lines.append(f"pos = torch.arange({lks}) - {lks}")
+        lines.append(f"i = torch.arange({lqs}).view(-1, 1)")
+        lines.append(f"j = torch.arange({lks}).view(1, -1)")
+        lines.append(f"s = (s + self.slopes.view(1, {Hq}, 1, 1) * pos).masked_fill(j > i + ({lks} - {lqs}), "
+                     f"float('-inf'))")
     elif bias in ("fill_neginf", "fill_finfo", "inplace_fill"):
         add_input("masked", ~keep_mask((B, 1, Lq, Lk)))
         val = 'float("-inf")' if bias != "fill_finfo" else "torch.finfo(torch.float32).min"

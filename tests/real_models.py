@@ -179,6 +179,9 @@ _DECODERS = {
     "gpt_oss": ("GptOssModel", "GptOssConfig",
                 dict(_SMALL, intermediate_size=32, num_key_value_heads=2, head_dim=8, num_local_experts=4,
                      num_experts_per_tok=2, sliding_window=5), "num_hidden_layers"),
+    "mpt": ("MptModel", "MptConfig",
+            dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=64, expansion_ratio=2),
+            "n_layers"),
 }
 # Falcon's eager path without ALiBi applies no attention dropout (modeling_falcon.py says so itself).
 _NO_ATTN_DROPOUT = {"falcon"}

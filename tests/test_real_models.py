@@ -171,3 +171,26 @@ def test_real_model_structure_under_dynamic_shapes(name, window):
     fusions = attnfuse.last_report().fusions
     assert fusions and all(f.causal == "top_left" and f.window == window and f.key_mask
                            and f.empty_row_fixup for f in fusions), fusions
+
+
+@pytest.mark.parametrize("name", ["bloom-causal", "mpt-causal"])
+def test_real_model_alibi_becomes_structure_with_eager_gradients(name):
+    """BLOOM (slopes x arange through baddbmm) and MPT (arange x slopes, sliced): every site
+    fused with ALiBi as ``alibi_slopes`` and the causal mask as structure, no bias tensor;
+    train mode (aot_eager): outputs and every parameter's gradient equal eager's (issue 22).
+    Falcon's ALiBi (a bfloat16 product in a float32 model) and BLOOM with a padding mask
+    (positions from the mask's cumsum) stay biases: see the README's known limitations."""
+    torch.manual_seed(0)
+    model, inputs, sites = R.CASES[name].build(train=True, dropout=0.0)
+    ref = R._run(model, R._clone(inputs), train=True)
+    R.loss_of(ref).backward()
+    ref_grads = R.grads(model)
+    model.zero_grad(set_to_none=True)
+    res = R.compile_attnfuse(model, inputs, inner="aot_eager", train=True, backward=True, strict=True)
+    assert res.ok, res.error
+    assert res.fused == sites, _describe(res)
+    assert all(f.alibi and f.bias == "none" and f.causal == "top_left" for f in res.fusions), \
+        [(f.structure, f.bias, f.masks) for f in res.fusions]
+    assert R.errors(ref, res.out)[1] <= R.TOL
+    g_abs, g_rel = R.grad_errors(ref_grads, R.grads(model))
+    assert g_rel <= R.GRAD_TOL, f"{name}: gradient max abs error {g_abs:.3g}, relative {g_rel:.3g}"

@@ -244,10 +244,10 @@ class _RingAttention(torch.autograd.Function):
                 w = _chunk_weight(l, lse[:, :, rows])
                 dout_w = (dout[:, :, rows].to(acc_dt) * w[..., None]).to(cdt)
                 km = None if cur[2] is None else cur[2][:, keys].bool()
-                gq, gk, gv, _ = torch.ops.attnfuse.flash_attention_backward(
+                gq, gk, gv = torch.ops.attnfuse.flash_attention_backward(
                     dout_w, _rows(qc, rows), kc[:, :, keys], vc[:, :, keys], None,
                     _rows(outc, rows), l, scale, "top_left" if c.diagonal else "none", 0.0,
-                    softcap, None, impl, False, 0, km)
+                    softcap, None, impl, False, 0, km)[:3]
                 dq[:, :, rows] += gq
                 dk[:, :, keys] += gk
                 dv[:, :, keys] += gv

@@ -13,7 +13,8 @@ every mesh dimension), as (outputs, inputs) placements:
   the bias is broadcast over the batch (each rank sums its own batch items).
 - **heads**: q, k, v, out, lse ``Shard(1)`` when every rank's query heads read only its
   own key/value heads: Hq == Hkv, or Hkv divisible by the mesh size (GQA groups stay
-  whole); a bias with a head axis of size Hq ``Shard`` on it; key_mask ``Replicate()``.
+  whole); a bias with a head axis of size Hq ``Shard`` on it; key_mask ``Replicate()``;
+  ALiBi slopes (Hq,) ``Shard(0)``, (B, Hq) ``Shard(1)`` (and ``Shard(0)`` with the batch).
 - **query heads only** (MQA, Hkv == 1): q, out, lse ``Shard(1)``, k and v
   ``Replicate()``; the backward's dk, dv ``Partial()``.
 - **sinks** ((Hq,), one logit per query head) follow the heads: ``Shard(0)`` where q is
@@ -87,7 +88,7 @@ def _heads_split_whole(hq: int, hkv: int, mesh) -> bool:
 
 
 def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[dict] = None,
-           sinks=None) -> List[Tuple[list, list]]:
+           sinks=None, alibi_slopes=None) -> List[Tuple[list, list]]:
     """(outputs, inputs) placement lists for one mesh dimension.
 
     ``backward_of`` is None for the forward; for the backward it holds ``need_dbias``
@@ -106,12 +107,12 @@ def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[di
     R = Replicate()
     seed_p = None if seed is None else R
 
-    def rule(qp, kvp, outp, bias_p, mask_p, dkv_p=None):
+    def rule(qp, kvp, outp, bias_p, mask_p, dkv_p=None, alibi_p=None):
         # the sinks follow q's head axis (their only axis): Shard(0) under head sharding
         heads_sharded = qp.is_shard() and qp.dim == 1
         sinks_p = None if sinks is None else (Shard(0) if heads_sharded else R)
         if backward_of is None:
-            return [outp, outp], [qp, kvp, kvp, bias_p, seed_p, mask_p, sinks_p]
+            return [outp, outp], [qp, kvp, kvp, bias_p, seed_p, mask_p, sinks_p, alibi_p]
         need_dbias = backward_of["need_dbias"]
         if bias_p is None or not need_dbias:
             dbias_p = R  # an empty (0,) tensor
@@ -123,33 +124,44 @@ def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[di
             dsinks_p = sinks_p if (heads_sharded or qp == R) else Partial()
         dkv = kvp if dkv_p is None else dkv_p
         return ([qp, dkv, dkv, dbias_p, dsinks_p],
-                [outp, qp, kvp, kvp, bias_p, outp, outp, seed_p, mask_p, sinks_p])
+                [outp, qp, kvp, kvp, bias_p, outp, outp, seed_p, mask_p, sinks_p, alibi_p])
 
-    rules = [rule(R, R, R, None if bias is None else R, None if key_mask is None else R)]
+    # ALiBi slopes (Hq,) or (B, Hq): sharded with the heads (and a (B, Hq) one with the batch)
+    alibi_r = None if alibi_slopes is None else R
+    alibi_b = alibi_h = alibi_r
+    if alibi_slopes is not None:
+        two_d = len(_shape(alibi_slopes)) == 2
+        alibi_b = Shard(0) if two_d else R
+        alibi_h = Shard(1) if two_d else Shard(0)
+    rules = [rule(R, R, R, None if bias is None else R, None if key_mask is None else R,
+                  alibi_p=alibi_r)]
     if B > 1:
         S0 = Shard(0)
         rules.append(rule(S0, S0, S0, _axis_placement(bias, 4, B, Replicate, Shard),
-                          _axis_placement(key_mask, 2, B, Replicate, Shard)))
+                          _axis_placement(key_mask, 2, B, Replicate, Shard), alibi_p=alibi_b))
     mask_r = None if key_mask is None else R
     bias_heads = _axis_placement(bias, 3, Hq, Replicate, Shard)
     if Hq > 1 and _heads_split_whole(Hq, Hkv, mesh):
         S1 = Shard(1)
-        rules.append(rule(S1, S1, S1, bias_heads, mask_r))
+        rules.append(rule(S1, S1, S1, bias_heads, mask_r, alibi_p=alibi_h))
     if Hq > 1 and Hkv == 1:
         S1 = Shard(1)
-        rules.append(rule(S1, R, S1, bias_heads, mask_r, dkv_p=Partial()))
+        rules.append(rule(S1, R, S1, bias_heads, mask_r, dkv_p=Partial(), alibi_p=alibi_h))
     return rules
 
 
 def _forward_rules(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
-                   seed=None, impl="auto", window=0, key_mask=None, sinks=None):
-    return _rules(q, k, v, bias, seed, key_mask, dropout_p, sinks=sinks)
+                   seed=None, impl="auto", window=0, key_mask=None, sinks=None,
+                   alibi_slopes=None):
+    return _rules(q, k, v, bias, seed, key_mask, dropout_p, sinks=sinks,
+                  alibi_slopes=alibi_slopes)
 
 
 def _backward_rules(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl,
-                    need_dbias, window=0, key_mask=None, sinks=None):
+                    need_dbias, window=0, key_mask=None, sinks=None, alibi_slopes=None):
     return _rules(q, k, v, bias, seed, key_mask, dropout_p,
-                  backward_of={"need_dbias": bool(need_dbias)}, sinks=sinks)
+                  backward_of={"need_dbias": bool(need_dbias)}, sinks=sinks,
+                  alibi_slopes=alibi_slopes)
 
 
 def _widen_cache_key(op) -> None:

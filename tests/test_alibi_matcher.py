@@ -1,0 +1,187 @@
+"""The matcher proves ALiBi from the graph (passes/alibi.py) and passes the slope tensor
+as ``alibi_slopes``: no (Lq, Lk) bias reaches the op. BLOOM's spelling (slopes ×
+``arange``, repeated per batch item, through ``baddbmm``) and MPT's (``arange(1 - L, 1)``
+× slopes, added), in the graph dialects; what is not proven stays a bias with a note.
+Outputs (and gradients) against eager in float64.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import attnfuse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared catalog
+from attn_spellings import capture, fused_nodes  # noqa: E402
+
+B, H, L, D = 2, 4, 8, 8
+
+
+def _qkv(seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, L, D, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+def _causal(n, device):
+    i = torch.arange(n, device=device)
+    return i[None, :] <= i[:, None]
+
+
+class BloomStyle(nn.Module):
+    """BLOOM's eager attention: ``baddbmm(alibi, q, kᵀ)`` with alibi (B·H, 1, L) from a slope
+    buffer × ``arange``, a causal mask from index comparisons."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+
+    def forward(self, q, k, v):
+        b, h, n, d = q.shape
+        alibi = self.slopes[:, None, None] * torch.arange(n, device=q.device)
+        alibi = alibi.repeat(b, 1, 1).to(q.dtype)
+        s = alibi.baddbmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2),
+                          beta=1.0, alpha=d ** -0.5)
+        s = s.view(b, h, n, n).masked_fill(~_causal(n, q.device), float("-inf"))
+        p = torch.softmax(s, dim=-1).view(b * h, n, n)
+        return torch.bmm(p, v.reshape(b * h, n, d)).view(b, h, n, d)
+
+
+class MptStyle(nn.Module):
+    """MPT's: ``arange(1 - L, 1) (int32) × slopes`` built in the graph, sliced, added."""
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        pos = torch.arange(1 - n, 1, dtype=torch.int32, device=q.device).view(1, 1, 1, n)
+        slopes = 1.0 / torch.pow(2, torch.arange(1, H + 1, device=q.device).float())
+        alibi = (pos * slopes.view(1, H, 1, 1)).squeeze(0)[:, 0:, 0:]
+        s = q @ k.transpose(-1, -2) * D ** -0.5 + alibi
+        s = s.masked_fill(~_causal(n, q.device), -3.4028234663852886e+38)   # finfo(float32).min
+        return torch.softmax(s, dim=-1) @ v
+
+
+class DirectProduct(BloomStyle):
+    """The product itself added (no layout op after it), bottom-right causal mask."""
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+        s = q @ k.transpose(-1, -2) + self.slopes.view(1, H, 1, 1) * (torch.arange(n) - n)
+        return torch.softmax(s.masked_fill(j > i, float("-inf")), dim=-1) @ v
+
+
+class NotCausal(BloomStyle):
+    """The key-position ALiBi without a causal mask: not the op's symmetric ALiBi."""
+
+    def forward(self, q, k, v):
+        alibi = (self.slopes[:, None, None] * torch.arange(L)).repeat(B, 1, 1).view(B, H, 1, L)
+        return torch.softmax(q @ k.transpose(-1, -2) + alibi, dim=-1) @ v
+
+
+class SquaredPositions(BloomStyle):
+    """slope × j² is not ALiBi."""
+
+    def forward(self, q, k, v):
+        alibi = self.slopes.view(1, H, 1, 1) * torch.arange(L).pow(2)
+        s = (q @ k.transpose(-1, -2) + alibi).masked_fill(~_causal(L, q.device), float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+
+class InputPositions(BloomStyle):
+    """BLOOM's padding-derived positions, ``(mask.cumsum(-1) - 1) * mask``, from an input."""
+
+    def forward(self, q, k, v, mask):
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, None, :]
+        alibi = self.slopes.view(1, H, 1, 1) * pos
+        s = (q @ k.transpose(-1, -2) + alibi).masked_fill(~_causal(L, q.device), float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+
+def _eager64(mod, *xs):
+    return mod.double()(*(x.double() if x.is_floating_point() else x for x in xs))
+
+
+def _op_kwargs(gm):
+    (n,) = fused_nodes(gm)
+    return n.kwargs
+
+
+@pytest.mark.parametrize("module,dialect", [(m, d) for m in (BloomStyle, MptStyle) for d in ("dynamo", "aten")]
+                         + [(DirectProduct, "dynamo")])
+def test_alibi_becomes_structure(module, dialect):
+    mod = module()
+    q, k, v = _qkv()
+    gm, inputs = capture(mod, (q, k, v), dialect)
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    kw = _op_kwargs(res.graph_module)
+    assert kw.get("bias") is None, "an ALiBi bias tensor reached the op"
+    assert kw.get("alibi_slopes") is not None and kw.get("causal") == "top_left"
+    (f,) = res.report.fusions
+    assert f.alibi and "alibi_slopes" in f.structure
+    out = res.graph_module(*inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v), atol=2e-6, rtol=2e-6)
+
+
+def test_symbolic_trace_and_dynamic_shapes_stay_exact():
+    """symbolic_trace (sizes read at run time) and dynamo with dynamic shapes: the index
+    and position proofs need static sizes, so the term stays a bias (documented), exact.
+    (BloomStyle is not fused at all in these two dialects, ALiBi or not: fx does not read
+    a method ``baddbmm`` as a product, and a dynamic mask on reshaped scores is declined.)"""
+    mod = MptStyle()
+    q, k, v = _qkv()
+    for dialect in ("fx", "dynamo_dynamic"):
+        gm, inputs = capture(mod, (q, k, v), dialect)
+        res = attnfuse.rewrite(gm, list(inputs), strict=True)
+        assert res.fused == 1, dialect
+        out = res.graph_module(*inputs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        torch.testing.assert_close(out.double(), _eager64(mod, q, k, v), atol=2e-6, rtol=2e-6)
+
+
+def test_alibi_training_gradients_through_the_backend():
+    """Train mode through torch.compile (aot_eager): eager's gradients for q, k, v; a
+    slope buffer changed after the compile is read at run time (no value was baked in)."""
+    mod = BloomStyle()
+    q, k, v = _qkv(grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(mod, backend="attnfuse", options={"inner": "aot_eager", "strict": True})
+    out = compiled(q, k, v)
+    (f,) = attnfuse.last_report().fusions
+    assert f.alibi and f.bias == "none"
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = _eager64(BloomStyle(), q64, k64, v64)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
+    g = torch.randn_like(out)
+    for a, w in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q64, k64, v64), g.double())):
+        torch.testing.assert_close(a.double(), w, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        mod.slopes.mul_(3.0)
+    other = BloomStyle()
+    other.slopes.mul_(3.0)
+    torch.testing.assert_close(compiled(q, k, v).double(), _eager64(other, q, k, v), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("module,note", [
+    (NotCausal, "do not show every visible key"),
+    (SquaredPositions, None),
+    (InputPositions, "come from a graph input"),
+])
+def test_unproven_alibi_stays_a_bias(module, note):
+    mod = module()
+    q, k, v = _qkv()
+    extra = (torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]),) if module is InputPositions else ()
+    gm, inputs = capture(mod, (q, k, v) + extra, "dynamo")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    kw = _op_kwargs(res.graph_module)
+    assert kw.get("alibi_slopes") is None and kw.get("bias") is not None
+    (f,) = res.report.fusions
+    if note:
+        assert any(note in m for m in f.masks), f.masks
+    out = res.graph_module(*inputs)[0]
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, *extra), atol=2e-6, rtol=2e-6)
