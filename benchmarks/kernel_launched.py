@@ -102,14 +102,16 @@ def _fixed_config(kwargs):
 
 
 @contextlib.contextmanager
-def recording():
-    """Swap every kernel the launchers call for a recorder; yields the list of Launches."""
+def recording(arch: int):
+    """Swap every kernel the launchers call for a recorder, the device's compute
+    capability for ``arch``; yields the list of Launches."""
     sink: list = []
-    saved = (tf._tuned, td._tuned_split, td._attn_decode_combine)
+    saved = (tf._tuned, tf._arch, td._tuned_split, td._attn_decode_combine)
+    combine = td._attn_decode_combine
 
-    def tuned(name, head_dim, dtype, heavy):
+    def tuned(name, head_dim, dtype, heavy, arch):
         fn, configs = tf.KERNEL_CONFIGS[name]
-        return _Recorder(name, fn, configs(head_dim, dtype, heavy), sink)
+        return _Recorder(name, fn, configs(head_dim, dtype, heavy, arch), sink)
 
     def tuned_split(head_dim, dtype, block_m):
         return _Recorder("attn_decode_split", td._attn_decode_split,
@@ -118,15 +120,16 @@ def recording():
     class _Combine:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                sink.append(Launch("attn_decode_combine", td._attn_decode_combine,
+                sink.append(Launch("attn_decode_combine", combine,
                                    _fixed_config(kwargs), args, kwargs))
             return launch
 
-    tf._tuned, td._tuned_split, td._attn_decode_combine = tuned, tuned_split, _Combine()
+    tf._tuned, tf._arch = tuned, (lambda device: arch)
+    td._tuned_split, td._attn_decode_combine = tuned_split, _Combine()
     try:
         yield sink
     finally:
-        tf._tuned, td._tuned_split, td._attn_decode_combine = saved
+        tf._tuned, tf._arch, td._tuned_split, td._attn_decode_combine = saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,12 +204,12 @@ def _inputs(s: Scenario):
     return q, k, v, bias, key_mask
 
 
-def capture(s: Scenario) -> list:
-    """The Launches of one forward (and backward) of scenario ``s``, on fake CUDA
-    tensors (no GPU needed)."""
+def capture(s: Scenario, arch: int = 90) -> list:
+    """The Launches of one forward (and backward) of scenario ``s`` on an sm_``arch``
+    device, on fake CUDA tensors (no GPU needed)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(), recording() as sink:
+    with FakeTensorMode(), recording(arch) as sink:
         q, k, v, bias, key_mask = _inputs(s)
         opts = dict(scale=s.D ** -0.5, causal=s.causal, dropout_p=s.dropout_p,
                     softcap=0.0, seed=1234, window=s.window, key_mask=key_mask)
@@ -306,6 +309,54 @@ def ptx_facts(ptx: str) -> dict:
                 mma=len(re.findall(r"\bmma\.sync\.aligned\b", ptx)))
 
 
+class _StopAfterTTGIR(Exception):
+    pass
+
+
+def ttgir(src, arch: int, options: dict) -> str:
+    """The TTGIR of ``src`` compiled with ``options`` for sm_``arch``, the compile
+    stopped after that stage."""
+    import triton.compiler.compiler as tc
+
+    real_make_backend = tc.make_backend
+
+    def make_backend(target):
+        backend = real_make_backend(target)
+        real_add_stages = backend.add_stages
+
+        def add_stages(stages, options, *rest):
+            real_add_stages(stages, options, *rest)
+            to_ttgir = stages["ttgir"]
+
+            def ttgir_then_stop(module, metadata):
+                raise _StopAfterTTGIR(str(to_ttgir(module, metadata)))
+            stages["ttgir"] = ttgir_then_stop
+
+        backend.add_stages = add_stages
+        return backend
+
+    tc.make_backend = make_backend
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    except _StopAfterTTGIR as stop:
+        return str(stop)
+    finally:
+        tc.make_backend = real_make_backend
+    return compiled.asm["ttgir"]  # a cache hit: the full compile was stored before
+
+
+def ttgir_facts(launch: Launch, config, arch: int) -> dict:
+    """The main-loop facts read from the TTGIR alone (a few seconds, no LLVM/ptxas):
+    asynchronous copies (cp.async or TMA) and dots by kind (``ttng.warp_group_dot`` is
+    wgmma; ``tt.dot`` is lowered to mma.sync)."""
+    src, options = bind(launch, config, arch)
+    ir = ttgir(src, arch, options)
+    return dict(async_copies=len(re.findall(
+                    r"ttg\.async_copy_global_to_local|ttng\.async_tma_copy_global_to_\w+", ir)),
+                wgmma=len(re.findall(r"ttng\.warp_group_dot\b", ir)),
+                mma=len(re.findall(r"\btt\.dot\b", ir)))
+
+
 def describe(launch: Launch, config) -> str:
     cx = {**launch.kwargs, **config.kwargs}
     tiles = " ".join(f"{s}={cx[f]}" for s, f in (("BM", "BLOCK_M"), ("BN", "BLOCK_N"),
@@ -337,7 +388,7 @@ def mma_kind(row: dict) -> str:
 def _job(job):
     sname, li, ci, arch = job
     s = next(x for x in SCENARIOS if x.name == sname)
-    launch = capture(s)[li]
+    launch = capture(s, arch)[li]
     config = launch.configs[ci]
     base = dict(scenario=sname, kernel=launch.kernel, config=describe(launch, config),
                 arch=arch, fallback=s.fallback)
@@ -392,10 +443,10 @@ def main(argv=None) -> int:
     archs = [int(a) for a in args.archs.split(",")]
     jobs, seen = [], set()
     for s in chosen:
-        for li, launch in enumerate(capture(s)):
-            configs = launch.configs[:1] if args.first_config else launch.configs
-            for ci, config in enumerate(configs):
-                for arch in archs:
+        for arch in archs:
+            for li, launch in enumerate(capture(s, arch)):
+                configs = launch.configs[:1] if args.first_config else launch.configs
+                for ci, config in enumerate(configs):
                     # one compile per distinct (kernel, constexprs, config, arch, args' shape class)
                     key = (s.name, launch.kernel, describe(launch, config), arch)
                     if key not in seen:
