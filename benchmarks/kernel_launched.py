@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_launched.py: unset TRITON_INTERPRET (it needs the real compiler)")

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import triton
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from attnfuse import op, triton_guard
