@@ -211,7 +211,14 @@ def _resolved_impl(impl: str, device: torch.device) -> str:
 
 
 def _backend(impl: str, device: torch.device):
-    """The module implementing forward/backward for ``impl`` on ``device``."""
+    """The module implementing forward/backward for ``impl`` on ``device``: for
+    ``impl="auto"`` on CUDA, the Triton kernels guarded by :mod:`attnfuse.triton_guard`
+    (a device where they cannot compile or launch falls back to the PyTorch path once,
+    with a warning); for ``impl="triton"``, the kernels unguarded."""
+    if impl == "auto" and device.type == "cuda":
+        from attnfuse import triton_guard
+
+        return triton_guard
     if _resolved_impl(impl, device) == "triton":
         from attnfuse.kernels import triton_flash
 

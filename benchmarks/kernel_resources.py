@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -59,7 +56,6 @@ INT_SCALARS = {"H", "HKV", "GROUP", "M", "N", "D", "DV", "R"}
 KERNELS = {**tf.KERNEL_CONFIGS, **td.DECODE_KERNEL_CONFIGS}
 # kernels with one config list for every variant (no plain/heavy split)
 SINGLE_LIST = {"attn_decode_split", "attn_decode_combine", "attn_bwd_preprocess"}
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 def _signature(fn, dtype_name, constexprs):
@@ -106,21 +102,11 @@ def _worst_constexprs(fn, head_dim, dtype_name, config, heavy, block_m=None):
 
 
 def _ptxas(ptx: str, arch: int):
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.M)
-    gpu = target.group(1) if target else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([PTXAS, "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
-    log = res.stdout + res.stderr
-    if res.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {log}")
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spill_st = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
-    spill_ld = sum(int(x) for x in re.findall(r"(\d+) bytes spill loads", log))
-    return regs, spill_st + spill_ld
+    """(registers, spill bytes): ``kernel_launched.ptxas_stats`` (the ptxas the backend
+    itself runs; the copy under ``backends/nvidia/bin`` cannot read triton 3.9's PTX)."""
+    from kernel_launched import ptxas_stats
+
+    return ptxas_stats(ptx, arch)
 
 
 def _source(kname, head_dim, dtype_name, heavy, idx, block_m):
@@ -143,43 +129,13 @@ def compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m, arch):
     return compiled, config, cx
 
 
-class _StopAfterTTGIR(Exception):
-    pass
-
-
 def kernel_ttgir(kname, head_dim, dtype_name, heavy, idx, block_m, arch) -> str:
     """The TTGIR text of that config for sm_``arch``: the compile stops after the
     "ttgir" stage (no LLVM, PTX or ptxas: a few seconds per kernel)."""
-    import triton.compiler.compiler as tc
-
     src, config, _ = _source(kname, head_dim, dtype_name, heavy, idx, block_m)
-    real_make_backend = tc.make_backend
+    from kernel_launched import ttgir
 
-    def make_backend(target):
-        backend = real_make_backend(target)
-        real_add_stages = backend.add_stages
-
-        def add_stages(stages, options, *rest):
-            real_add_stages(stages, options, *rest)
-            to_ttgir = stages["ttgir"]
-
-            def ttgir_then_stop(module, metadata):
-                raise _StopAfterTTGIR(str(to_ttgir(module, metadata)))
-            stages["ttgir"] = ttgir_then_stop
-
-        backend.add_stages = add_stages
-        return backend
-
-    tc.make_backend = make_backend
-    try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=config.num_warps,
-                                               num_stages=config.num_stages))
-    except _StopAfterTTGIR as stop:
-        return str(stop)
-    finally:
-        tc.make_backend = real_make_backend
-    return compiled.asm["ttgir"]  # a cache hit: the full compile was stored before
+    return ttgir(src, arch, dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
 def _job(args):

@@ -65,12 +65,18 @@ def _cfg(block_m, block_n, warps, stages):
 # Config lists: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, padded head dim
 # class (<= 64, 128, 256; the max of D and Dv), element width (16: fp16/bf16, 32: fp32)
 # and variant: "plain" (no bias, no dropout) or "heavy" (a bias tile and/or the Philox
-# dropout stream per tile: many more live registers, so smaller tiles).  Every entry
-# compiles for sm_80 and sm_90 with no register spills and shared memory within the
-# A100/H100 per-block limits, checked offline by benchmarks/kernel_resources.py with the
-# most expensive constexprs of its variant (causal + window + key_mask + softcap
-# [+ bias + dropout + dS]).  Adding window/key_mask made eight entries spill by 8-96 B;
-# they moved to 8 warps or to a tile of the same BLOCK_M (or BLOCK_N for dK/dV).
+# dropout stream per tile: many more live registers, so smaller tiles).  The 16-bit
+# plain lists of every head dim class and the fp32 backward lists were retuned (issue
+# 21) from the kernels AS LAUNCHED (benchmarks/kernel_launched.py: Triton's own
+# specialisation of unit strides and divisibility-16 attributes, which the launched
+# kernels get and which cut registers by up to a quarter): tiles no smaller than
+# Triton's fused-attention tutorial's where registers and shared memory allow, a
+# pipelined main loop (num_stages >= 2: cp.async) everywhere, and, on sm_90
+# (_SM90_TABLE), tiles whose products run as warp-group MMA (wgmma needs 64 rows per
+# warp group).  Before/after: benchmarks/results/kernel_launched_before.md / _after.md.
+# benchmarks/kernel_resources.py still compiles every entry with the most expensive
+# constexprs of its variant and plain i32 arguments (no specialisation): a conservative
+# bound, checked for compile errors and shared memory.
 # The preprocess kernel has one list (its rare recompute path always includes the bias).
 # --------------------------------------------------------------------------------------
 
@@ -78,9 +84,9 @@ _CONFIG_TABLE = {
     "attn_fwd": {
         (64, 16, False): [(128, 64, 4, 3), (128, 64, 8, 3)],
         (64, 16, True): [(128, 32, 8, 2), (64, 32, 8, 3)],
-        (128, 16, False): [(128, 32, 8, 3), (64, 64, 8, 3)],
-        (128, 16, True): [(64, 16, 4, 2), (32, 16, 4, 1)],
-        (256, 16, False): [(32, 32, 8, 2), (32, 16, 4, 1)],
+        (128, 16, False): [(128, 64, 8, 3), (128, 32, 8, 3)],
+        (128, 16, True): [(64, 16, 4, 2), (32, 16, 4, 2)],
+        (256, 16, False): [(64, 64, 8, 2), (64, 32, 8, 3)],
         (256, 16, True): [(32, 16, 8, 2), (32, 16, 8, 1)],
         (64, 32, False): [(128, 32, 8, 2), (64, 32, 4, 3)],
         (64, 32, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
@@ -90,15 +96,15 @@ _CONFIG_TABLE = {
         (256, 32, True): [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
     "attn_bwd_dkdv": {
-        (64, 16, False): [(16, 64, 8, 2), (32, 32, 4, 2)],
-        (64, 16, True): [(32, 32, 4, 2), (16, 16, 4, 1)],
+        (64, 16, False): [(32, 64, 4, 3), (16, 64, 8, 2)],
+        (64, 16, True): [(32, 32, 4, 2), (16, 16, 4, 2)],
         (128, 16, False): [(32, 64, 8, 2), (16, 64, 8, 2)],
         (128, 16, True): [(16, 64, 8, 2), (16, 32, 4, 2)],
-        (256, 16, False): [(32, 32, 8, 1)],
+        (256, 16, False): [(16, 32, 4, 2), (32, 32, 8, 2)],
         (256, 16, True): [(16, 32, 8, 1), (16, 16, 4, 1)],
-        (64, 32, False): [(16, 32, 4, 2), (16, 16, 4, 1)],
+        (64, 32, False): [(16, 32, 4, 2), (16, 16, 4, 2)],
         (64, 32, True): [(16, 32, 8, 1), (16, 16, 8, 1)],
-        (128, 32, False): [(16, 32, 4, 1), (16, 32, 8, 1)],
+        (128, 32, False): [(16, 32, 4, 2)],
         (128, 32, True): [(16, 32, 4, 1), (16, 32, 8, 1)],
         (256, 32, False): [(16, 32, 8, 1)],
         (256, 32, True): [(16, 16, 4, 1)],
@@ -106,13 +112,13 @@ _CONFIG_TABLE = {
     "attn_bwd_dq": {
         (64, 16, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
         (64, 16, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
-        (128, 16, False): [(32, 16, 4, 1)],
-        (128, 16, True): [(32, 16, 4, 2), (16, 16, 4, 1)],
-        (256, 16, False): [(16, 16, 4, 1)],
+        (128, 16, False): [(64, 32, 4, 3), (128, 32, 8, 3)],
+        (128, 16, True): [(32, 16, 4, 2), (16, 16, 4, 2)],
+        (256, 16, False): [(64, 32, 8, 2), (32, 32, 4, 2)],
         (256, 16, True): [(16, 16, 8, 1)],
-        (64, 32, False): [(32, 16, 4, 1), (16, 16, 4, 1)],
+        (64, 32, False): [(32, 16, 4, 2), (32, 32, 4, 2)],
         (64, 32, True): [(16, 16, 4, 1)],
-        (128, 32, False): [(16, 16, 4, 1)],
+        (128, 32, False): [(32, 16, 4, 2), (16, 16, 4, 2)],
         (128, 32, True): [(16, 16, 4, 1), (16, 16, 8, 1)],
         (256, 32, False): [(16, 16, 8, 1)],
         (256, 32, True): [(16, 16, 8, 1)],
@@ -128,28 +134,51 @@ _CONFIG_TABLE = {
 }
 
 
-def _configs(kernel: str, head_dim: int, dtype, heavy: bool) -> list:
+# sm_90 (H100: 228 KB shared memory per block, warp-group MMA) replaces some lists with
+# larger tiles that spill or exceed the A100's shared memory on sm_80
+# (benchmarks/results/kernel_launched_after.md): keys as in _CONFIG_TABLE.
+_SM90_TABLE = {
+    "attn_fwd": {
+        # the third: the unspecialised fallback (head dim 72, fused QKV) spills 40-152 B
+        # with the first two
+        (128, 16, False): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
+    },
+    "attn_bwd_dkdv": {
+        (64, 16, False): [(64, 64, 4, 3), (32, 64, 4, 3)],
+        (128, 16, False): [(64, 32, 8, 2), (32, 64, 8, 2)],
+    },
+    "attn_bwd_dq": {
+        (128, 16, False): [(64, 64, 8, 3), (128, 32, 8, 3)],
+    },
+}
+
+
+def _configs(kernel: str, head_dim: int, dtype, heavy: bool, arch: int = 80) -> list:
     key = (_head_dim_class(head_dim), 32 if _is_fp32(dtype) else 16)
     if kernel != "attn_bwd_preprocess":
         key = key + (bool(heavy),)
-    return [_cfg(*c) for c in _CONFIG_TABLE[kernel][key]]
+    table = _CONFIG_TABLE[kernel]
+    if arch >= 90 and key in _SM90_TABLE.get(kernel, {}):
+        table = _SM90_TABLE[kernel]
+    return [_cfg(*c) for c in table[key]]
 
 
-def fwd_configs(head_dim: int, dtype, heavy: bool = False) -> list:
-    """Autotune configs of the forward kernel for (head dim, dtype, bias/dropout)."""
-    return _configs("attn_fwd", head_dim, dtype, heavy)
+def fwd_configs(head_dim: int, dtype, heavy: bool = False, arch: int = 80) -> list:
+    """Autotune configs of the forward kernel for (head dim, dtype, bias/dropout) on
+    sm_``arch`` (``_SM90_TABLE`` from 90 on)."""
+    return _configs("attn_fwd", head_dim, dtype, heavy, arch)
 
 
-def bwd_dkdv_configs(head_dim: int, dtype, heavy: bool = False) -> list:
-    return _configs("attn_bwd_dkdv", head_dim, dtype, heavy)
+def bwd_dkdv_configs(head_dim: int, dtype, heavy: bool = False, arch: int = 80) -> list:
+    return _configs("attn_bwd_dkdv", head_dim, dtype, heavy, arch)
 
 
-def bwd_dq_configs(head_dim: int, dtype, heavy: bool = False) -> list:
-    return _configs("attn_bwd_dq", head_dim, dtype, heavy)
+def bwd_dq_configs(head_dim: int, dtype, heavy: bool = False, arch: int = 80) -> list:
+    return _configs("attn_bwd_dq", head_dim, dtype, heavy, arch)
 
 
-def bwd_preprocess_configs(head_dim: int, dtype, heavy: bool = False) -> list:
-    return _configs("attn_bwd_preprocess", head_dim, dtype, heavy)
+def bwd_preprocess_configs(head_dim: int, dtype, heavy: bool = False, arch: int = 80) -> list:
+    return _configs("attn_bwd_preprocess", head_dim, dtype, heavy, arch)
 
 
 # kernel name -> (jit function, config-list function), for the benchmarks
@@ -165,16 +194,22 @@ _TUNE_KEY = ["M", "N", "HEAD_D", "HEAD_DV", "CAUSAL", "WINDOW", "BIAS_KIND", "SO
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(name: str, head_dim: int, dtype, heavy: bool):
+def _tuned(name: str, head_dim: int, dtype, heavy: bool, arch: int = 80):
     fn, configs = KERNEL_CONFIGS[name]
     key = [k for k in _TUNE_KEY if k in fn.arg_names]
-    return triton.autotune(configs=configs(head_dim, dtype, heavy), key=key)(fn)
+    return triton.autotune(configs=configs(head_dim, dtype, heavy, arch), key=key)(fn)
+
+
+def _arch(device: torch.device) -> int:
+    """The compute capability of ``device`` as 10·major + minor (80: A100, 90: H100)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool):
     """(kernel, fixed meta) for this device: autotuned on CUDA, fixed config on CPU."""
     if device.type == "cuda" and not _interpreted():
-        return _tuned(name, padded_head_dim(head_dim), dtype, bool(heavy)), {}
+        return _tuned(name, padded_head_dim(head_dim), dtype, bool(heavy), _arch(device)), {}
     if device.type == "cpu" and _interpreted():
         return KERNEL_CONFIGS[name][0], dict(INTERPRETER_CONFIG)
     raise device_error(device)
