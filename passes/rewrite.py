@@ -21,6 +21,7 @@ from torch import fx  # noqa: F401
 from attnfuse.passes import axes as A
 from attnfuse.passes import ops as O
 from attnfuse.passes.dead import dead_closure
+from attnfuse.passes import inputmask
 from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
 from attnfuse.passes.mha import erase_calls, inline_mha, undo_inlines
@@ -100,6 +101,7 @@ def _emit(m: AttentionMatch, em: Emitter):
         x = em.squeeze(em.squeeze(em.view4(kv_), 2), 1)
         x = em.logical_not(x) if neg else x
         key_mask = x if key_mask is None else em.logical_and(key_mask, x)
+    key_mask = inputmask.combine(em, key_mask, inputmask.derived_key_mask(em, m))
     out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
@@ -297,7 +299,7 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
             kind, reason = leave[m.softmax.name]
             report.near_misses.append(NearMiss(kind, reason, m.location, m.softmax.name))
         else:
-            todo.append(m)
+            todo.append(inputmask.plan(m))
     if not todo:
         if inlined:
             erase_calls(gm, inlined)
