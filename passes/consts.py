@@ -184,8 +184,6 @@ def input_reads(node: Any) -> List[str]:
         if n.op != "placeholder" or is_module_buffer_placeholder(n):
             return None
         v = n.meta.get("example_value", n.meta.get("val"))
-        if v is None and n.meta.get("tensor_meta") is not None:   # symbolic_trace + ShapeProp
-            return str(n.target)
         return str(n.target) if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) else None
     return _reads(node, pick)
 

@@ -60,13 +60,16 @@ def _eligible_term(m: AttentionMatch):
     if len(m.terms) != 1:
         return None, None
     t = m.terms[0]
-    inputs = C.input_reads(t.view.base)
+    base = t.view.base   # a placeholder itself counts where no fake value names it (symbolic_trace)
+    inputs = C.input_reads(base) or ([str(base.target)] if base.op == "placeholder" else [])
     if not inputs:
         return None, None
-    if t.kind not in ("float", "keep") or t.pre is not None or t.pad is not None or t.view.groups != (1, 1):
-        return None, "its form (a fill, or a term given on split axes) has no key mask derivation"
+    if t.pre is not None or t.pad is not None or t.view.groups != (1, 1):
+        return None, "it is given on split or padded axes"
     if t.kind == "float" and (t.coef != 1.0 or t.cast is not None):
         return None, "it is scaled or cast before it is added"
+    if t.kind == "fill" and not t.coef <= torch.finfo(torch.float32).min:
+        return None, f"its fill {t.coef:g} does not absorb the scores (only -inf or float32's finfo.min do)"
     if t.view.axes[3] is None or t.view.expand[3] is not None:
         return None, None  # constant along the keys: it hides no key from every row
     return (t, inputs), None
@@ -107,11 +110,19 @@ def derived_key_mask(em: Emitter, m: AttentionMatch) -> Optional[fx.Node]:
     t = m.info.get(_INFO)
     if t is None:
         return None
-    flat = View4(t.view.base, t.view.axes)            # the term without its broadcast: fewer compares
-    x = em.view4(flat)
+    km = _derive(em, t)
+    # a mask that broadcasts along the keys at run time gives (B|1, 1): the op wants (B|1, Lk)
+    return em.contiguous(em.expand(km, [-1, em.size(em.view4(m.k), 2, symbolic=True)]))
+
+
+def _derive(em: Emitter, t) -> fx.Node:
+    x = em.view4(View4(t.view.base, t.view.axes))    # the term without its broadcast: fewer compares
     if t.kind == "keep":
         seen = em.logical_not(x) if t.invert else x
         return _call(em, torch.any, aten.any.dims, seen, [1, 2])
+    if t.kind == "fill":   # the fill (-inf or float32's finfo.min) where the (negated) condition holds
+        live = x if t.invert else em.logical_not(x)
+        return _key_mask_of(em, live, live)
     dt = A.dtype(t.view.base)
     fill = torch.finfo(dt).min if isinstance(dt, torch.dtype) and dt.is_floating_point else None
     if fill is None:
@@ -119,9 +130,14 @@ def derived_key_mask(em: Emitter, m: AttentionMatch) -> Optional[fx.Node]:
     hidden = _call(em, torch.logical_or, aten.logical_or.default,
                    _call(em, torch.eq, aten.eq.Scalar, x, float("-inf")),
                    _call(em, torch.eq, aten.eq.Scalar, x, fill))
-    seen = _call(em, torch.any, aten.any.dims, em.logical_not(hidden), [1, 2])              # (B|1, Lk)
-    live = _call(em, torch.any, aten.any.dims, _call(em, torch.gt, aten.gt.Scalar, x, fill / 2), [3])
-    anchored = _call(em, torch.all, aten.all.dims, live, [1, 2])                             # (B|1,)
+    return _key_mask_of(em, em.logical_not(hidden), _call(em, torch.gt, aten.gt.Scalar, x, fill / 2))
+
+
+def _key_mask_of(em: Emitter, shown: fx.Node, live: fx.Node) -> fx.Node:
+    """``any(shown over heads, queries) | (the item has a row with no live key)``, (B|1, Lk)."""
+    seen = _call(em, torch.any, aten.any.dims, shown, [1, 2])                               # (B|1, Lk)
+    anchored = _call(em, torch.all, aten.all.dims,
+                     _call(em, torch.any, aten.any.dims, live, [3]), [1, 2])                 # (B|1,)
     unanchored = em.unsqueeze(em.logical_not(anchored), 1)                                   # (B|1, 1)
     return _call(em, torch.logical_or, aten.logical_or.default, seen, unanchored)
 

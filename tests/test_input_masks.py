@@ -34,6 +34,15 @@ class BoolMaskInput(nn.Module):
         return torch.softmax(s, dim=-1) @ v
 
 
+class ProductMask(nn.Module):
+    """DeBERTa-v2's padding mask: ``bool(m[:, None, None, :] * m[:, None, :, None])``, filled."""
+
+    def forward(self, q, k, v, m):
+        keep = (m[:, None, None, :] * m[:, None, :, None]).bool()
+        s = (q @ k.mT * D ** -0.5).masked_fill(~keep, torch.finfo(q.dtype).min)
+        return torch.softmax(s, dim=-1) @ v
+
+
 def _static_cache_keep():
     """(B, 1, LQ, LK): queries at cache positions 2..4 of an 8-slot cache (slots 5..7 empty);
     item 0 is left-padded by one token; item 1 by three, so its first query sees no key."""
@@ -112,3 +121,14 @@ def test_cpu_keeps_the_bias_alone_and_says_why():
     assert _key_mask_arg(res) is None
     (f,) = res.report.fusions
     assert any("on CPU" in n for n in f.masks), f.masks
+
+
+def test_filled_product_mask_gets_a_derived_key_mask(derive_on_cpu):
+    """A fill from an input's values (DeBERTa-v2): item 0 pads two keys (hidden from every row but
+    also leaving its pad queries without keys: it keeps every key); item 1 has no padding."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, LK, D, generator=g) for _ in range(3))
+    m = torch.ones(B, LK, dtype=torch.long)
+    m[0, -2:] = 0
+    res = check_spelling(ProductMask(), [q, k, v, m], "dynamo")
+    assert _key_mask_arg(res) is not None
