@@ -26,7 +26,8 @@ from torch import fx
 
 from attnfuse.passes import ops as O
 from attnfuse.passes.emit import Emitter
-from attnfuse.passes.types import AttentionMatch, NearMiss, Term, View4
+from attnfuse.passes.shift import row_max
+from attnfuse.passes.types import AttentionMatch, NearMiss, Term
 
 aten = torch.ops.aten
 
@@ -38,8 +39,8 @@ def _finite_fills(m: AttentionMatch):
 
 
 def _last_fill_cond(m: AttentionMatch, gm) -> Optional[fx.Node]:
-    """The condition of the masked_fill/where that feeds the softmax (through casts and views),
-    or None when the last score op is something else."""
+    """The condition of the masked_fill/where that feeds the softmax (through casts, views and
+    a row-max shift), or None when the last score op is something else."""
     n = m.softmax.args[0] if m.softmax.args else None
     for _ in range(8):
         op = O.classify(n, gm) if isinstance(n, fx.Node) else None
@@ -50,6 +51,10 @@ def _last_fill_cond(m: AttentionMatch, gm) -> Optional[fx.Node]:
             continue
         if op.kind == O.MASK:
             return op.get("mask") if op.sub == "masked_fill" else op.get("cond")
+        a, b = (n.args + (None, None))[:2]
+        if op.kind == O.ADD and isinstance(a, fx.Node) and row_max(b, a, gm) is not None:
+            n = a   # s - rowmax(s): a filled row stays uniform (0 everywhere), no gradient through the fill
+            continue
         return None
     return None
 
@@ -91,7 +96,7 @@ def apply(em: Emitter, m: AttentionMatch, q: fx.Node, k: fx.Node, v: fx.Node, ou
     t = m.info.get(_INFO)
     if t is None:
         return out
-    c = em.view4(View4(t.view.base, t.view.axes))        # (B|1, H|1, Lq|1, Lk|1), unexpanded
+    c = em.view4(t.view, t.pre)                           # (B, H, Lq, Lk) as the op sees it
     filled = em.logical_not(c) if t.invert else c
     full = em.g.call_function(aten.all.dim if em.aten else torch.all, (filled, 3, True))   # (.., Lq, 1)
     reps = em.floordiv(em.size(q, 1, symbolic=True), em.size(k, 1, symbolic=True))
