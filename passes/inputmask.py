@@ -85,15 +85,16 @@ def plan(m: AttentionMatch) -> AttentionMatch:
         note = f"no key mask derived from the run-time mask: {why}"
         return dataclasses.replace(m, mask_notes=list(m.mask_notes) + [note])
     t, inputs = found
+    why_bias = (f"{t.view.base.name}: the bias, built from the run-time values of {', '.join(inputs)} (no causal or "
+                "padding structure is proven from values unknown at compile time)")
     q = A.meta_val(m.q.base)
     on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
     if on_cpu and not DERIVE_ON_CPU:
-        note = (f"{t.view.base.name}: no key mask derived from the run-time values of {', '.join(inputs)} "
-                "on CPU (the CPU paths fold a key mask given with a bias back into it: nothing skipped)")
+        note = (f"{why_bias}; no key mask derived from it on CPU (the CPU paths fold a key mask given with a "
+                "bias back into it: nothing skipped)")
         return dataclasses.replace(m, mask_notes=list(m.mask_notes) + [note])
-    note = (f"{t.view.base.name}: keys that no query row sees, by the run-time values of {', '.join(inputs)}, "
-            "are hidden by a key mask derived at run time (skipped by the kernels; e.g. a static cache's "
-            "empty slots); the mask stays the bias for the rest")
+    note = (f"{why_bias}; keys that no query row sees are hidden by a key mask derived from it at run time "
+            "(skipped by the kernels; e.g. a static cache's empty slots)")
     info = dict(m.info)
     info[_INFO] = t
     return dataclasses.replace(m, info=info, mask_notes=list(m.mask_notes) + [note])

@@ -55,6 +55,11 @@ def register(R: Any) -> None:
         text("LlamaModel", "LlamaConfig", dict(small, num_key_value_heads=2), n_layers,
              extra_names=("position_ids",), extra_inputs=(torch.stack([packed, torch.arange(R.SEQ)]),)))
 
+    # category 10: a static KV cache (20 slots, 12 filled) with its 4-D mask passed in, as
+    # generate(..., cache_implementation="static") builds it outside the compiled forward
+    case("llama-static-cache", variant="static KV cache, 4-D mask as a graph input, left padding",
+         train=False)(lambda train=False, dropout=0.0: _static_cache(R, train, dropout))
+
     # ---- encoders with relative attention (category 12: disentangled c2p/p2c terms)
     case("deberta-v2-padded", variant="padded, disentangled relative attention (c2p+p2c)")(
         text("DebertaV2Model", "DebertaV2Config",
@@ -113,3 +118,30 @@ def register(R: Any) -> None:
               img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, global_pool="map")
     timm_case("timm-convit", "convit_tiny", 2, "vision (gated positional self-attention)",
               img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, local_up_to_layer=1)
+
+
+class _StaticCacheLlama(nn.Module):
+    """LLaMA prefill into a fresh ``StaticCache`` of ``max_len`` slots, the 4-D float mask given."""
+
+    def __init__(self, model, config, max_len: int):
+        super().__init__()
+        self.model, self.config, self.max_len = model, config, max_len
+
+    def forward(self, ids, mask):
+        import transformers
+        cache = transformers.StaticCache(config=self.config, max_cache_len=self.max_len)
+        out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                         cache_position=torch.arange(ids.shape[1]), use_cache=True)
+        return (out.last_hidden_state,)
+
+
+def _static_cache(R: Any, train: bool = False, dropout: float = 0.0):
+    import transformers
+    config = transformers.LlamaConfig(**dict(R._SMALL, num_key_value_heads=2))
+    model = R._hf(transformers.LlamaModel, config, train, dropout)
+    max_len, ids = 20, R.input_ids()
+    pad = R.padding_mask(left=True).bool()                                   # (B, L), left padding
+    filled = torch.cat([pad, torch.zeros(R.B, max_len - R.SEQ, dtype=torch.bool)], 1)
+    keep = (torch.arange(max_len)[None, :] <= torch.arange(R.SEQ)[:, None])[None] & filled[:, None, :]
+    mask = torch.zeros(R.B, 1, R.SEQ, max_len).masked_fill(~keep[:, None], torch.finfo(torch.float32).min)
+    return _StaticCacheLlama(model, config, max_len), (ids, mask), config.num_hidden_layers
