@@ -15,7 +15,7 @@ from typing import Any
 from torch import fx
 
 _MIXERS = ("linear", "addmm", "mm", "matmul", "bmm", "einsum")
-_MOVES = ("permute", "transpose", "contiguous", "reshape", "view")
+_MOVES = ("permute", "transpose", "contiguous", "reshape", "view", "expand")
 
 
 def _what(n: Any) -> str:
@@ -37,14 +37,25 @@ def _is_mixer(n: Any, gm) -> bool:
     return n.op in ("call_function", "call_method") and name in _MIXERS
 
 
+def _through(n: Any) -> Any:
+    """``n`` past the layout changes and constant scalings above it (a few nodes)."""
+    for _ in range(8):
+        if not isinstance(n, fx.Node) or n.op not in ("call_method", "call_function"):
+            return n
+        name = str(getattr(n.target, "__name__", n.target)).split(".")[0]
+        nodes = [a for a in n.args if isinstance(a, fx.Node)]
+        if len(nodes) != 1 or name not in _MOVES + ("mul", "truediv", "div"):
+            return n
+        n = nodes[0]
+    return n
+
+
 def layout_change(cur: fx.Node, gm) -> str:
     """Why a permute/transpose of the scores stops the match, naming what it feeds or is fed by."""
     base = f"{_what(cur)}: a layout change in the score chain"
-    src = cur.args[0] if cur.args else None
+    src = _through(cur.args[0] if cur.args else None)
     if _is_mixer(src, gm):
-        inner = src.args[0] if src.args else None
-        while isinstance(inner, fx.Node) and inner.op == "call_method" and inner.target in _MOVES:
-            inner = inner.args[0]
+        inner = _through(src.args[0] if src.args else None)
         if _is_mixer(inner, gm):
             return (f"{base}, after {_what(src)} mixes the axis it moves back (talking-heads attention: each "
                     "head's logits combine every head's Q·Kᵀ, so there is no one attention per head)")
