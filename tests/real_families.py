@@ -110,14 +110,36 @@ def register(R: Any) -> None:
               img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, depth_token_only=1)
     timm_case("timm-xcit", "xcit_nano_12_p16_224", 3, "vision (cross-covariance attention; class attention)",
               img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=4, cls_attn_layers=1)
-    timm_case("timm-pvt_v2", "pvt_v2_b0", 4, "vision (spatial-reduction attention: K/V from fewer tokens)",
-              depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_heads=(1, 1, 2, 2))
+    def timm_wrapped(name, model_name, sites, variant, wrap, size=32, **kw):
+        base = R._timm(model_name, lambda _kw: sites, **kw)
+
+        def build(train: bool = False, dropout: float = 0.0):
+            plain, _, n = base(train, dropout)
+            return wrap(plain.model), (R._pixels(size),), n
+        case(name, library="timm", variant=variant)(build)
+
+    # 64 px: every stage's spatial reduction still leaves 4 keys (at 32 px each attention has 1 key)
+    timm_wrapped("timm-pvt_v2", "pvt_v2_b0", 4, "vision (spatial-reduction attention: K/V from fewer tokens)",
+                 lambda m: R._Plain(m), size=64,
+                 depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_heads=(1, 1, 2, 2))
     timm_case("timm-eva", "eva02_tiny_patch14_224", 2, "vision (rotary, SwiGLU)",
               img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=4)
-    timm_case("timm-vit-map", "vit_base_patch16_siglip_224", 3, "vision (attention-pool head: a learned query)",
-              img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, global_pool="map")
+    # forward_head runs the MAP attention-pool head (a learned query over the tokens)
+    timm_wrapped("timm-vit-map", "vit_base_patch16_siglip_224", 3, "vision (attention-pool head: a learned query)",
+                 _Pooled, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, global_pool="map")
     timm_case("timm-convit", "convit_tiny", 2, "vision (gated positional self-attention)",
               img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, local_up_to_layer=1)
+
+
+class _Pooled(nn.Module):
+    """A timm model's features and its pooling head (``forward_head``, no classifier)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return (self.model.forward_head(self.model.forward_features(x)),)
 
 
 class _StaticCacheLlama(nn.Module):
