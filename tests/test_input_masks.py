@@ -16,7 +16,7 @@ from torch import nn
 
 from attnfuse.passes import inputmask
 from tests.algebra_check import check_spelling
-from tests.attn_spellings import fused_nodes
+from tests.attn_spellings import capture, fused_nodes, run_rewrite
 
 B, H, LQ, LK, D = 2, 2, 3, 8, 8
 
@@ -83,16 +83,13 @@ def test_float_mask_input_gets_a_derived_key_mask(dialect, derive_on_cpu):
 def test_derived_key_mask_values(derive_on_cpu):
     """What the op is given: item 0 hides its pad and the empty slots; item 1, with a row
     that sees no key, keeps every key (its finite-fill row must stay eager's average)."""
-    from tests.attn_spellings import capture
     keep = _static_cache_keep()
     mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
     gm, ex = capture(MaskInput(), [*_inputs(), mask], "aten")
-    res = __import__("attnfuse").rewrite(gm, list(ex), strict=True)
+    res = run_rewrite(gm, ex, strict=True)
     km = _key_mask_arg(res)
     got = {}
-    gm2 = res.graph_module
-    gm2.graph.call_function  # the key mask node is an intermediate: read it with an interpreter
-    env = torch.fx.Interpreter(gm2)
+    env = torch.fx.Interpreter(res.graph_module)   # the key mask is an intermediate: read it on the way
     orig = env.run_node
 
     def spy(n):
