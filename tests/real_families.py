@@ -86,7 +86,8 @@ def register(R: Any) -> None:
         vision("Swinv2Model", "Swinv2Config", dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2],
                                                    num_heads=[2, 4], window_size=4, mlp_ratio=2.0),
                lambda c: sum(c.depths)))
-    case("vitdet", variant="vision (decomposed 2-D rel. pos. through a view)")(
+    # ViTDet's attention applies no dropout to its probabilities
+    case("vitdet", variant="vision (decomposed 2-D rel. pos. through a view)", attn_dropout=False)(
         vision("VitDetModel", "VitDetConfig", dict(image_size=32, pretrain_image_size=32, patch_size=8,
                                                    hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                    mlp_ratio=2, use_relative_position_embeddings=True),
