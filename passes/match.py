@@ -17,6 +17,7 @@ from torch import fx
 from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
 from attnfuse.passes import ops as O
+from attnfuse.passes import reasons as R
 from attnfuse.passes.matmul import MMSpec, decomposed_matmul, mm_spec
 from attnfuse.passes.assemble import assemble, tags_through_views, view_tags
 from attnfuse.passes.breaks import probs_to_output, scores_from_input
@@ -255,7 +256,7 @@ def _walk_up(cur: fx.Node, consumer: fx.Node, sshape_ref: List, ctx,
             consumer, cur = cur, op["x"]
             continue
         if op.kind == O.LAYOUT and op.sub != "identity":
-            raise _Miss("unsupported_op", f"{_name(cur)}: a layout change in the score chain", cur)
+            raise _Miss("unsupported_op", R.layout_change(cur, gm), cur)
         if op.kind == O.DROPOUT:
             raise _Miss("unsupported_op", f"{_name(cur)}: dropout before the softmax", cur)
         if not isinstance(nxt, fx.Node):
@@ -327,7 +328,7 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
             continue
         op = O.classify(u, gm)
         if op is None:
-            raise _Miss("after_softmax", f"{_name(u)} between the softmax and P·V", u)
+            raise _Miss("after_softmax", R.between_softmax_and_pv(u, cur, gm), u)
         if op.kind == O.MATMUL:
             _check_sink_dropped(u, ctx)
             return u, cur, tags, chain, dropout_p, mm_spec(u, op)
@@ -417,7 +418,7 @@ def _walk_down(sm: fx.Node, tags: List[Tag], ctx):
             chain.extend(nodes + [u])
             cur = u
             continue
-        raise _Miss("after_softmax", f"{_name(u)} between the softmax and P·V", u)
+        raise _Miss("after_softmax", R.between_softmax_and_pv(u, cur, gm), u)
     raise _Miss("unsupported_op", "probability chain too long", cur)
 
 

@@ -21,6 +21,7 @@ from torch import fx  # noqa: F401
 from attnfuse.passes import axes as A
 from attnfuse.passes import ops as O
 from attnfuse.passes.dead import dead_closure
+from attnfuse.passes import fillrows, inputmask
 from attnfuse.passes.emit import Emitter, is_aten_graph
 from attnfuse.passes.match import match_softmax
 from attnfuse.passes.mha import erase_calls, inline_mha, undo_inlines
@@ -106,10 +107,12 @@ def _emit(m: AttentionMatch, em: Emitter):
         if m.sinks.axes[1] is None:  # one sink shared by every head
             sinks = em.expand(sinks, [em.size(q, 1)])
     alibi = None if m.alibi is None else _alibi_slopes(em, m.alibi, q)
+    key_mask = inputmask.combine(em, key_mask, inputmask.derived_key_mask(em, m))
     out, call = em.fused(q, k, v, bias, scale, m.causal, m.dropout_p, m.softcap, seed, m.window, key_mask,
                          sinks, alibi)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
+    out = fillrows.apply(em, m, q, k, v, out)
     for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
         c = em.view4(rv)
         out = em.zero_where(out, c if zero_when else em.logical_not(c))
@@ -321,7 +324,11 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
             kind, reason = leave[m.softmax.name]
             report.near_misses.append(NearMiss(kind, reason, m.location, m.softmax.name))
         else:
-            todo.append(m)
+            planned = fillrows.plan(m, gm)
+            if isinstance(planned, NearMiss):
+                report.near_misses.append(planned)
+            else:
+                todo.append(inputmask.plan(planned))
     if not todo:
         if inlined:
             erase_calls(gm, inlined)

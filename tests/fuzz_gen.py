@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attnfuse.passes import inputmask
+
 from attn_spellings import (assert_outputs_close, capture, clone_inputs, fused_nodes, near_miss_kinds, node_kw,
                             run_rewrite)
 
@@ -34,7 +36,8 @@ SCALES = ["none", "mul", "div", "rmul", "mul0d", "div0d", "head_temp", "q_before
           "inplace_div", "torch_mul"]
 BIASES = ["none", "add4d", "add2d", "keypad_add", "alibi", "fill_neginf", "fill_finfo", "where_finfo",
           "where_inverted", "tril_buffer", "arange_causal", "inplace_fill", "keypad_fill_plus_add",
-          "joint_lift", "bool_ones", "slice_add", "decomposed", "alibi_graph"]
+          "joint_lift", "bool_ones", "slice_add", "decomposed", "alibi_graph", "static_cache",
+          "product_fill"]
 SOFTMAX = ["F", "torch", "method", "module", "dtype", "upcast", "dim3"]
 DROPOUT = ["none", "F", "module", "torch"]
 PV = ["at", "matmul", "einsum", "bmm"]
@@ -502,6 +505,18 @@ def build(r: Recipe) -> Built:
         add_input("th", torch.randn(2, Lq // 2, 2, 1, generator=g))
         add_input("tw", torch.randn(Lq // 2, 1, Lk // 2, generator=g))
         lines.append(f"s = (s.view({bsz}, {Hq}, 2, {Lq // 2}, 2, {Lk // 2}) + th + tw).view({bsz}, {Hq}, {lqs}, {lks})")
+    elif bias == "static_cache":  # issue 18 cat. 10: a 4-D mask input, empty cache slots, left padding
+        pos = torch.arange(Lq)[:, None] + (Lk - Lq) - torch.randint(0, 2, (1,), generator=g)
+        pads = torch.randint(0, 3, (B, 1, 1), generator=g)
+        keep = (torch.arange(Lk)[None, :] <= pos) & (torch.arange(Lk)[None, :] >= pads)
+        add_input("cmask", torch.zeros(B, 1, Lq, Lk).masked_fill(~keep[:, None], torch.finfo(torch.float32).min))
+        lines.append("s = s + cmask")
+    elif bias == "product_fill":  # DeBERTa-v2: bool(m_k * m_q), filled; padded queries see no key
+        pm = torch.ones(B, max(Lq, Lk), dtype=torch.long)
+        pm[-1, max(Lq, Lk) - 1 - int(torch.randint(0, 2, (1,), generator=g)):] = 0
+        add_input("pm", pm)
+        lines.append(f"keep = (pm[:, None, None, :{lks}] * pm[:, None, :{lqs}, None]).bool()")
+        lines.append("s = s.masked_fill(~keep, torch.finfo(torch.float32).min)")
     elif bias == "bool_ones":  # a bool added to the scores is its 0/1 float cast
         lines.append(f"s = s + q.new_ones(({lqs}, {lks}), dtype=torch.bool)")
     if r.perturb == "fill_finite":
@@ -670,7 +685,11 @@ def run_example(r: Recipe, *, strict: bool = False, check_kind: bool = True) -> 
         return Outcome("harness", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}", r,
                        locals().get("built").source if locals().get("built") else "")
     try:
-        result = run_rewrite(gm, clone_inputs(ex), strict=strict)
+        derive, inputmask.DERIVE_ON_CPU = inputmask.DERIVE_ON_CPU, True   # fuzz the derived key masks on CPU
+        try:
+            result = run_rewrite(gm, clone_inputs(ex), strict=strict)
+        finally:
+            inputmask.DERIVE_ON_CPU = derive
         out_gm = result.graph_module
         n = len(fused_nodes(out_gm))
         kinds = near_miss_kinds(result.report)

@@ -844,3 +844,16 @@ def compile_inductor(model: nn.Module, inputs, *, train: bool = False, backward:
     res.fused = sum(_FWD_SDPA)
     res.graphs = len(_FWD_SDPA)
     return res
+
+
+# ---- issue 18 (the rest): more families, registered from their own module (this one is long enough)
+def _register_more() -> None:
+    import importlib
+    import sys as _sys
+    here = _sys.modules[__name__]
+    pkg = __name__.rpartition(".")[0]
+    families = importlib.import_module(f"{pkg}.real_families" if pkg else "real_families")
+    families.register(here)
+
+
+_register_more()

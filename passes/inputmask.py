@@ -1,0 +1,150 @@
+"""Masks that arrive as run-time values: the keys no query row sees, derived at run time.
+
+Owns :func:`plan` (which fusions get a derived key mask, and the note saying so) and
+:func:`derived_key_mask` (the few nodes that compute it). A mask passed to the graph as an
+input (Hugging Face's 4-D mask with a static KV cache, ``generate(...,
+cache_implementation="static")``), or built from an input's values (HF 5.x masks from
+``position_ids``), cannot be proven causal or padded when the graph is compiled: it stays
+the op's bias (:mod:`.structure` says why). Its values are known at run time, though, and
+one fact about them needs no proof to be used, only computing:
+
+    a key that the mask hides from every (head, query) row of a batch item can be hidden
+    by the op's ``key_mask`` as well, without changing any result.
+
+So the rewrite passes ``key_mask = any over (heads, queries) of "not hidden"`` beside the
+bias; no data-dependent choice is made in the graph (the op cannot take one at trace
+time, and none is needed). The Triton kernels clip their key loops to each batch item's
+first and last visible key (:func:`attnfuse.kernels.base.key_bounds`): the empty slots of a
+static cache past the current position are never visited, in prefill and decode, forward
+and backward. Exactness, position by position:
+
+- bool (keep) mask: hidden = False, which is ``-inf`` in both the graph and the op; a key
+  hidden in every row has weight 0 everywhere, and its gradient (bias and scores) is 0.
+- float mask: hidden = ``-inf`` or ``finfo(dtype).min`` (Hugging Face's fill). A row with a
+  *live* key (value above ``finfo.min / 2``) gives each hidden key ``exp(fill + s - max) =
+  0`` exactly, so hiding it is exact there, forward and backward. A row with no live key
+  (left padding: a pad query that sees nothing) is, with a finite fill, eager's uniform
+  average over all Lk keys: a batch item with such a row gets no derived key mask at all
+  (every key visible), so the op sees the bias alone there, as before.
+
+Cost: one pass over the (unexpanded) mask per fused call (O(B·Lq·Lk) compares for a
+(B, 1, Lq, Lk) mask; Inductor's CSE shares it between layers that read one mask). On CPU
+the derived mask is not emitted (:data:`DERIVE_ON_CPU`): the CPU paths fold a key mask that
+comes with a bias back into it (``torch_fused.fold_key_mask``), so it would cost that pass
+and skip nothing; the note says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from attnfuse.passes import axes as A
+from attnfuse.passes import consts as C
+from attnfuse.passes.emit import Emitter
+from attnfuse.passes.types import AttentionMatch, View4
+
+aten = torch.ops.aten
+
+#: Emit the derived key mask for fusions on CPU tensors too (tests switch it on: the CPU
+#: paths fold it back into the bias, so there it costs a pass and skips nothing).
+DERIVE_ON_CPU = False
+
+_INFO = "derived_key_mask"   # m.info key: the term whose values give the key mask
+
+
+def _eligible_term(m: AttentionMatch):
+    """The one input-valued mask term a key mask can be derived from, or (None, why-not)."""
+    if len(m.terms) != 1:
+        return None, None
+    t = m.terms[0]
+    base = t.view.base   # a placeholder itself counts where no fake value names it (symbolic_trace)
+    inputs = C.input_reads(base) or ([str(base.target)] if base.op == "placeholder" else [])
+    if not inputs:
+        return None, None
+    if t.pre is not None or t.pad is not None or t.view.groups != (1, 1):
+        return None, "it is given on split or padded axes"
+    if t.kind == "float" and (t.coef != 1.0 or t.cast is not None):
+        return None, "it is scaled or cast before it is added"
+    if t.kind == "fill" and not t.coef <= torch.finfo(torch.float32).min:
+        return None, f"its fill {t.coef:g} does not absorb the scores (only -inf or float32's finfo.min do)"
+    if t.view.axes[3] is None or t.view.expand[3] is not None:
+        return None, None  # constant along the keys: it hides no key from every row
+    return (t, inputs), None
+
+
+def plan(m: AttentionMatch) -> AttentionMatch:
+    """``m`` with :data:`_INFO` set where a key mask is derived from its input-valued mask
+    term, and a note saying which keys the op then skips (or why it does not)."""
+    (found, why) = _eligible_term(m)
+    if found is None:
+        if why is None:
+            return m
+        note = f"no key mask derived from the run-time mask: {why}"
+        return dataclasses.replace(m, mask_notes=list(m.mask_notes) + [note])
+    t, inputs = found
+    why_bias = (f"{t.view.base.name}: the bias, built from the run-time values of {', '.join(inputs)} (no causal or "
+                "padding structure is proven from values unknown at compile time)")
+    q = A.meta_val(m.q.base)
+    on_cpu = isinstance(q, torch.Tensor) and q.device.type == "cpu"
+    if on_cpu and not DERIVE_ON_CPU:
+        note = (f"{why_bias}; no key mask derived from it on CPU (the CPU paths fold a key mask given with a "
+                "bias back into it: nothing skipped)")
+        return dataclasses.replace(m, mask_notes=list(m.mask_notes) + [note])
+    note = (f"{why_bias}; keys that no query row sees are hidden by a key mask derived from it at run time "
+            "(skipped by the kernels; e.g. a static cache's empty slots)")
+    info = dict(m.info)
+    info[_INFO] = t
+    return dataclasses.replace(m, info=info, mask_notes=list(m.mask_notes) + [note])
+
+
+def _call(em: Emitter, torch_fn, aten_fn, *args) -> fx.Node:
+    return em.g.call_function(aten_fn if em.aten else torch_fn, tuple(args))
+
+
+def derived_key_mask(em: Emitter, m: AttentionMatch) -> Optional[fx.Node]:
+    """A (B|1, Lk) bool node: True where some (head, query) row of the batch item sees the key
+    by the mask term :func:`plan` chose, or where a row sees no live key (finite fill: that
+    batch item keeps every key); None when :func:`plan` chose none."""
+    t = m.info.get(_INFO)
+    if t is None:
+        return None
+    km = _derive(em, t)
+    # a mask that broadcasts along the keys at run time gives (B|1, 1): the op wants (B|1, Lk)
+    return em.contiguous(em.expand(km, [-1, em.size(em.view4(m.k), 2, symbolic=True)]))
+
+
+def _derive(em: Emitter, t) -> fx.Node:
+    x = em.view4(View4(t.view.base, t.view.axes))    # the term without its broadcast: fewer compares
+    if t.kind == "keep":
+        seen = em.logical_not(x) if t.invert else x
+        return _call(em, torch.any, aten.any.dims, seen, [1, 2])
+    if t.kind == "fill":   # the fill (-inf or float32's finfo.min) where the (negated) condition holds
+        live = x if t.invert else em.logical_not(x)
+        return _key_mask_of(em, live, live)
+    dt = A.dtype(t.view.base)
+    fill = torch.finfo(dt).min if isinstance(dt, torch.dtype) and dt.is_floating_point else None
+    if fill is None:
+        raise ValueError(f"mask {t.view.base.name} has no float dtype ({dt}) to read its fill from")
+    hidden = _call(em, torch.logical_or, aten.logical_or.default,
+                   _call(em, torch.eq, aten.eq.Scalar, x, float("-inf")),
+                   _call(em, torch.eq, aten.eq.Scalar, x, fill))
+    return _key_mask_of(em, em.logical_not(hidden), _call(em, torch.gt, aten.gt.Scalar, x, fill / 2))
+
+
+def _key_mask_of(em: Emitter, shown: fx.Node, live: fx.Node) -> fx.Node:
+    """``any(shown over heads, queries) | (the item has a row with no live key)``, (B|1, Lk)."""
+    seen = _call(em, torch.any, aten.any.dims, shown, [1, 2])                               # (B|1, Lk)
+    anchored = _call(em, torch.all, aten.all.dims,
+                     _call(em, torch.any, aten.any.dims, live, [3]), [1, 2])                 # (B|1,)
+    unanchored = em.unsqueeze(em.logical_not(anchored), 1)                                   # (B|1, 1)
+    return _call(em, torch.logical_or, aten.logical_or.default, seen, unanchored)
+
+
+def combine(em: Emitter, key_mask: Optional[fx.Node], derived: Optional[fx.Node]) -> Optional[Any]:
+    """The op's key mask: the proven one, the derived one, or both."""
+    if derived is None:
+        return key_mask
+    return derived if key_mask is None else em.logical_and(key_mask, derived)
