@@ -222,7 +222,8 @@ def _compare(ref, got, ref_grads, got_grads) -> dict:
 
 
 def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], reps: int, layers: int,
-              check_length: int, threads: int, lowp: bool = True, inline: bool = True) -> None:
+              check_length: int, threads: int, lowp: bool = True, inline: bool = True,
+              fused_lowering: bool = True, timed: Sequence[str] = VARIANTS) -> None:
     """Measure one (case, dtype, mode) for every length; print one JSON line per length to stdout."""
     import torch
     import torch._dynamo
@@ -234,6 +235,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
 
     torch_lowp.USE_LOWP = lowp   # --no-lowp: the bf16 GEMM path off (an A/B of that path)
     torch_inline.USE_INLINE = inline   # --no-inline: no small call inlined for Inductor (an A/B)
+    torch_inline.USE_FUSED_LOWERING = fused_lowering   # --no-fused-lowering: the op, not one aten call
     name, pad = parse_case(case)
     train = mode == "train"
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -278,7 +280,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
         rec = {"case": case, "model": name, "pad": pad, "dtype": dtype_name, "mode": mode,
                "L": length, "tokens": tokens, "batch": inputs[0].shape[0], "layers": layers, "reps": reps,
                "sites": sites, "check": checking, "threads": torch.get_num_threads(), "lowp": lowp,
-               "inline": inline,
+               "inline": inline, "fused_lowering": fused_lowering, "timed": list(timed),
                "torch": torch.__version__, "errors": {}, "first_call_s": {}, "peak_mib": {},
                "ms_min": {}, "ms_median": {}, "cmp": {}}
         print(f"[{case} {dtype_name} {mode}] L={length}", file=sys.stderr, flush=True)
@@ -305,7 +307,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
             out = grads = None
         ref = None
         for v in VARIANTS:   # peak memory of one steady-state call
-            if ok.get(v):
+            if ok.get(v) and v in timed:
                 if train:
                     models[v].zero_grad(set_to_none=True)
                 gc.collect()
@@ -316,7 +318,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
                 rec["peak_mib"][v] = round((_status_kib("VmHWM") - base) / 1024, 1)
                 del out
         _malloc_mode(measure_memory=False)
-        times: Dict[str, List[float]] = {v: [] for v in VARIANTS if ok.get(v)}
+        times: Dict[str, List[float]] = {v: [] for v in VARIANTS if ok.get(v) and v in timed}
         order = list(times)
         for r in range(0 if checking else reps):   # round-robin, rotating who goes first
             for v in order[r % len(order):] + order[:r % len(order)]:
@@ -341,7 +343,8 @@ def _run_child(case: str, dtype: str, mode: str, args) -> List[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, dtype, mode,
            "--lengths", *map(str, args.lengths), "--reps", str(args.reps), "--layers", str(args.layers),
            "--threads", str(args.threads)] + (["--no-lowp"] if args.no_lowp else []) \
-        + (["--no-inline"] if args.no_inline else [])
+        + (["--no-inline"] if args.no_inline else []) \
+        + (["--no-fused-lowering"] if args.no_fused_lowering else []) + ["--timed", *args.timed]
     plain = ":" not in case and dtype == "fp32" and mode == "eval"
     cmd += ["--check-length", str(args.check_length if plain else 0)]
     env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
@@ -580,6 +583,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="switch the CPU bf16 GEMM path (kernels/torch_lowp.py) off, to A/B it")
     ap.add_argument("--no-inline", action="store_true",
                     help="inline no small CPU call for Inductor (kernels/torch_inline.py), to A/B it")
+    ap.add_argument("--no-fused-lowering", action="store_true",
+                    help="keep the op on calls that run one fused-kernel call, not lowered to that aten call "
+                         "(torch_inline.fused_attention), to A/B it")
+    ap.add_argument("--timed", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="variants timed and measured for memory (all are run once and checked); leaving "
+                         "eager out shortens a run that compares attnfuse with Inductor")
     ap.add_argument("--verbose", action="store_true", help="pass the children's stderr through")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -592,7 +601,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--reps, --layers, --threads, --jobs and --lengths must be positive")
     if args.child:
         run_group(*args.child, sorted(args.lengths), args.reps, args.layers, args.check_length, args.threads,
-                  lowp=not args.no_lowp, inline=not args.no_inline)
+                  lowp=not args.no_lowp, inline=not args.no_inline,
+                  fused_lowering=not args.no_fused_lowering, timed=args.timed)
         return 0
 
     if args.from_json:
