@@ -55,8 +55,11 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   keeps its (Lq, Lk) probabilities for the backward, as Inductor does for the unfused
   graph; the bound caps them, and past it nothing quadratic is kept. Under dynamic
   shapes the bound is a guard: a call on its other side recompiles the graph once. The
-  report counts these calls (``report.inlined``); they stay fusions. ``False`` keeps
-  every call on the op's runtime kernels.
+  report counts these calls (``report.inlined``); they stay fusions. A larger call that
+  the CPU dispatcher would run as one plain fused-kernel call (no bias, key_mask or GQA)
+  is replaced by :func:`attnfuse.kernels.torch_inline.fused_attention`, that aten call
+  itself (counted in ``report.inlined`` too). ``False`` keeps every call on the op's
+  runtime kernels.
 
 A mask proven from the values of a module buffer that dynamo lifted to a graph input
 (nanoGPT's ``tril``) is checked at every call: the compiled callable is a
