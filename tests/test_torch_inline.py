@@ -287,9 +287,9 @@ def test_one_fused_kernel_call_is_lowered_to_it(runtime_calls, monkeypatch):
 
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "post_grad_custom_post_pass", grab)
     q, k, v = make_qkv(2, 4, 4, 40, 40, 16, 16, F32, layout="blhd")  # as models lay them out
-    assert _compiled_check(Attention(causal=False), q, k, v) == 1
+    with inductor_config.patch(post_grad_custom_post_pass=grab):
+        assert _compiled_check(Attention(causal=False), q, k, v) == 1
     assert runtime_calls == {"fwd": 0, "bwd": 0}
     fwd, bwd = graphs
     assert [t for t in fwd if "attention" in t] == ["aten._scaled_dot_product_flash_attention_for_cpu.default"]
