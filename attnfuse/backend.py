@@ -55,8 +55,11 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   keeps its (Lq, Lk) probabilities for the backward, as Inductor does for the unfused
   graph; the bound caps them, and past it nothing quadratic is kept. Under dynamic
   shapes the bound is a guard: a call on its other side recompiles the graph once. The
-  report counts these calls (``report.inlined``); they stay fusions. ``False`` keeps
-  every call on the op's runtime kernels.
+  report counts these calls (``report.inlined``); they stay fusions. A larger call that
+  the CPU dispatcher would run as one plain fused-kernel call (no bias, key_mask or GQA)
+  is replaced by :func:`attnfuse.kernels.torch_inline.fused_attention`, that aten call
+  itself (counted in ``report.inlined`` too). ``False`` keeps every call on the op's
+  runtime kernels.
 
 A mask proven from the values of a module buffer that dynamo lifted to a graph input
 (nanoGPT's ``tril``) is checked at every call: the compiled callable is a
@@ -273,16 +276,46 @@ def _inline_small_calls_in(gm: fx.GraphModule) -> int:
         training = torch.is_grad_enabled() and any(
             isinstance(a.get(n), torch.Tensor) and a[n].requires_grad
             for n in ("q", "k", "v", "bias", "sinks"))
-        if a["impl"] == "triton" or not torch_inline.inline_applicable(
+        if a["impl"] == "triton":
+            continue
+        if torch_inline.inline_applicable(
                 tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
                 scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],
                 training=training):
+            node.target = torch_inline.inline_attention
+        elif _runs_one_fused_kernel_call(a):
+            node.target = torch_inline.fused_attention
+        else:
             continue
-        node.target = torch_inline.inline_attention
         count += 1
     if count:
         gm.recompile()
     return count
+
+
+def _runs_one_fused_kernel_call(a: dict) -> bool:
+    """Whether the CPU dispatcher runs this call (its arguments' example values) as one
+    plain call of PyTorch's fused kernel, so that
+    :func:`attnfuse.kernels.torch_inline.fused_attention` can stand for it: the "fused"
+    path with no bias, key_mask, dropout, softcap, window, sinks, ALiBi or GQA, and D == Dv. Under
+    dynamic shapes the dispatcher's size tests (the bf16 path's key bound) become guards."""
+    from attnfuse.kernels import torch_impl, torch_inline
+
+    q, k, v = a["q"], a["k"], a["v"]
+    if not (torch_inline.USE_INLINE and torch_inline.USE_FUSED_LOWERING) or not isinstance(v, torch.Tensor):
+        return False
+    if a["bias"] is not None or a["key_mask"] is not None or q.device.type != "cpu":
+        return False
+    if a.get("sinks") is not None or a.get("alibi_slopes") is not None:
+        return False
+    if not all(type(a[n]) in (int, float) for n in ("dropout_p", "scale", "softcap", "window")):
+        return False  # a run-time value (a graph node or a SymFloat)
+    if a["dropout_p"] or a["softcap"] or a["window"] or a["causal"] not in ("none", "top_left", "bottom_right"):
+        return False
+    if q.shape[1] != k.shape[1] or q.shape[-1] != v.shape[-1]:
+        return False
+    plan = torch_impl.forward_plan(q, k, v, None, causal=a["causal"], dropout_p=0.0, softcap=0.0)
+    return plan.path == "fused"  # with Hq == Hkv: neither merged query groups nor repeated K/V
 
 
 def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int,

@@ -1,6 +1,6 @@
 """One cold ``torch.compile`` in a fresh process, for ``compile_overhead.py --cold``.
 
-    python benchmarks/cold_compile_child.py VARIANT --layers 2 [--train]
+    python benchmarks/cold_compile_child.py VARIANT --layers 2 [--train] [--model tinygpt|gpt2|llama|bert|vit]
 
 Prints one JSON line: seconds for ``import torch``, ``import attnfuse``, the first call of
 the compiled model (the whole cold compile: dynamo, the backend, Inductor, first run) and
@@ -12,6 +12,11 @@ where the backend's share of it went (timers wrapped around its functions). Vari
 - ``attnfuse-noguard``: the same without the Inductor attention-pattern guard's config
   patches (a diagnostic: never a configuration to use, the guard is what keeps Inductor's
   unsound patterns off).
+
+Models: ``tinygpt`` (attnfuse's demo TinyGPT, ``--seq`` tokens, n_embd 64, 4 heads) or one of
+``benchmarks/e2e.py``'s Hugging Face models (``gpt2``, ``llama``, ``bert``, ``vit``: hidden 256,
+4 heads, ``--layers`` layers, eager attention, dropout 0) at ``--seq`` tokens (ViT: the nearest
+square patch count plus the class token), static shapes, batch 1, fp32.
 
 The caller gives each child a fresh ``TORCHINDUCTOR_CACHE_DIR`` and turns the FX-graph and
 AOT-autograd caches off, so each compile is cold, and ``TORCHINDUCTOR_COMPILE_THREADS=1``, so
@@ -39,20 +44,22 @@ TIMERS: dict = {}
 
 
 def timed(owner, name: str, key: str) -> None:
-    """Wrap ``owner.name`` so that the seconds spent in it add up in ``TIMERS[key]``."""
+    """Wrap ``owner.name`` so that the seconds spent in it add up in ``TIMERS[key]`` (wall) and
+    ``TIMERS[key + "_cpu"]`` (this process's CPU time: less sensitive to other load)."""
     fn = getattr(owner, name)
     depth = [0]   # compile_fx calls itself: count the outermost call only
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         depth[0] += 1
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             depth[0] -= 1
             if not depth[0]:
                 TIMERS[key] = TIMERS.get(key, 0.0) + time.perf_counter() - start
+                TIMERS[key + "_cpu"] = TIMERS.get(key + "_cpu", 0.0) + time.process_time() - cpu
     setattr(owner, name, wrapper)
 
 
@@ -70,6 +77,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--train", action="store_true")
+    ap.add_argument("--model", default="tinygpt", choices=("tinygpt", "gpt2", "llama", "bert", "vit"))
     args = ap.parse_args()
 
     start = time.perf_counter()
@@ -90,19 +98,27 @@ def main() -> None:
     options = {"cpu_inline": False} if args.variant == "attnfuse-noinline" else {}
 
     torch.manual_seed(0)
-    model = TinyGPT(n_layer=args.layers, n_embd=64, n_head=4, block_size=args.seq).train(args.train)
-    x = torch.randint(0, 512, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    if args.model == "tinygpt":
+        model = TinyGPT(n_layer=args.layers, n_embd=64, n_head=4, block_size=args.seq).train(args.train)
+        inputs = (torch.randint(0, 512, (1, args.seq), generator=torch.Generator().manual_seed(0)),)
+    else:   # e2e.py's model zoo (imports transformers: outside the timed first call)
+        sys.path.insert(0, HERE)
+        import e2e
+
+        model, _ = e2e.build_model(args.model, args.layers, args.train)
+        inputs, _ = e2e.make_inputs(args.model, None, args.seq, torch.float32)
     compiled = (torch.compile(model) if args.variant == "inductor"
                 else torch.compile(model, backend="attnfuse", options=options))
     start, cpu = time.perf_counter(), cpu_s()
     with torch.set_grad_enabled(args.train):
-        out = compiled(x)
+        out = compiled(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
         if args.train:
             out.sum().backward()
     first_call, first_call_cpu = time.perf_counter() - start, cpu_s() - cpu
     report = backend.last_report() if args.variant.startswith("attnfuse") else None
     from torch._dynamo.utils import counters
-    print(json.dumps({"variant": args.variant, "train": args.train, "import_torch_s": T_TORCH,
+    print(json.dumps({"variant": args.variant, "model": args.model, "train": args.train, "import_torch_s": T_TORCH,
                       "import_attnfuse_s": t_attnfuse, "first_call_s": first_call, "first_call_cpu_s": first_call_cpu,
                       "fused": len(report.fusions) if report is not None else None,
                       "frames_compiled": int(counters["stats"]["unique_graphs"]), **TIMERS}))

@@ -2,6 +2,7 @@
 
     python benchmarks/compile_overhead.py --cold [--reps 3] [--cold-layers 2]
                                           [--cold-variants inductor,attnfuse,...] [--cold-modes infer,train]
+                                          [--cold-models tinygpt,bert,vit,llama,gpt2] [--cold-seq 256]
 
 Part 3 (``--cold``, only it runs) - what users feel: the first call of
 ``torch.compile(TinyGPT(n_layer=2, n_embd=64, n_head=4, block_size=128))`` with
@@ -13,6 +14,8 @@ median CPU seconds of the first call (the figure compared: less sensitive to oth
 a shared machine than wall time, also printed), attnfuse's added share of it, and where the time went (inside
 Inductor's ``compile_fx``, the rewrite with its report context and CPU inlining, the
 report publishing, the buffer witness, ``import attnfuse``); the rest is dynamo's trace.
+``--cold-models`` adds ``benchmarks/e2e.py``'s Hugging Face models (GPT-2, LLaMA, BERT, ViT;
+2 layers, hidden 256, fp32, static shapes at ``--cold-seq`` tokens) to the TinyGPT.
 
     python benchmarks/compile_overhead.py [--layers 1,2,4,8,16,32,64] [--reps 5]
                                           [--dynamic both|static|dynamic]
@@ -223,7 +226,7 @@ def part2(n_layer, reps, pass_ms):
         print("Inductor SDPA pattern pass: hook never ran (joint_custom_pre_pass not called)")
 
 
-def cold_child(variant: str, layers: int, train: bool) -> dict:
+def cold_child(variant: str, layers: int, train: bool, model: str = "tinygpt", seq: int = SEQ) -> dict:
     """One cold compile in a fresh process with fresh, disabled caches (cold_compile_child.py)."""
     import json
     import subprocess
@@ -232,39 +235,43 @@ def cold_child(variant: str, layers: int, train: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="attnfuse_cold_") as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
                    TORCHINDUCTOR_AUTOGRAD_CACHE="0", TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, os.path.join(HERE, "cold_compile_child.py"), variant, "--layers", str(layers)]
+        cmd = [sys.executable, os.path.join(HERE, "cold_compile_child.py"), variant, "--layers", str(layers),
+               "--model", model, "--seq", str(seq)]
         done = subprocess.run(cmd + (["--train"] if train else []), env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{variant} child failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def part3(variants, layers: int, reps: int, modes) -> None:
+def part3(variants, layers: int, reps: int, modes, model: str = "tinygpt", seq: int = SEQ) -> None:
     """The whole backend's added cold-compile time against Inductor alone, each compile in
     its own process; variants alternate within each repetition (shared-machine noise hits
     all of them alike)."""
     med = statistics.median
     for train in modes:
         label = "training (forward + backward)" if train else "inference (no_grad)"
-        print(f"\n== cold torch.compile, TinyGPT {layers} layers, {label}: median of {reps} processes each ==")
+        name = "TinyGPT" if model == "tinygpt" else f"HF {model} (e2e.py)"
+        print(f"\n== cold torch.compile, {name} {layers} layers, seq {seq}, {label}: median of {reps} processes each ==")
         runs = {v: [] for v in variants}
         for _ in range(reps):
             for v in variants:
-                runs[v].append(cold_child(v, layers, train))
+                runs[v].append(cold_child(v, layers, train, model, seq))
                 r = runs[v][-1]
                 print(f"   {v:<18} first call {r['first_call_s']:7.2f} s wall, {r['first_call_cpu_s']:7.2f} s CPU, "
                       f"in compile_fx {r.get('inductor_s', 0.0):7.2f} s wall", flush=True)
         base = med(r["first_call_cpu_s"] for r in runs["inductor"]) if "inductor" in runs else None
         print(f"{'variant':<18} {'CPU s':>7} {'added':>8} {'wall s':>7} {'min wall':>8} {'inductor s':>10} "
-              f"{'rewrite s':>9} {'report s':>8} {'witness s':>9} {'import af s':>11} fused")
+              f"{'rewrite s':>9} {'report s':>8} {'witness s':>9} {'import af s':>11} frames fused"
+              "   (rewrite/report/witness: CPU s of this process; inductor s: wall)")
         for v, rs in runs.items():
             cpu = med(r["first_call_cpu_s"] for r in rs)
             first = med(r["first_call_s"] for r in rs)
             added = "" if base is None or v == "inductor" else f"{100 * (cpu - base) / base:+7.1f}%"
-            cols = [med(r.get(k, 0.0) for r in rs) for k in ("inductor_s", "rewrite_s", "report_s", "witness_s",
-                                                               "import_attnfuse_s")]
+            cols = [med(r.get(k, 0.0) for r in rs) for k in ("inductor_s", "rewrite_s_cpu", "report_s_cpu",
+                                                               "witness_s_cpu", "import_attnfuse_s")]
             print(f"{v:<18} {cpu:7.2f} {added:>8} {first:7.2f} {min(r['first_call_s'] for r in rs):8.2f} {cols[0]:10.2f} "
-                  f"{cols[1]:9.3f} {cols[2]:8.3f} {cols[3]:9.3f} {cols[4]:11.2f} {rs[0]['fused']}")
+                  f"{cols[1]:9.3f} {cols[2]:8.3f} {cols[3]:9.3f} {cols[4]:11.2f} {rs[0].get('frames_compiled')!s:>6} "
+                  f"{rs[0]['fused']}")
 
 
 def main():
@@ -280,12 +287,15 @@ def main():
     ap.add_argument("--cold-variants", default="inductor,attnfuse",
                     help="among inductor, attnfuse, attnfuse-noinline, attnfuse-noguard")
     ap.add_argument("--cold-modes", default="infer,train")
+    ap.add_argument("--cold-models", default="tinygpt", help="among tinygpt, gpt2, llama, bert, vit")
+    ap.add_argument("--cold-seq", type=int, default=SEQ)
     args = ap.parse_args()
     if args.cold:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, seq {SEQ}, n_embd 64, n_head 4")
         t0 = time.perf_counter()
-        part3(args.cold_variants.split(","), args.cold_layers, args.reps,
-              [m == "train" for m in args.cold_modes.split(",")])
+        for model in args.cold_models.split(","):
+            part3(args.cold_variants.split(","), args.cold_layers, args.reps,
+                  [m == "train" for m in args.cold_modes.split(",")], model, args.cold_seq)
         print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s")
         return
     layers = sorted({int(s) for s in args.layers.split(",")})

@@ -71,6 +71,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VARIANTS = ("eager", "inductor", "attnfuse")
+#: ``--ab-fused-lowering`` adds this variant: the attnfuse backend with calls that run one
+#: fused-kernel call left on the op (``torch_inline.USE_FUSED_LOWERING`` off while it runs)
+OP_VARIANT = "attnfuse-op"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 BASE_MODELS = ("gpt2", "llama", "bert", "vit")
 CAUSAL = {"gpt2", "llama"}
@@ -222,7 +225,8 @@ def _compare(ref, got, ref_grads, got_grads) -> dict:
 
 
 def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], reps: int, layers: int,
-              check_length: int, threads: int, lowp: bool = True, inline: bool = True) -> None:
+              check_length: int, threads: int, lowp: bool = True, inline: bool = True,
+              fused_lowering: bool = True, timed: Sequence[str] = VARIANTS, clock: str = "wall") -> None:
     """Measure one (case, dtype, mode) for every length; print one JSON line per length to stdout."""
     import torch
     import torch._dynamo
@@ -234,6 +238,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
 
     torch_lowp.USE_LOWP = lowp   # --no-lowp: the bf16 GEMM path off (an A/B of that path)
     torch_inline.USE_INLINE = inline   # --no-inline: no small call inlined for Inductor (an A/B)
+    torch_inline.USE_FUSED_LOWERING = fused_lowering   # --no-fused-lowering: the op, not one aten call
     name, pad = parse_case(case)
     train = mode == "train"
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -252,6 +257,10 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
     models = {"eager": eager,
               "inductor": torch.compile(copy.deepcopy(eager)),
               "attnfuse": torch.compile(copy.deepcopy(eager), backend="attnfuse")}
+    variants = VARIANTS
+    if OP_VARIANT in timed:   # the same backend, the lowering off while it runs (and compiles)
+        models[OP_VARIANT] = torch.compile(copy.deepcopy(eager), backend="attnfuse")
+        variants = VARIANTS + (OP_VARIANT,)
     # bf16: every variant is compared with an fp32 copy of the same (bf16-rounded) weights
     ref_model = None if dtype == torch.float32 else copy.deepcopy(eager).float()
     fusions: List[str] = []
@@ -259,6 +268,9 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
 
     def call(v: str, inputs):
         counter.variant = v
+        torch_inline.USE_FUSED_LOWERING = fused_lowering and v != OP_VARIANT
+        if v == OP_VARIANT:
+            return _step(models[v], inputs, train)
         if v != "attnfuse":
             return _step(models[v], inputs, train)
         with collect_reports() as reps_:
@@ -278,7 +290,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
         rec = {"case": case, "model": name, "pad": pad, "dtype": dtype_name, "mode": mode,
                "L": length, "tokens": tokens, "batch": inputs[0].shape[0], "layers": layers, "reps": reps,
                "sites": sites, "check": checking, "threads": torch.get_num_threads(), "lowp": lowp,
-               "inline": inline,
+               "inline": inline, "fused_lowering": fused_lowering, "timed": list(timed), "clock": clock,
                "torch": torch.__version__, "errors": {}, "first_call_s": {}, "peak_mib": {},
                "ms_min": {}, "ms_median": {}, "cmp": {}}
         print(f"[{case} {dtype_name} {mode}] L={length}", file=sys.stderr, flush=True)
@@ -288,7 +300,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
             out = _step(ref_model, tuple(t.float() if t.is_floating_point() else t for t in inputs), train)
             ref = (out, R.grads(ref_model) if train else None)
             ref_model.zero_grad(set_to_none=True)
-        for v in VARIANTS:   # warm-up (compiles on the first length) and the correctness check
+        for v in variants:   # warm-up (compiles on the first length) and the correctness check
             try:
                 t0 = time.perf_counter()
                 out = call(v, inputs)
@@ -304,8 +316,8 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
                 rec["errors"][v] = f"{type(e).__name__}: {msg[:300]}"
             out = grads = None
         ref = None
-        for v in VARIANTS:   # peak memory of one steady-state call
-            if ok.get(v):
+        for v in variants:   # peak memory of one steady-state call
+            if ok.get(v) and v in timed:
                 if train:
                     models[v].zero_grad(set_to_none=True)
                 gc.collect()
@@ -316,13 +328,14 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
                 rec["peak_mib"][v] = round((_status_kib("VmHWM") - base) / 1024, 1)
                 del out
         _malloc_mode(measure_memory=False)
-        times: Dict[str, List[float]] = {v: [] for v in VARIANTS if ok.get(v)}
+        times: Dict[str, List[float]] = {v: [] for v in variants if ok.get(v) and v in timed}
         order = list(times)
+        now = time.process_time if clock == "cpu" else time.perf_counter
         for r in range(0 if checking else reps):   # round-robin, rotating who goes first
             for v in order[r % len(order):] + order[:r % len(order)]:
-                t0 = time.perf_counter()
+                t0 = now()
                 call(v, inputs)
-                times[v].append(1e3 * (time.perf_counter() - t0))
+                times[v].append(1e3 * (now() - t0))
         for v, ts in times.items():
             if not ts:
                 continue
@@ -341,7 +354,9 @@ def _run_child(case: str, dtype: str, mode: str, args) -> List[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, dtype, mode,
            "--lengths", *map(str, args.lengths), "--reps", str(args.reps), "--layers", str(args.layers),
            "--threads", str(args.threads)] + (["--no-lowp"] if args.no_lowp else []) \
-        + (["--no-inline"] if args.no_inline else [])
+        + (["--no-inline"] if args.no_inline else []) \
+        + (["--no-fused-lowering"] if args.no_fused_lowering else []) + ["--timed", *args.timed] \
+        + ["--clock", args.clock]
     plain = ":" not in case and dtype == "fp32" and mode == "eval"
     cmd += ["--check-length", str(args.check_length if plain else 0)]
     env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
@@ -425,7 +440,8 @@ def report(recs: List[dict], args) -> Tuple[str, List[dict]]:
                  f"torch {r0.get('torch')}, {r0.get('threads')} torch thread(s) per child process, "
                  f"{getattr(args, 'jobs', 1)} child processes at once, {args.layers} layers, hidden {HIDDEN}, "
                  f"{HEADS} heads of {HIDDEN // HEADS} (LLaMA {KV_HEADS} kv heads), dropout 0; "
-                 f"{r0.get('reps', args.reps)} round-robin reps, times are medians (min in the JSON); "
+                 f"{r0.get('reps', args.reps)} round-robin reps, times are medians (min in the JSON) of "
+                 f"{'the child process CPU time' if r0.get('clock') == 'cpu' else 'wall time'}; "
                  f"peak = RSS high-water mark of one steady-state call above the RSS before it. "
                  f"Dynamic sequence dim (`maybe_mark_dynamic`), dynamo cache limit 64, for both compiled variants. "
                  f"Ratios > 1 mean attnfuse is faster / smaller; time ratios on medians (on minima). "
@@ -580,6 +596,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="switch the CPU bf16 GEMM path (kernels/torch_lowp.py) off, to A/B it")
     ap.add_argument("--no-inline", action="store_true",
                     help="inline no small CPU call for Inductor (kernels/torch_inline.py), to A/B it")
+    ap.add_argument("--no-fused-lowering", action="store_true",
+                    help="keep the op on calls that run one fused-kernel call, not lowered to that aten call "
+                         "(torch_inline.fused_attention), to A/B it")
+    ap.add_argument("--timed", nargs="+", choices=VARIANTS + (OP_VARIANT,), default=list(VARIANTS),
+                    help="variants timed and measured for memory (all are run once and checked); leaving "
+                         f"eager out shortens a run that compares attnfuse with Inductor; {OP_VARIANT!r} adds "
+                         "the attnfuse backend with the fused-kernel lowering off (an A/B in one process)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="what a call's time is: wall time (default), or the CPU time of the child process "
+                         "(time.process_time; with one torch thread, the work of the call itself, much less "
+                         "sensitive than wall time to other jobs on an oversubscribed machine)")
     ap.add_argument("--verbose", action="store_true", help="pass the children's stderr through")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -592,7 +619,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("--reps, --layers, --threads, --jobs and --lengths must be positive")
     if args.child:
         run_group(*args.child, sorted(args.lengths), args.reps, args.layers, args.check_length, args.threads,
-                  lowp=not args.no_lowp, inline=not args.no_inline)
+                  lowp=not args.no_lowp, inline=not args.no_inline,
+                  fused_lowering=not args.no_fused_lowering, timed=args.timed, clock=args.clock)
         return 0
 
     if args.from_json:

@@ -30,6 +30,16 @@ sinks their gradient; a row that sees no key attends only to its sink: out = 0).
 Not inlined (the runtime op runs): dropout (its keep-mask comes from a seed read at
 run time), fp16 and float64, and anything over :func:`max_scores`. Under dynamic shapes
 the bound becomes a guard (see :func:`inline_applicable`).
+
+A larger call that the CPU dispatcher sends to PyTorch's fused kernel as one plain call
+(its "fused" path with no bias, key_mask or GQA: BERT's and ViT's attention) is replaced
+by :func:`fused_attention` instead: that one ``aten._scaled_dot_product_flash_attention_for_cpu``
+call itself, which is what Inductor emits for the attention it fuses on its own. So the
+compiled graph calls the kernel without the custom op's Python dispatch, and with the
+kernel's own output layout ((B, Lq, Hq, Dv) in memory, which makes the usual
+``transpose(1, 2).reshape(B, Lq, Hq * Dv)`` after attention a view) instead of a copy to
+the op's contiguous layout; AOTAutograd differentiates it with the kernel's own backward,
+which the op's fused path calls too (benchmarks/results/e2e_parity.md).
 """
 from __future__ import annotations
 
@@ -40,8 +50,8 @@ from torch import Tensor
 
 from . import base
 
-__all__ = ["INLINE_MAX_SCORES", "USE_INLINE", "max_scores", "inline_applicable",
-           "inline_forward", "inline_attention"]
+__all__ = ["INLINE_MAX_SCORES", "USE_INLINE", "USE_FUSED_LOWERING", "max_scores",
+           "inline_applicable", "inline_forward", "inline_attention", "fused_attention"]
 
 #: Largest ``B * Hq * Lq * Lk`` inlined, per kind of call and dtype: "eval" (no backward
 #: follows), "train" (the inputs require grad under grad mode) with every key visible to
@@ -60,6 +70,8 @@ INLINE_MAX_SCORES: dict = {
 }
 #: Master switch (the backend option ``cpu_inline`` and the benchmarks turn it off).
 USE_INLINE: bool = True
+#: Switch of :func:`fused_attention` alone (``benchmarks/e2e.py --no-fused-lowering``).
+USE_FUSED_LOWERING: bool = True
 
 
 def max_scores(dtype: torch.dtype, training: bool, banded: bool = False) -> int:
@@ -238,3 +250,34 @@ def inline_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
     return inline_forward(q, k, v, bias, scale=float(scale), causal=causal,
                           softcap=float(softcap), window=int(window), key_mask=key_mask,
                           sinks=sinks, alibi_slopes=alibi_slopes)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                    scale: float = 1.0, causal: str = "none", dropout_p: float = 0.0,
+                    softcap: float = 0.0, seed: Optional[Tensor] = None, impl: str = "auto",
+                    window: int = 0, key_mask: Optional[Tensor] = None,
+                    sinks: Optional[Tensor] = None,
+                    alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Drop-in for a ``torch.ops.attnfuse.flash_attention`` call on CPU that the CPU
+    dispatcher sends to its fused path as one plain kernel call (the backend asks
+    ``torch_impl.forward_plan`` first): ``aten._scaled_dot_product_flash_attention_for_cpu``
+    itself, (out, lse) with lse float32, for Inductor to call directly.
+
+    Only for calls without bias, key_mask, dropout, softcap, window, sinks, ALiBi or GQA
+    and with D == Dv (raises otherwise): there every row sees a key (top-left causal keeps
+    key 0 for each row), so the op's lse fix-up for rows masked entirely has nothing to fix.
+    The backward is the kernel's own, as on the op's fused path; the op's check that the
+    lse is small enough for it (``torch_base.lse_well_conditioned``) exists for rows of
+    ``finfo.min`` masks, which need a bias: without one, |lse| <= max |logit| + log(Lk),
+    and the rounding of ``exp(s - lse)`` in float32 is that of eager's own softmax of
+    those logits."""
+    lq, lk = q.shape[2], k.shape[2]
+    eff = base.effective_causal(causal, lq, lk, window)
+    if (bias is not None or key_mask is not None or dropout_p or softcap or window
+            or sinks is not None or alibi_slopes is not None
+            or q.shape[1] != k.shape[1] or q.shape[-1] != v.shape[-1] or eff == "bottom_right"):
+        raise ValueError("fused_attention takes only calls without bias, key_mask, dropout, "
+                         "softcap, window, sinks, ALiBi, GQA or a bottom-right diagonal, "
+                         "with D == Dv")
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, eff == "top_left", scale=float(scale))

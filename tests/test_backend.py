@@ -152,7 +152,7 @@ class Recorder:
 
     @property
     def inlined(self):
-        return self.count(lambda n: n.target is torch_inline.inline_attention)
+        return self.count(lambda n: n.target in (torch_inline.inline_attention, torch_inline.fused_attention))
 
     @property
     def softmaxes(self):

@@ -214,6 +214,7 @@ def test_compiled_padding_is_inlined(runtime_calls):
 
 @pytest.mark.parametrize("why", ["too_large", "switched_off", "fp16"])
 def test_compiled_not_inlined(why, runtime_calls, monkeypatch):
+    monkeypatch.setattr(TI, "USE_FUSED_LOWERING", False)  # else one fused-kernel call (below)
     dtype = torch.float16 if why == "fp16" else F32
     if why == "too_large":
         monkeypatch.setitem(TI.INLINE_MAX_SCORES["train_banded"], F32, 2 * 4 * 48 * 48 - 1)
@@ -256,6 +257,7 @@ def test_dynamic_shapes_guard_the_bound(runtime_calls, monkeypatch):
     """Under dynamic shapes the bound is a guard: lengths on one side share a graph, the
     first length past it recompiles once, and that graph runs the op."""
     monkeypatch.setitem(TI.INLINE_MAX_SCORES["eval"], F32, 2 * 32 * 32)
+    monkeypatch.setattr(TI, "USE_FUSED_LOWERING", False)  # past the bound: the op itself
     torch._dynamo.reset()
     model = Attention()
     compiled = torch.compile(model, backend="attnfuse", options={"strict": True})
@@ -269,6 +271,31 @@ def test_dynamic_shapes_guard_the_bound(runtime_calls, monkeypatch):
             inlined.append([r.inlined for r in reports])
     assert inlined == [[1], [1], [1, 0], [1, 0], [1, 0]]
     assert runtime_calls["fwd"] == 2  # lengths 40 and 48
+
+
+def test_one_fused_kernel_call_is_lowered_to_it(runtime_calls, monkeypatch):
+    """A call past the inline bounds that the CPU dispatcher runs as one plain call of
+    PyTorch's fused kernel (BERT's and ViT's attention: no bias, mask or GQA) becomes that
+    aten call in the compiled graph, forward and backward (issue 20 part 2): no custom op,
+    and no copy of the output to the op's contiguous layout nor of the gradients back."""
+    for kind in TI.INLINE_MAX_SCORES:
+        monkeypatch.setitem(TI.INLINE_MAX_SCORES[kind], F32, 0)
+    graphs = []
+
+    def grab(graph):
+        graphs.append([str(n.target) for n in graph.nodes if n.op == "call_function"])
+
+    from torch._inductor import config as inductor_config
+
+    q, k, v = make_qkv(2, 4, 4, 40, 40, 16, 16, F32, layout="blhd")  # as models lay them out
+    with inductor_config.patch(post_grad_custom_post_pass=grab):
+        assert _compiled_check(Attention(causal=False), q, k, v) == 1
+    assert runtime_calls == {"fwd": 0, "bwd": 0}
+    fwd, bwd = graphs
+    assert [t for t in fwd if "attention" in t] == ["aten._scaled_dot_product_flash_attention_for_cpu.default"]
+    assert [t for t in bwd if "attention" in t] == [
+        "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"]
+    assert not [t for t in fwd if "clone" in t or "copy" in t], fwd
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
