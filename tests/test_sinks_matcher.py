@@ -63,6 +63,14 @@ class PerQuerySink(nn.Module):
         return torch.cat([s, col], -1).softmax(-1)[..., :-1] @ v
 
 
+class PerRowColumn(nn.Module):
+    """A column computed per row (here the row's mean score) is not a per-head sink."""
+
+    def forward(self, q, k, v, sinks):
+        s = q @ k.mT * 0.35
+        return torch.cat([s, s.mean(-1, keepdim=True) + sinks[0]], -1).softmax(-1)[..., :-1] @ v
+
+
 class SliceKeepsSink(nn.Module):
     """The column is appended last but the first key is dropped: the sink reaches P·V."""
 
@@ -92,6 +100,7 @@ def test_one_sink_shared_by_every_head_fuses():
 
 @pytest.mark.parametrize("module,words", [
     (PerQuerySink, "vary along the query axis"),
+    (PerRowColumn, "neither operand is a sink column"),
     (SliceKeepsSink, "sink column"),
 ])
 @pytest.mark.parametrize("dialect", ["fx", "aten"])
