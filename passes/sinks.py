@@ -38,6 +38,7 @@ from torch import fx
 from attnfuse.passes import axes as A
 from attnfuse.passes import ops as O
 from attnfuse.passes.shift import row_max
+from attnfuse.passes.types import Miss
 
 aten = torch.ops.aten
 
@@ -110,7 +111,9 @@ def _per_head_source(source: fx.Node, column: fx.Node, dim: int) -> bool:
 
 
 def sink_cat(x: fx.Node, sm: fx.Node, sm_dim: Any, gm) -> Optional[SinkCat]:
-    """The sink reading of the softmax input ``x`` (read by ``sm`` only), or None."""
+    """The sink reading of the softmax input ``x`` (read by ``sm`` only), or None when
+    ``x`` is not a cat (through casts and a max shift). Raises :class:`Miss`, saying why,
+    for a cat read only by this chain that is not a sink column next to the scores."""
     r = A.rank(x)
     if r is None or not isinstance(sm_dim, int) or not _only_reader(x, sm):
         return None
@@ -147,12 +150,13 @@ def sink_cat(x: fx.Node, sm: fx.Node, sm_dim: Any, gm) -> Optional[SinkCat]:
     if not _is_cat(cur) or (reader is not None and not _only_reader(cur, reader)):
         return None
     tensors, cdim = _cat_args(cur)
-    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not isinstance(cdim, int):
-        return None
-    if not all(isinstance(t, fx.Node) and A.rank(t) == r for t in tensors):
-        return None
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not isinstance(cdim, int) or \
+            not all(isinstance(t, fx.Node) and A.rank(t) == r for t in tensors):
+        raise Miss("unsupported_op", f"{cur.name}: a cat of other than two tensors of the scores' rank "
+                                     f"feeds the softmax (a sink is one column next to the scores)", cur)
     if A.norm_dim(cdim, r) != dim:
-        return None
+        raise Miss("unsupported_op", f"{cur.name} concatenates along axis {cdim}, not the softmax's axis "
+                                     f"{sm_dim} (a sink column joins the softmax's axis)", cur)
     found = []
     for i, col in enumerate(tensors):
         scores = tensors[1 - i]
@@ -162,7 +166,9 @@ def sink_cat(x: fx.Node, sm: fx.Node, sm_dim: Any, gm) -> Optional[SinkCat]:
         if _per_head_source(source, col, dim):
             found.append(SinkCat(cur, scores, col, source, i == 0, dim, [cur] + nodes, col_nodes))
     if len(found) != 1:
-        return None
+        why = "either operand could be" if found else "neither operand is"
+        raise Miss("unsupported_op", f"{cur.name}: {why} a sink column (size 1 along the softmax's axis, "
+                                     f"one value per head broadcast along the batch and the queries)", cur)
     return found[0]
 
 

@@ -63,6 +63,25 @@ class PerQuerySink(nn.Module):
         return torch.cat([s, col], -1).softmax(-1)[..., :-1] @ v
 
 
+class PerRowColumn(nn.Module):
+    """A column computed per row (here the row's mean score) is not a per-head sink."""
+
+    def forward(self, q, k, v, sinks):
+        s = q @ k.mT * 0.35
+        return torch.cat([s, s.mean(-1, keepdim=True) + sinks[0]], -1).softmax(-1)[..., :-1] @ v
+
+
+class ShiftBeforeCat(nn.Module):
+    """The scores' row max subtracted BEFORE the sink column joins them: a no-op for a plain
+    softmax, but here it moves the scores against the sink (another function)."""
+
+    def forward(self, q, k, v, sinks):
+        s = q @ k.mT * 0.35
+        s = s - s.amax(-1, keepdim=True).detach()
+        col = sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[2], 1)
+        return torch.cat([s, col], -1).softmax(-1)[..., :-1] @ v
+
+
 class SliceKeepsSink(nn.Module):
     """The column is appended last but the first key is dropped: the sink reaches P·V."""
 
@@ -92,6 +111,8 @@ def test_one_sink_shared_by_every_head_fuses():
 
 @pytest.mark.parametrize("module,words", [
     (PerQuerySink, "vary along the query axis"),
+    (PerRowColumn, "neither operand is a sink column"),
+    (ShiftBeforeCat, "a shift against the sink"),
     (SliceKeepsSink, "sink column"),
 ])
 @pytest.mark.parametrize("dialect", ["fx", "aten"])
