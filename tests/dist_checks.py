@@ -189,6 +189,33 @@ def dtensor_sinks(rank: int, mesh) -> None:
             close(full(got.grad), want.grad, f"sinks {name}: {what}")
 
 
+@check
+def dtensor_alibi(rank: int, mesh) -> None:
+    """ALiBi slopes on DTensors (issue 22): (Hq,) slopes sharded with the heads, (B, Hq)
+    with the batch; output and q/k/v gradients equal the single-process op's."""
+    import attnfuse
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(2)
+    b, hq, l, d = 2, 4, 6, 8
+    for name, qp, slopes, sp in (("heads", Shard(1), torch.rand(hq), Shard(0)),
+                                 ("batch", Shard(0), torch.rand(b, hq), Shard(0)),
+                                 ("heads-2d", Shard(1), torch.rand(b, hq), Shard(1)),
+                                 ("replicate", Replicate(), torch.rand(hq), Replicate())):
+        q, k, v = (torch.randn(b, hq, l, d, requires_grad=True) for _ in range(3))
+        ref = attnfuse.flash_attention(q, k, v, causal=True, alibi_slopes=slopes)
+        dout = torch.randn_like(ref)
+        ref.backward(dout)
+        dq, dk, dv = (distribute_tensor(t.detach(), mesh, [qp]).requires_grad_() for t in (q, k, v))
+        out = attnfuse.flash_attention(dq, dk, dv, causal=True,
+                                       alibi_slopes=distribute_tensor(slopes, mesh, [sp]))
+        assert tuple(out.placements) == (qp,), f"alibi {name}: output placements {out.placements}"
+        out.backward(distribute_tensor(dout, mesh, [qp]))
+        close(full(out), ref, f"alibi {name}: out")
+        for got, want, what in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")):
+            close(full(got.grad), want.grad, f"alibi {name}: {what}")
+
+
 def _raises(fn: Callable, *needles: str) -> None:
     try:
         fn()
