@@ -44,10 +44,10 @@ def test_real_model_padding_mask_matters():
     assert not torch.allclose(a[1], b[1], atol=1e-3)   # row 1 has three padded keys
 
 
-@pytest.mark.parametrize("name", ["llama-padded", "gpt_oss-padded"])
-def test_real_model_train_gradients(name):
-    """Train mode, dropout 0: the backward through the fused op (aot_eager) gives eager's gradients
-    (gpt-oss: every site fused with its sinks, whose gradients are among those compared)."""
+def _train_like_eager(name: str):
+    """Train mode, dropout 0: compile ``name`` with the backend (aot_eager, strict), run forward
+    and backward, and check every site fused, the output and every parameter's gradient
+    against eager's. Returns (the compile result, eager's gradients by name, the site count)."""
     torch.manual_seed(0)
     model, inputs, sites = R.CASES[name].build(train=True, dropout=0.0)
     ref = R._run(model, R._clone(inputs), train=True)
@@ -61,6 +61,14 @@ def test_real_model_train_gradients(name):
     assert rel_err <= R.TOL
     g_abs, g_rel = R.grad_errors(ref_grads, R.grads(model))
     assert g_rel <= R.GRAD_TOL, f"{name}: gradient max abs error {g_abs:.3g}, relative {g_rel:.3g}"
+    return res, ref_grads, sites
+
+
+@pytest.mark.parametrize("name", ["llama-padded", "gpt_oss-padded"])
+def test_real_model_train_gradients(name):
+    """Train mode, dropout 0: the backward through the fused op (aot_eager) gives eager's gradients
+    (gpt-oss: every site fused with its sinks, whose gradients are among those compared)."""
+    res, ref_grads, sites = _train_like_eager(name)
     if name.startswith("gpt_oss"):
         assert all(f.sinks for f in res.fusions), res.fusions
         assert sum(n.endswith("self_attn.sinks") for n in ref_grads) == sites
@@ -180,17 +188,6 @@ def test_real_model_alibi_becomes_structure_with_eager_gradients(name):
     train mode (aot_eager): outputs and every parameter's gradient equal eager's (issue 22).
     Falcon's ALiBi (a bfloat16 product in a float32 model) and BLOOM with a padding mask
     (positions from the mask's cumsum) stay biases: see the README's known limitations."""
-    torch.manual_seed(0)
-    model, inputs, sites = R.CASES[name].build(train=True, dropout=0.0)
-    ref = R._run(model, R._clone(inputs), train=True)
-    R.loss_of(ref).backward()
-    ref_grads = R.grads(model)
-    model.zero_grad(set_to_none=True)
-    res = R.compile_attnfuse(model, inputs, inner="aot_eager", train=True, backward=True, strict=True)
-    assert res.ok, res.error
-    assert res.fused == sites, _describe(res)
+    res, _, _ = _train_like_eager(name)
     assert all(f.alibi and f.bias == "none" and f.causal == "top_left" for f in res.fusions), \
         [(f.structure, f.bias, f.masks) for f in res.fusions]
-    assert R.errors(ref, res.out)[1] <= R.TOL
-    g_abs, g_rel = R.grad_errors(ref_grads, R.grads(model))
-    assert g_rel <= R.GRAD_TOL, f"{name}: gradient max abs error {g_abs:.3g}, relative {g_rel:.3g}"
