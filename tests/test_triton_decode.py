@@ -176,10 +176,7 @@ def _as_bias(bias, keep, B, H, M, N):
     return bias.masked_fill(~keep, float("-inf"))
 
 
-# 3: GQA + softcap, blhd; 12: a dead batch item; 14: bias with a dead row + window +
-# key_mask; 17: f16, d128, window + key_mask.  (Cases 6 and 9 -- a dead bias row, a
-# window -- are covered by 14 and cost 7 s of interpreter time.)
-GRAD_CASES = [CASES[i] for i in (3, 12, 14, 17)]
+GRAD_CASES = [CASES[i] for i in (3, 6, 9, 12, 14, 17)]
 
 
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[_case_id(c) for c in GRAD_CASES])

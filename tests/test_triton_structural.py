@@ -302,6 +302,7 @@ PAD_CASES = [
     (F32, 2, 2, 2, 30, 75, 16, "bottom_right", 20, "both+hole", ("bool", "B1MN"), 0.0, False),
     (F32, 2, 2, 1, 33, 60, 32, "bottom_right", 0, "1:right+hole", ("float", "111N"), 5.0, True),
     (F16, 2, 4, 1, 40, 64, 32, "top_left", 17, "left+hole", ("float", "BHMN"), 0.0, True),
+    (F16, 3, 2, 2, 24, 80, 16, "none", 0, "1:left", None, 0.0, False),
     (F16, 3, 2, 2, 35, 50, 16, "bottom_right", 9, "right+dead", ("float", "B1MN"), 2.0, False),
 ]
 
@@ -436,6 +437,7 @@ def test_dropout_with_structure_uses_the_kernels_own_mask(causal, window, km_spe
 @pytest.mark.parametrize("M,causal,window,km_spec", [
     (29, "none", 0, "right+dead"),
     (29, "bottom_right", 30, "left+hole"),
+    (40, "top_left", 0, "1:left"),
 ])
 def test_dropout_with_padding_keeps_the_mask_and_skips_blocks(M, causal, window, km_spec):
     """Dropout with padding: on every key it sees, the clipped loop draws the same
