@@ -7,6 +7,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (pyproject's addopts: one worker per core) every worker would start
+# torch with one thread per core: split the cores between the workers instead, so that
+# they do not oversubscribe the machine. Tests that depend on the thread count set it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 # Hypothesis: derandomised by default ("ci": examples fixed per test, no example database,
 # so a failure replays from a fresh clone); HYPOTHESIS_PROFILE=random draws new ones.
 try:
@@ -17,6 +26,19 @@ if _hyp_settings is not None:
     _hyp_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
     _hyp_settings.register_profile("random", derandomize=False, print_blob=True)
     _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# The longest test files (about half the suite's time on 2 cores), longest first: under
+# xdist's per-file scheduling (pyproject's addopts) they start first, so that the run
+# does not end waiting on one of them. The rest keep their order.
+LONGEST_FILES = ("test_triton_structural.py", "test_real_models.py", "test_triton_decode.py",
+                 "test_fuzz_matcher.py", "test_triton_kernels.py", "test_cli.py", "test_distributed.py",
+                 "test_torch_runs.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
 
 
 def pytest_report_header(config):
