@@ -257,10 +257,10 @@ _PURE_METHODS = {"to", "expand", "expand_as", "new_ones", "new_zeros", "new_full
                  "__and__", "__or__", "__invert__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
                  "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "bool", "float",
                  "long", "int", "type", "size", "contiguous", "clone", "cumsum", "diff", "__getitem__", "__sub__",
-                 "__add__"}
+                 "__add__", "masked_fill"}
 _PURE_TORCH = (torch.arange, torch.zeros, torch.ones, torch.full, torch.where, torch.logical_and, torch.logical_or,
                torch.logical_not, torch.bitwise_and, torch.bitwise_or, torch.bitwise_not, torch.eq, torch.ne,
-               torch.lt, torch.le, torch.gt, torch.ge, torch.diff, torch.cumsum)
+               torch.lt, torch.le, torch.gt, torch.ge, torch.diff, torch.cumsum, torch.masked_fill)
 _PURE_OPERATORS = (operator.and_, operator.or_, operator.invert, operator.not_, operator.eq, operator.ne,
                    operator.lt, operator.le, operator.gt, operator.ge, operator.add, operator.sub, operator.mul,
                    operator.neg, operator.getitem, operator.floordiv)
@@ -328,7 +328,7 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
             if isinstance(planned, NearMiss):
                 report.near_misses.append(planned)
             else:
-                todo.append(inputmask.plan(planned))
+                todo.append(inputmask.plan(planned, gm))
     if not todo:
         if inlined:
             erase_calls(gm, inlined)

@@ -28,6 +28,14 @@ and nothing of it is residual; if a row can see no key (a key mask, or a band wi
 empty rows), :mod:`.rewrite` emits an exact fix-up from the op's ``lse`` (``-inf`` on
 exactly those rows): the mean of V, with eager's gradient (softmax at a uniform row),
 and this needs no softcap, no dropout and no other term; else the mask stays a bias.
+
+A finite fill *over* a term, ``masked_fill(x, cond, fill)`` or ``where(cond, fill, x)``
+added to the scores (Falcon folds its ALiBi term and its causal/padding mask into one
+(B, H, Lq, Lk) tensor so), is taken apart when ``x`` is proven finite and bounded
+(:func:`.alibi.bound`): eager's logit is ``s + x`` where the fill is not, and the fill
+(absorbed) where it is, which is ``x`` as a bias of its own shape (Falcon's (B, H, 1, Lk):
+no (Lq, Lk) tensor) plus the fill as a mask, the fill being the only term that can mask
+(a bounded ``x`` masks nothing). The fill is then chosen as any other fill.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx
 
+from attnfuse.passes import alibi as AL
 from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
 from attnfuse.passes import ops as O
@@ -162,6 +171,30 @@ def float_term_as_mask(n: Any, coef: float, gm) -> Optional[Tuple[str, fx.Node, 
         if C.absorbing_fill(val):
             return ("fill", op["cond"], masked_when, val)
         return None
+    return None
+
+
+def float_term_as_filled(n: Any, coef: float, gm) -> Optional[Tuple[fx.Node, fx.Node, bool, float]]:
+    """``(x, cond, masked_when, fill)`` when the float bias ``coef * n`` is a finite fill
+    over a bounded term (:func:`.alibi.bound`): ``masked_fill(x, cond, fill)``,
+    ``where(cond, fill, x)`` or ``where(cond, x, fill)``, ``coef * fill`` absorbing."""
+    if not isinstance(n, fx.Node) or coef <= 0:
+        return None
+    op = O.classify(n, gm)
+    if op is None or op.kind != O.MASK or op.inplace:
+        return None
+    if op.sub == "masked_fill":
+        cands = [(op["x"], op["mask"], True, op["value"])]
+    elif op.sub == "where":
+        cands = [(op["b"], op["cond"], True, op["a"]), (op["a"], op["cond"], False, op["b"])]
+    else:
+        return None
+    for x, cond, masked_when, fill in cands:
+        val = C.scalar_value(fill, gm)
+        if val is None or not _is_bool(cond) or not isinstance(x, fx.Node) or A.dtype(x) != A.dtype(n):
+            continue
+        if C.absorbing_fill(val * coef) and AL.bound(x, gm) is not None:
+            return x, cond, masked_when, val * coef
     return None
 
 
@@ -350,10 +383,14 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
     """Turn the mask terms that are provably structure into causal/window/key_mask."""
     out = MaskStructure()
     for t in raw:
-        mask = None
+        mask, under = None, None   # under: the bounded term a fill is over (float_term_as_filled)
         if t.kind == "float":
             if t.cast is None:  # an integer fill changes in the promotion (fp16: -inf)
                 mask = float_term_as_mask(t.node, t.coef, gm)
+            if mask is None and t.cast is None and t.pre is None and t.pad is None:
+                filled = float_term_as_filled(t.node, t.coef, gm)
+                if filled is not None:
+                    under, mask = filled[0], ("fill",) + filled[1:]
         else:
             mask = (t.kind, t.node, bool(t.flag), t.coef)
         if mask is None:
@@ -382,6 +419,9 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
                     resid.append(Term("keep", build_view(leaf, tags, ob + ["q", "k"], "mask"), 0.0, invert=neg))
                 for leaf, neg in ts.key_masks:
                     kms.append((build_view(leaf, key_mask_tags(leaf, frame, ob), ob + ["q", "k"], "key mask"), neg))
+                if under is not None:
+                    resid.append(Term("float", build_view(under, check_view(under, stags, "bias"), ob + ["q", "k"],
+                                                          "bias"), t.coef))
             except Miss as e:
                 reason = e.reason
         if reason is not None:
@@ -400,5 +440,8 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
             note += "; residual mask " + "&".join(("~" if neg else "") + n.name for n, neg in ts.residual)
         if fixup:
             note += "; rows that see no key get eager's uniform average (finite fill)"
+        if under is not None:
+            note += (f"; the bounded term {under.name} it fills over is a bias of shape "
+                     f"{tuple(A.shape(under))} (no (Lq, Lk) tensor)")
         out.notes.append(f"{t.node.name}: {note}")
     return out
