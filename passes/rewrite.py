@@ -350,8 +350,9 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
                                                m.softmax.name))
             continue
         replaced[m.pv] = out
-        _erase_replaced(gm, m, stale)
+        # (before the erase: a mask read only by this match is erased with it, inputs and all)
         dead_masks |= _mask_ancestors(list(m.info.get("mask_roots", ())))
+        _erase_replaced(gm, m, stale)
         report.fusions.append(_fusion_of(m, call))
     _erase_dead_mask_nodes(gm, dead_masks)
     erase_calls(gm, inlined)

@@ -185,3 +185,111 @@ def test_unproven_alibi_stays_a_bias(module, note):
         assert any(note in m for m in f.masks), f.masks
     out = res.graph_module(*inputs)[0]
     torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, *extra), atol=2e-6, rtol=2e-6)
+
+
+N = 12   # a length no other size equals: the (Lq, Lk) tensors are the ones with two axes of N
+_PAD = torch.tensor([[0, 0] + [1] * (N - 2), [1] * N])   # item 0 left-padded: its rows 0, 1 see no key
+
+
+def _qkv_n(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g) for _ in range(3)]
+
+
+def _hf_float_mask(mask, dtype):
+    """Hugging Face's eager mask: causal & padding[b, kv] as ``where(keep, 0, finfo.min)``, (B, 1, L, L)."""
+    n = mask.shape[-1]
+    keep = _causal(n, mask.device)[None, None] & mask.bool()[:, None, None, :]
+    return torch.where(keep, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
+class FalconStyle(nn.Module):
+    """Falcon's ALiBi: ``bfloat16(slopes) * positions`` (from the padding mask's cumsum), over
+    which the mask is filled, ``masked_fill(alibi / sqrt(d), hf_mask < -1, finfo.min)``: one
+    (B, H, L, L) float term added to the scores."""
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, h + 1, dtype=torch.int32))
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        alibi = (slopes[..., None].bfloat16() * pos).reshape(b * h, 1, n).to(q.dtype).reshape(b, h, 1, n)
+        bias = torch.masked_fill(alibi / d ** 0.5, _hf_float_mask(mask, q.dtype) < -1, torch.finfo(q.dtype).min)
+        return torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + bias, dim=-1) @ v
+
+
+class FillOverInput(nn.Module):
+    """The same fill over a float *input* term: its values are unknown (it may be -inf where
+    the fill is not), so nothing proves that the fill is the only mask: it stays one bias."""
+
+    def forward(self, q, k, v, mask, x):
+        bias = torch.masked_fill(x, _hf_float_mask(mask, q.dtype) < -1, torch.finfo(q.dtype).min)
+        return torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v
+
+
+class MptPadded(MptStyle):
+    """MPT with a padding mask: the scores filled where ``hf_mask.to(bool)`` (HF's float mask
+    read back as a bool: True where masked)."""
+
+    def forward(self, q, k, v, mask):
+        n = q.shape[2]
+        pos = torch.arange(1 - n, 1, dtype=torch.int32).view(1, 1, 1, n)
+        slopes = 1.0 / torch.pow(2, torch.arange(1, H + 1).float())
+        s = q @ k.transpose(-1, -2) * D ** -0.5 + (pos * slopes.view(1, H, 1, 1)).squeeze(0)
+        s = s.masked_fill(_hf_float_mask(mask, q.dtype).to(torch.bool), torch.finfo(q.dtype).min)
+        return torch.softmax(s, dim=-1) @ v
+
+
+def _run_recording_bias(gm, inputs):
+    """(the graph's output, (shape, stride) of the bias its fused call reads, or None)."""
+    seen = []
+
+    class Recorder(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if "attnfuse.flash_attention" in str(target):
+                b = kwargs.get("bias", args[3] if len(args) > 3 else None)
+                seen.append(None if b is None else (tuple(b.shape), b.stride()))
+            return super().call_function(target, args, kwargs)
+
+    out = Recorder(gm).run(*inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert len(seen) == 1
+    return out, seen[0]
+
+
+@pytest.mark.parametrize("module,dialect", [(FalconStyle, "aten"), (MptPadded, "aten")])  # dynamo: test_real_models
+def test_padded_alibi_fuses_with_no_square_tensor(module, dialect):
+    """Falcon: the bounded ALiBi term it fills over is the op's (B, H, 1, Lk) bias (a query
+    broadcast, O(L)), the fill causal + key_mask with the empty-row fix-up; MPT: alibi_slopes,
+    causal + key_mask. The rewritten graph holds no (Lq, Lk) tensor; outputs (the padded
+    rows' uniform average included) equal eager's in float64."""
+    mod = module()
+    q, k, v = _qkv_n()
+    gm, inputs = capture(mod, (q, k, v, _PAD), dialect)
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    kw = _op_kwargs(res.graph_module)
+    (f,) = res.report.fusions
+    assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup, f.masks
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    if module is FalconStyle:   # stride 0 along the queries: O(B·H·Lk) values
+        assert bias[0] == (B, H, 1, N) and kw.get("alibi_slopes") is None, bias
+    else:
+        assert bias is None and kw.get("alibi_slopes") is not None
+    shapes = [n.meta.get("val", n.meta.get("example_value")) for n in res.graph_module.graph.nodes]
+    assert not [s.shape for s in shapes if isinstance(s, torch.Tensor) and list(s.shape).count(N) >= 2]
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD), atol=2e-6, rtol=2e-6)
+
+
+def test_fill_over_an_unbounded_term_stays_a_bias():
+    """x = -inf at item 1's only visible key of row 0: eager averages that row over its
+    filled keys, which no structure reproduces; the fused op gets the whole term as its bias."""
+    q, k, v = _qkv_n()
+    x = torch.randn(B, H, 1, N)
+    x[1, :, 0, 0] = float("-inf")
+    mod = FillOverInput()
+    gm, inputs = capture(mod, (q, k, v, _PAD, x), "dynamo")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias[0] == (B, H, N, N), bias
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD, x.double()), atol=2e-6, rtol=2e-6)
