@@ -120,6 +120,9 @@ def _emit(m: AttentionMatch, em: Emitter):
         sizes = [1 if r == 1 else em.size(r[0], r[1]) for r in m.info["unmerge"]]
         tail = [1 if axis_at(x, i) is None else em.size(x.base, axis_at(x, i)) for x, i in ((m.q, 2), (m.v, 3))]
         out = em.reshape(out, sizes + tail)
+    if m.info.get("merge_out"):  # batch and head split from one axis of Q·Kᵀ (BLOOM): merged back
+        tail = [1 if axis_at(x, i) is None else em.size(x.base, axis_at(x, i)) for x, i in ((m.q, 2), (m.v, 3))]
+        out = em.reshape(out, [-1] + tail)
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):

@@ -23,11 +23,12 @@ Fill values. A mask with ``-inf`` fill may be split freely: every masked positio
 ``-inf`` whatever carries it. A finite fill (``finfo.min``, Hugging Face) is exact in
 eager only through absorption (``s + fill == fill`` for ``|s| < 2**103`` in fp32), and a
 row whose every key is masked is then a *uniform* average of V over all keys, not 0.
-So a finite-fill mask becomes structure only when it is the only term on the scores
-and nothing of it is residual; if a row can see no key (a key mask, or a band with
+So a finite-fill mask becomes structure only when it is the only term on the scores,
+or every other term is proven finite and bounded (:func:`.alibi.bound`, far below the fill:
+absorbed with the scores; BLOOM's padded ALiBi), and nothing of it is residual; if a row can see no key (a key mask, or a band with
 empty rows), :mod:`.rewrite` emits an exact fix-up from the op's ``lse`` (``-inf`` on
 exactly those rows): the mean of V, with eager's gradient (softmax at a uniform row),
-and this needs no softcap, no dropout and no other term; else the mask stays a bias.
+and this needs no softcap, no dropout and no other unbounded term; else the mask stays a bias.
 
 A finite fill *over* a term, ``masked_fill(x, cond, fill)`` or ``where(cond, fill, x)``
 added to the scores (Falcon folds its ALiBi term and its causal/padding mask into one
@@ -337,15 +338,22 @@ class MaskStructure:
     roots: List[fx.Node] = field(default_factory=list)   # mask tensors no longer read by the op
 
 
-def _why_kept(t: RawTerm, mkind: str, fill: float, ts: TermStructure, n_terms: int, have_band: bool,
-              softcap: float, dropout_p: float) -> Tuple[Optional[str], bool]:
+def _bounded(t: RawTerm, gm) -> bool:
+    """A float term proven finite and bounded (:func:`.alibi.bound`, times its coefficient):
+    beside a finite fill it masks nothing and is absorbed where the fill is."""
+    b = AL.bound(t.node, gm) if t.kind == "float" and t.cast is None else None
+    return b is not None and abs(t.coef) * b < AL.BOUND_LIMIT
+
+
+def _why_kept(t: RawTerm, mkind: str, fill: float, ts: TermStructure, others: Sequence[RawTerm], gm,
+              have_band: bool, softcap: float, dropout_p: float) -> Tuple[Optional[str], bool]:
     """(reason the term must stay a tensor or None, whether the empty-row fix-up is needed)."""
     if ts.causal != "none" and have_band:
         return "a second causal/window mask", False
     if mkind != "fill":
         return None, False
     # finite fill: eager averages V over all keys on a row it masks entirely
-    if n_terms != 1:
+    if not all(_bounded(o, gm) for o in others):   # (a bounded term: BLOOM's padded ALiBi)
         return (f"finite fill {fill:g} beside other score terms (a row masked by all of them together "
                 f"is not reproducible as structure)"), False
     if ts.residual:
@@ -409,7 +417,7 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
                 "no causal band or key-padding part proven"
             out.notes.append(f"{t.node.name}: kept as a tensor ({why})")
             continue
-        reason, fixup = _why_kept(t, mkind, fill, ts, len(raw), out.causal != "none", softcap, dropout_p)
+        reason, fixup = _why_kept(t, mkind, fill, ts, [o for o in raw if o is not t], gm, out.causal != "none", softcap, dropout_p)
         resid, kms = [], []
         if reason is None:
             try:

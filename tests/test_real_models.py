@@ -205,6 +205,10 @@ ALIBI = {
     # Falcon: slopes rounded to bfloat16 before the product: its own (B, H, 1, Lk) bias, the
     # causal/padding fill over it as structure (unpadded: the same rule without the key mask,
     # tests/test_alibi_matcher.py; inference: test_real_model_fused_and_exact)
+    # BLOOM padded: baddbmm on the merged (B·H) axis, scores viewed (B, H, Lq, Lk): matched on
+    # (B, H); its ALiBi (positions from the mask's cumsum) a (B, H, 1, Lk) bias beside the
+    # finite-fill mask as causal + key_mask
+    "bloom-padded": ({"causal+keymask+bias+fix"}, {((R.B, 4, 1, R.SEQ), (4 * R.SEQ, R.SEQ, R.SEQ, 1))}, False),
     "falcon_alibi-padded": ({"causal+keymask+bias+fix"}, {((R.B, 4, 1, R.SEQ), (4 * R.SEQ, R.SEQ, R.SEQ, 1))},
                             False),
 }
