@@ -239,6 +239,25 @@ class MptPadded(MptStyle):
         return torch.softmax(s, dim=-1) @ v
 
 
+class BloomPadded(nn.Module):
+    """BLOOM with a padding mask: ALiBi ``slopes × ((mask.cumsum(-1) - 1) * mask)`` as (B·H, 1, L),
+    ``baddbmm`` on the merged (B·H) axis, scores viewed (B, H, L, L) and Hugging Face's float
+    mask added, softmax in (at least) float32, P·V with ``bmm`` on B·H, heads merged back."""
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, h + 1, dtype=torch.int32))
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        alibi = (slopes[..., None] * pos).reshape(b * h, 1, n).to(q.dtype)
+        s = alibi.baddbmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(-1, -2), beta=1.0,
+                          alpha=d ** -0.5)
+        s = s.view(b, h, n, n) + _hf_float_mask(mask, q.dtype)
+        up = torch.promote_types(q.dtype, torch.float32)   # float32 (float64 for the reference: its fill)
+        p = torch.softmax(s, dim=-1, dtype=up).to(q.dtype).view(b * h, n, n)
+        out = torch.bmm(p, v.reshape(b * h, n, d)).view(b, h, n, d)
+        return out.permute(0, 2, 1, 3).reshape(b, n, h * d)
+
+
 def _run_recording_bias(gm, inputs):
     """(the graph's output, (shape, stride) of the bias its fused call reads, or None)."""
     seen = []
@@ -256,11 +275,13 @@ def _run_recording_bias(gm, inputs):
     return out, seen[0]
 
 
-@pytest.mark.parametrize("module,dialect", [(FalconStyle, "aten"), (MptPadded, "aten")])  # dynamo: test_real_models
-def test_padded_alibi_fuses_with_no_square_tensor(module, dialect):
+@pytest.mark.parametrize("module,dialect", [(FalconStyle, "aten"), (MptPadded, "aten"), (BloomPadded, "aten")])
+def test_padded_alibi_fuses_with_no_square_tensor(module, dialect):   # dynamo: test_real_models
     """Falcon: the bounded ALiBi term it fills over is the op's (B, H, 1, Lk) bias (a query
     broadcast, O(L)), the fill causal + key_mask with the empty-row fix-up; MPT: alibi_slopes,
-    causal + key_mask. The rewritten graph holds no (Lq, Lk) tensor; outputs (the padded
+    causal + key_mask; BLOOM: matched on (B, H) though its products run on B·H, its ALiBi
+    (B·H, 1, Lk) reshaped to the (B, H, 1, Lk) bias beside the finite-fill mask (causal +
+    key_mask + fix-up). The rewritten graph holds no (Lq, Lk) tensor; outputs (the padded
     rows' uniform average included) equal eager's in float64."""
     mod = module()
     q, k, v = _qkv_n()
@@ -271,7 +292,7 @@ def test_padded_alibi_fuses_with_no_square_tensor(module, dialect):
     (f,) = res.report.fusions
     assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup, f.masks
     out, bias = _run_recording_bias(res.graph_module, inputs)
-    if module is FalconStyle:   # stride 0 along the queries: O(B·H·Lk) values
+    if module in (FalconStyle, BloomPadded):   # stride 0 along the queries: O(B·H·Lk) values
         assert bias[0] == (B, H, 1, N) and kw.get("alibi_slopes") is None, bias
     else:
         assert bias is None and kw.get("alibi_slopes") is not None
@@ -293,3 +314,27 @@ def test_fill_over_an_unbounded_term_stays_a_bias():
     out, bias = _run_recording_bias(res.graph_module, inputs)
     assert bias[0] == (B, H, N, N), bias
     torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD, x.double()), atol=2e-6, rtol=2e-6)
+
+
+class BloomMergedInputs(BloomPadded):
+    """BLOOM's scores from q, k, v given already merged, (B·H, L, D): no (B, H) tensor for the
+    op to read, so the attention stays on the merged axis with its mask as one bias."""
+
+    def forward(self, q, k, v, mask):
+        b, n = mask.shape
+        s = torch.bmm(q, k.transpose(-1, -2)).view(b, -1, n, n) + _hf_float_mask(mask, q.dtype)
+        p = torch.softmax(s, dim=-1).view(-1, n, n)
+        return torch.bmm(p, v)
+
+
+def test_split_batch_axis_without_a_merge_to_read_stays_merged():
+    q, k, v = (x.reshape(B * H, N, D) for x in _qkv_n())
+    mod = BloomMergedInputs()
+    gm, inputs = capture(mod, (q, k, v, _PAD), "aten")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    (f,) = res.report.fusions
+    assert any("kept merged" in m and "not a reshape that merged" in m for m in f.masks), f.masks
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias[0] == (1, B * H, N, N), bias
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD), atol=2e-6, rtol=2e-6)
