@@ -116,13 +116,12 @@ def _emit(m: AttentionMatch, em: Emitter):
     for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
         c = em.view4(rv)
         out = em.zero_where(out, c if zero_when else em.logical_not(c))
-    if m.info.get("unmerge"):  # merged batch axes (passes/batchaxes.py): split them back
-        sizes = [1 if r == 1 else em.size(r[0], r[1]) for r in m.info["unmerge"]]
+    if m.info.get("unmerge") or m.info.get("merge_out"):
         tail = [1 if axis_at(x, i) is None else em.size(x.base, axis_at(x, i)) for x, i in ((m.q, 2), (m.v, 3))]
-        out = em.reshape(out, sizes + tail)
-    if m.info.get("merge_out"):  # batch and head split from one axis of Q·Kᵀ (BLOOM): merged back
-        tail = [1 if axis_at(x, i) is None else em.size(x.base, axis_at(x, i)) for x, i in ((m.q, 2), (m.v, 3))]
-        out = em.reshape(out, [-1] + tail)
+        if m.info.get("unmerge"):  # merged batch axes (passes/batchaxes.py): split them back
+            out = em.reshape(out, [1 if r == 1 else em.size(r[0], r[1]) for r in m.info["unmerge"]] + tail)
+        else:  # batch and head split from one axis of Q·Kᵀ (BLOOM, batchaxes.split_frame): merged back
+            out = em.reshape(out, [-1] + tail)
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
