@@ -25,10 +25,11 @@ eager only through absorption (``s + fill == fill`` for ``|s| < 2**103`` in fp32
 row whose every key is masked is then a *uniform* average of V over all keys, not 0.
 So a finite-fill mask becomes structure only when it is the only term on the scores,
 or every other term is proven finite and bounded (:func:`.alibi.bound`, far below the fill:
-absorbed with the scores; BLOOM's padded ALiBi), and nothing of it is residual; if a row can see no key (a key mask, or a band with
-empty rows), :mod:`.rewrite` emits an exact fix-up from the op's ``lse`` (``-inf`` on
-exactly those rows): the mean of V, with eager's gradient (softmax at a uniform row),
-and this needs no softcap, no dropout and no other unbounded term; else the mask stays a bias.
+absorbed with the scores; BLOOM's padded ALiBi), and nothing of it is residual; if a
+row can see no key (a key mask, or a band with empty rows), :mod:`.rewrite` emits an
+exact fix-up from the op's ``lse`` (``-inf`` on exactly those rows): the mean of V, with
+eager's gradient (softmax at a uniform row), and this needs no softcap, no dropout and no
+other unbounded term; else the mask stays a bias.
 
 A finite fill *over* a term, ``masked_fill(x, cond, fill)`` or ``where(cond, fill, x)``
 added to the scores (Falcon folds its ALiBi term and its causal/padding mask into one
@@ -417,7 +418,8 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
                 "no causal band or key-padding part proven"
             out.notes.append(f"{t.node.name}: kept as a tensor ({why})")
             continue
-        reason, fixup = _why_kept(t, mkind, fill, ts, [o for o in raw if o is not t], gm, out.causal != "none", softcap, dropout_p)
+        others = [o for o in raw if o is not t]
+        reason, fixup = _why_kept(t, mkind, fill, ts, others, gm, out.causal != "none", softcap, dropout_p)
         resid, kms = [], []
         if reason is None:
             try:

@@ -222,7 +222,8 @@ def test_real_model_alibi_with_eager_gradients_and_no_square_tensor(name, monkey
     alike): the ALiBi term as a query-broadcast (B, H, 1, Lk) bias, the masks as structure.
     The op reads no bias, or that (B, H, 1, Lk) one; no node of the rewritten graph holds an (Lq, Lk) tensor (the model's own masks included:
     their nodes are erased); train mode (aot_eager): outputs and every parameter's gradient
-    equal eager's (issue 22). BLOOM with padding: see the README's known limitations."""
+    equal eager's (issue 22). BLOOM with padding (positions from the mask's cumsum, scores on
+    B·H viewed (B, H, Lq, Lk)): matched on (B, H), its ALiBi the (B, H, 1, Lk) bias."""
     kinds, biases, alibi = ALIBI[name]
     seen = _record_op_biases(monkeypatch)
     res, _, _ = _train_like_eager(name)
