@@ -28,6 +28,12 @@ unsqueezes), possibly a constant factor and a cast, and add it to the scores. Pr
   which the graph does not show; they stay a bias, with a note;
 - the slopes do not require grad (the op's slopes are constants).
 
+:func:`bound` proves less, for terms that stay a bias: a product of a constant finite
+tensor and an *integer* tensor (any values, so ``|P| <= 2**64``), through the same
+layout ops, constant factors and casts to a dtype with float32's range, is finite and
+bounded (Falcon's ``bfloat16(slopes) * cumsum_positions / sqrt(d)``). Such a term masks
+nothing: :mod:`.structure` may then take a finite-fill ``masked_fill`` of it apart.
+
 Shapes must be static (the index and position checks run at the traced sizes). The
 equivalence with the op's ``-slope * |i + Lk - Lq - j|`` needs every visible key to satisfy
 ``j <= i + Lk - Lq`` (:func:`causal_allows`): then ``|i + Lk - Lq - j| = i + Lk - Lq - j`` and
@@ -229,6 +235,36 @@ def prove(term: Any, node: fx.Node, tags: Sequence[Any], view: View4, coef: floa
                 f"(no (Lq, Lk) tensor)")
         return AlibiTerm(term, prod, a, shape_p, tuple(chain), float(coef), view, note), None
     return None, why
+
+
+_WIDE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)   # float32's range or more
+BOUND_LIMIT = 2.0 ** 90   # far above any logit, far below an absorbing fill (consts.FILL_LIMIT)
+
+
+def bound(n: Any, gm) -> Optional[float]:
+    """A bound on ``|n|`` below :data:`BOUND_LIMIT` where ``n`` is proven a product of a
+    constant finite float tensor and an integer tensor followed by layout ops, constant
+    factors and casts to float32/bfloat16/float64 (each rounding at most doubles the
+    bound); else None."""
+    peeled = _peel(n, gm) if isinstance(n, fx.Node) else None
+    if peeled is None:
+        return None
+    prod, _, coef, casts = peeled
+    op = O.classify(prod, gm)
+    if any(c not in _WIDE_DTYPES for c in casts + [A.dtype(prod)]):
+        return None
+    for a, p in ((op["a"], op["b"]), (op["b"], op["a"])):
+        av = C.const_eval(a, gm)
+        pd = A.dtype(p)
+        if not isinstance(av, torch.Tensor) or not av.is_floating_point() or av.numel() == 0 or \
+                not isinstance(pd, torch.dtype) or pd.is_floating_point or pd.is_complex or pd == torch.bool:
+            continue
+        av = av.double()
+        if not bool(torch.isfinite(av).all()):
+            return None
+        b = abs(coef) * float(av.abs().max()) * 2.0 ** 64 * 2.0 ** (len(casts) + 1)
+        return b if b < BOUND_LIMIT else None
+    return None
 
 
 def causal_allows(causal: str, lq: Any, lk: Any) -> bool:

@@ -288,8 +288,37 @@ def _pv_roles(pspec, p_node, ptags, kview_tags_fn):
 
 
 def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags, pchain, dropout_p, ctx):
+    """The match in Q·Kᵀ's own axes; where that leaves a term reshaped to the scores' size and
+    a view splits their one batch axis into (B, H) (BLOOM), the match on the split axes
+    instead when it builds (:func:`.batchaxes.split_frame`), else the first."""
+    args = (sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags, pchain, dropout_p, ctx)
+    frame = BA.split_frame(items, stags, ctx["tags"])
+    try:
+        m = _assemble(*args, None)
+    except Miss:
+        if frame is None:
+            raise
+        m = None
+    if frame is None or (m is not None and all(t.pre is None for t in m.terms)):
+        return m
+    try:
+        return _assemble(*args, frame)
+    except Miss as e:
+        if m is None:
+            raise
+        m.mask_notes.append(f"scores viewed with their batch axis split ({frame[1]}): kept merged, {e.reason}")
+        return m
+
+
+def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags, pchain, dropout_p, ctx, frame):
+    """:func:`assemble` in Q·Kᵀ's axes (``frame`` None) or in the split ``frame`` (tags, shape)."""
     gm = ctx["gm"]
     folded = _score_items(items, spec, stags, with_sink=ctx.get("sink") is not None)
+    mstags = stags   # the tags of Q·Kᵀ's output; the tags of the scores are the frame's
+    if frame is not None:
+        if ctx.get("sink") is not None or ctx.get("row_fills"):
+            raise Miss("unsupported_op", "sinks or row fills on scores viewed with a split batch axis", qk)
+        stags = list(frame[0])
     r = len(stags)
     batch = [t for t in stags if t not in ("q", "k")]
     feat = roles["feat"]
@@ -303,7 +332,17 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
             if isinstance(t, tuple) and t in ktags and A.labels_conflict(kl_[ktags.index(t)], vl_[j]):
                 raise Miss("pv_contraction", f"P·V pairs V axis {j} with an axis that means something else "
                                              f"(a permute that is not the transpose it resembles?)", v_node)
-    ob, (q, k, v), refs = _operands(spec, qtags, ktags, v_node, vtags, batch, qk, stags, gm)
+    if frame is None:
+        ob, (q, k, v), refs = _operands(spec, qtags, ktags, v_node, vtags, batch, qk, stags, gm)
+    else:  # the op's batch and head are the split parts; q, k, v read from before their merge
+        merged = [t for t in mstags if t not in ("q", "k")][0]
+        parts = [t for t in stags if t not in ("q", "k", None)]
+        sizes = [frame[1][stags.index(t)] for t in parts]
+        ob = list(parts)
+        q = BA.split_operand(spec.a, qtags, merged, parts, sizes, ["q", "d"], "q", gm, gqa=False)
+        k = BA.split_operand(spec.b, ktags, merged, parts, sizes, ["k", "d"], "k", gm, gqa=True)
+        v = BA.split_operand(v_node, vtags, merged, parts, sizes, ["k", "dv"], "v", gm, gqa=True)
+        q, k, v, refs = BA.broadcast(q, k, v, qk, frame[1], stags, ob)
     dts = {A.dtype(x.base) for x in (q, k, v)}
     if len(dts) != 1 or dts.pop() not in FLOATS:
         raise Miss("unsupported_op", "q, k and v do not share one float dtype (float32/float16/bfloat16)", qk)
@@ -314,11 +353,13 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     # tensor scales fold into q; they must not vary along the key axis
     q_factors = []
     for where, f, how in folded["tscales"]:
-        tags = _right_tags(f, stags, "scale")
+        tags = _right_tags(f, mstags, "scale")   # (a tensor scale on a view of the scores is a Miss)
+        if frame is not None and any(t not in ("q", "k", None) for t in tags):
+            raise Miss("unsupported_op", f"{where.name}: a tensor scale on merged batch axes", where)
         if "k" in tags:
             raise Miss("key_varying_scale", f"{where.name}: scale {f.name} varies along the key axis", where)
         q_factors.append((BA.complete(build_view(f, tags, ob + ["q", None], "scale"), refs), how))
-    sshape = A.shape(qk)
+    sshape = A.shape(qk) if frame is None else frame[1]
     rem_early = set(chain) | {qk}
     raw, dropped, alibis, alibi_notes = [], [], [], []
     for kind, n, coef, flag, where, stage, pad in folded["terms"]:
@@ -337,6 +378,17 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
                 pad = tuple((ax - off, start) for ax, start in pads)  # axes of the term
         else:
             sshape_to = sshape
+        if frame is not None and stage is not None and stage[0] == stags:
+            stage = None   # added on the split view: the frame's own axes
+        elif frame is not None and stage is None and pad is None:   # added before the split
+            view, pre = BA.split_term(n, _right_tags(n, mstags, "bias" if kind == "float" else "mask"), merged,
+                                      sizes, ob + ["q", "k"], parts)
+            raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float"
+                                 else None, pad))
+            continue
+        elif frame is not None:
+            raise Miss("unsupported_op", f"{where.name}: a term on another view of scores with a split batch axis",
+                       where)
         if stage is None:
             tags = _right_tags(n, stags, "bias" if kind == "float" else "mask")
             # (with a sink column such a term shifts the scores against the sink: kept)
@@ -360,6 +412,8 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     axmap: Dict = {}
 
     def axmap_fn():
+        if frame is not None:
+            return None   # (sampled at the traced sizes only)
         if "v" not in axmap:
             axmap["v"] = S.length_axes(qk, stags, ctx["tags"], (spec.a, qtags, "q"), (spec.b, ktags, "k"),
                                        (v_node, vtags, "k"), (q, k, v), gm)
@@ -373,7 +427,7 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
                 for c, ctags, zero_when in ctx.get("row_fills", ())]
     sinks = _sinks_view(ctx["sink"], ctx, ob) if ctx.get("sink") is not None else None
     # output: op (B, H, Lq, Dv) -> (split batch axes, when merged) -> P·V layout
-    op_out = slot_tags(ob + ["q", "dv"])[0]
+    op_out = slot_tags(ob + ["q", "dv"])[0] if frame is None else [merged, "q", "dv"]   # merged back
     squeeze = tuple(i for i in (1, 0) if op_out[i] is None)
     kept = [t for t in op_out if t is not None]
     real = [t for t in otags if t is not None]
@@ -400,7 +454,8 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
         removed=removed, out_squeeze=squeeze, out_perm=perm, out_dtype=A.dtype(pv), gqa=gqa,
         location=location_of(sm) or location_of(pv),
         info={"shape_fix": shape_fix, "scale_nodes": folded["dscales"], "out_unsqueeze": unsq,
-              "mask_roots": ms.roots, "unmerge": BA.unmerge_sizes(ob, refs)})
+              "mask_roots": ms.roots, "unmerge": BA.unmerge_sizes(ob, refs),
+              "merge_out": frame is not None})
 
 
 def _choose_with_alibi(raw, alibis, notes, gm, sshape, stags, ob, axmap_fn, softcap, dropout_p, memo):

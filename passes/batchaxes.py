@@ -20,7 +20,16 @@ every operand is merged the same way. Three cases per operand and group of axes:
   (op head h reads K/V head h // (Hq / Hkv), which is exactly the row-major index of the
   present axes), anything else is expanded like a bias.
 
-The op's output is reshaped back to the split axes (:func:`unmerge_sizes`). Pure.
+The op's output is reshaped back to the split axes (:func:`unmerge_sizes`).
+
+The converse, one batch axis of Q·Kᵀ that a view of the scores splits into two (BLOOM:
+``baddbmm`` on (B·H, L, D), scores viewed (B, H, Lq, Lk) before its mask is added), is the
+same relabelling read backwards (:func:`split_frame`): the attention is described on the
+split axes, as batch and head, where each of q, k and v is a row-major reshape that merged
+exactly those two axes of sizes (B, H) (:func:`split_operand`: the op reads that tensor, so
+``q.reshape(B*H, L, D)[b*H + h]`` is ``q4[b, h]``), a term added before the split is reshaped
+to it (:func:`split_term`: a reshape of its own, O(its size)), and the op's (B, H, Lq, Dv)
+output is reshaped back to the merged axis. Pure.
 """
 from __future__ import annotations
 
@@ -30,8 +39,9 @@ from typing import Any, List, Optional, Sequence, Tuple
 from torch import fx
 
 from attnfuse.passes import axes as A
+from attnfuse.passes import ops as O
 from attnfuse.passes.types import Miss, View4
-from attnfuse.passes.views import merged_tag, slot_size, slot_tags
+from attnfuse.passes.views import build_view, merged_tag, peel, slot_size, slot_tags
 
 Ref = Tuple[fx.Node, int]
 
@@ -151,3 +161,65 @@ def unmerge_sizes(ob, refs: dict) -> Optional[Tuple[Any, ...]]:
     if groups == (1, 1):
         return None
     return tuple(refs.get(s, 1) for s in range(groups[0] + groups[1]))
+
+
+# ---------------------------------------------------------------------------
+# one batch axis split into batch and head by a view of the scores (BLOOM)
+# ---------------------------------------------------------------------------
+
+def split_frame(items: Sequence, stags: Sequence[Any], tagmap: dict) -> Optional[Tuple[List, Tuple]]:
+    """``(tags, shape)`` of the scores at their first view when it splits their only batch
+    axis into two parts ((B·H, Lq, Lk) viewed (B, H, Lq, Lk)), else None."""
+    batch = [t for t in stags if t not in ("q", "k")]
+    if len(batch) != 1:
+        return None
+    for node, kind, _ in items:
+        if kind != "view":
+            continue
+        tags = tagmap.get(node)
+        parts = [("split", batch[0], 0, 2), ("split", batch[0], 1, 2)]
+        if tags is None or [t for t in tags if t not in ("q", "k", None)] != parts:
+            return None
+        return list(tags), tuple(A.shape(node))
+    return None
+
+
+def split_operand(node: fx.Node, tags: Sequence[Any], merged: Any, parts: Sequence[Any], sizes: Sequence[Any],
+                  tail: Sequence[Any], what: str, gm, gqa: bool) -> View4:
+    """``node`` (tagged ``tags``, one axis ``merged``) in op order with ``parts`` as batch and
+    head: through view ops back to a row-major reshape whose input has two axes of ``sizes``
+    that merge into the ``merged`` axis, the op reading that input. Miss otherwise."""
+    v = peel(build_view(node, tags, [None, merged] + list(tail), what), gm, gqa=False)
+    b, a = v.base, v.axes[1]
+    op = O.classify(b, gm)
+    x = op.get("x") if op is not None and op.kind == O.LAYOUT and op.sub == "view" else None
+    xs, bs = (A.shape(x), A.shape(b)) if isinstance(x, fx.Node) else (None, None)
+    groups = A.view_groups(xs, bs) if xs is not None and bs is not None and a is not None else None
+    if groups is None:
+        raise Miss("unsupported_op", f"{what} {node.name}: not a reshape that merged the scores' batch parts", node)
+    out_to_in, split = {}, None
+    for gi, go in groups:
+        if go == [a] and len(gi) == 2 and all(A.size_eq(xs[i], s) for i, s in zip(gi, sizes)):
+            split = gi
+        elif len(gi) == 1 and len(go) == 1:
+            out_to_in[go[0]] = gi[0]
+    rest = [None if t is None else out_to_in.get(t, -1) for t in v.axes[2:]]
+    if split is None or -1 in rest:
+        raise Miss("unsupported_op", f"{what} {node.name}: its batch axis is not the scores' (B, H) merged", node)
+    return peel(View4(x, (split[0], split[1], rest[0], rest[1])), gm, gqa=gqa)
+
+
+def split_term(n: fx.Node, tags: Sequence[Any], merged: Any, sizes: Sequence[Any],
+               op_tags: Sequence[Any], parts: Sequence[Any]) -> Tuple[View4, Optional[Tuple]]:
+    """A term added before the split (tagged on the merged scores) in the split frame: the
+    view and its ``pre`` (a reshape splitting its ``merged`` axis into ``sizes``; static sizes)."""
+    if merged not in tags:
+        return build_view(n, tags, op_tags, "bias"), None
+    shape = [A.static_int(x) for x in A.shape(n)] + [A.static_int(x) for x in sizes]
+    if None in shape:
+        raise Miss("unsupported_op", f"{n.name}: a term on merged batch axes with dynamic shapes", n)
+    own, sp = tuple(shape[:len(tags)]), shape[len(tags):]
+    i = list(tags).index(merged)
+    tags2 = list(tags[:i]) + list(parts) + list(tags[i + 1:])
+    view = View4(n, tuple(tags2.index(t) if t in tags2 else None for t in op_tags))
+    return view, (own, own[:i] + tuple(sp) + own[i + 1:])

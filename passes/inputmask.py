@@ -26,6 +26,8 @@ and backward. Exactness, position by position:
   (left padding: a pad query that sees nothing) is, with a finite fill, eager's uniform
   average over all Lk keys: a batch item with such a row gets no derived key mask at all
   (every key visible), so the op sees the bias alone there, as before.
+- a float term proven finite and bounded (:func:`.alibi.bound`: Falcon's ALiBi term left
+  as a bias beside its proven causal/padding structure) hides no key: nothing is derived.
 
 Cost: one pass over the (unexpanded) mask per fused call (O(B·Lq·Lk) compares for a
 (B, 1, Lq, Lk) mask; Inductor's CSE shares it between layers that read one mask). On CPU
@@ -41,6 +43,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
+from attnfuse.passes import alibi as AL
 from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
 from attnfuse.passes.emit import Emitter
@@ -55,11 +58,13 @@ DERIVE_ON_CPU = False
 _INFO = "derived_key_mask"   # m.info key: the term whose values give the key mask
 
 
-def _eligible_term(m: AttentionMatch):
+def _eligible_term(m: AttentionMatch, gm):
     """The one input-valued mask term a key mask can be derived from, or (None, why-not)."""
     if len(m.terms) != 1:
         return None, None
     t = m.terms[0]
+    if t.kind == "float" and gm is not None and AL.bound(t.view.base, gm) is not None:
+        return None, None  # finite and bounded (Falcon's ALiBi under its fill): it hides no key
     base = t.view.base   # a placeholder itself counts where no fake value names it (symbolic_trace)
     inputs = C.input_reads(base) or ([str(base.target)] if base.op == "placeholder" else [])
     if not inputs:
@@ -75,10 +80,10 @@ def _eligible_term(m: AttentionMatch):
     return (t, inputs), None
 
 
-def plan(m: AttentionMatch) -> AttentionMatch:
+def plan(m: AttentionMatch, gm=None) -> AttentionMatch:
     """``m`` with :data:`_INFO` set where a key mask is derived from its input-valued mask
     term, and a note saying which keys the op then skips (or why it does not)."""
-    (found, why) = _eligible_term(m)
+    (found, why) = _eligible_term(m, gm)
     if found is None:
         if why is None:
             return m

@@ -116,10 +116,12 @@ def _emit(m: AttentionMatch, em: Emitter):
     for rv, zero_when in m.row_zero:  # a fill of whole rows of P is the same fill of P·V's rows
         c = em.view4(rv)
         out = em.zero_where(out, c if zero_when else em.logical_not(c))
-    if m.info.get("unmerge"):  # merged batch axes (passes/batchaxes.py): split them back
-        sizes = [1 if r == 1 else em.size(r[0], r[1]) for r in m.info["unmerge"]]
+    if m.info.get("unmerge") or m.info.get("merge_out"):
         tail = [1 if axis_at(x, i) is None else em.size(x.base, axis_at(x, i)) for x, i in ((m.q, 2), (m.v, 3))]
-        out = em.reshape(out, sizes + tail)
+        if m.info.get("unmerge"):  # merged batch axes (passes/batchaxes.py): split them back
+            out = em.reshape(out, [1 if r == 1 else em.size(r[0], r[1]) for r in m.info["unmerge"]] + tail)
+        else:  # batch and head split from one axis of Q·Kᵀ (BLOOM, batchaxes.split_frame): merged back
+            out = em.reshape(out, [-1] + tail)
     for d in m.out_squeeze:
         out = em.squeeze(out, d)
     if list(m.out_perm) != list(range(len(m.out_perm))):
@@ -257,10 +259,10 @@ _PURE_METHODS = {"to", "expand", "expand_as", "new_ones", "new_zeros", "new_full
                  "__and__", "__or__", "__invert__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
                  "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not", "bool", "float",
                  "long", "int", "type", "size", "contiguous", "clone", "cumsum", "diff", "__getitem__", "__sub__",
-                 "__add__"}
+                 "__add__", "masked_fill"}
 _PURE_TORCH = (torch.arange, torch.zeros, torch.ones, torch.full, torch.where, torch.logical_and, torch.logical_or,
                torch.logical_not, torch.bitwise_and, torch.bitwise_or, torch.bitwise_not, torch.eq, torch.ne,
-               torch.lt, torch.le, torch.gt, torch.ge, torch.diff, torch.cumsum)
+               torch.lt, torch.le, torch.gt, torch.ge, torch.diff, torch.cumsum, torch.masked_fill)
 _PURE_OPERATORS = (operator.and_, operator.or_, operator.invert, operator.not_, operator.eq, operator.ne,
                    operator.lt, operator.le, operator.gt, operator.ge, operator.add, operator.sub, operator.mul,
                    operator.neg, operator.getitem, operator.floordiv)
@@ -328,7 +330,7 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
             if isinstance(planned, NearMiss):
                 report.near_misses.append(planned)
             else:
-                todo.append(inputmask.plan(planned))
+                todo.append(inputmask.plan(planned, gm))
     if not todo:
         if inlined:
             erase_calls(gm, inlined)
@@ -350,8 +352,9 @@ def rewrite_graph(gm: fx.GraphModule, *, strict: bool = False,
                                                m.softmax.name))
             continue
         replaced[m.pv] = out
-        _erase_replaced(gm, m, stale)
+        # (before the erase: a mask read only by this match is erased with it, inputs and all)
         dead_masks |= _mask_ancestors(list(m.info.get("mask_roots", ())))
+        _erase_replaced(gm, m, stale)
         report.fusions.append(_fusion_of(m, call))
     _erase_dead_mask_nodes(gm, dead_masks)
     erase_calls(gm, inlined)

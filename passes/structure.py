@@ -23,11 +23,21 @@ Fill values. A mask with ``-inf`` fill may be split freely: every masked positio
 ``-inf`` whatever carries it. A finite fill (``finfo.min``, Hugging Face) is exact in
 eager only through absorption (``s + fill == fill`` for ``|s| < 2**103`` in fp32), and a
 row whose every key is masked is then a *uniform* average of V over all keys, not 0.
-So a finite-fill mask becomes structure only when it is the only term on the scores
-and nothing of it is residual; if a row can see no key (a key mask, or a band with
-empty rows), :mod:`.rewrite` emits an exact fix-up from the op's ``lse`` (``-inf`` on
-exactly those rows): the mean of V, with eager's gradient (softmax at a uniform row),
-and this needs no softcap, no dropout and no other term; else the mask stays a bias.
+So a finite-fill mask becomes structure only when it is the only term on the scores,
+or every other term is proven finite and bounded (:func:`.alibi.bound`, far below the fill:
+absorbed with the scores; BLOOM's padded ALiBi), and nothing of it is residual; if a
+row can see no key (a key mask, or a band with empty rows), :mod:`.rewrite` emits an
+exact fix-up from the op's ``lse`` (``-inf`` on exactly those rows): the mean of V, with
+eager's gradient (softmax at a uniform row), and this needs no softcap, no dropout and no
+other unbounded term; else the mask stays a bias.
+
+A finite fill *over* a term, ``masked_fill(x, cond, fill)`` or ``where(cond, fill, x)``
+added to the scores (Falcon folds its ALiBi term and its causal/padding mask into one
+(B, H, Lq, Lk) tensor so), is taken apart when ``x`` is proven finite and bounded
+(:func:`.alibi.bound`): eager's logit is ``s + x`` where the fill is not, and the fill
+(absorbed) where it is, which is ``x`` as a bias of its own shape (Falcon's (B, H, 1, Lk):
+no (Lq, Lk) tensor) plus the fill as a mask, the fill being the only term that can mask
+(a bounded ``x`` masks nothing). The fill is then chosen as any other fill.
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import fx
 
+from attnfuse.passes import alibi as AL
 from attnfuse.passes import axes as A
 from attnfuse.passes import consts as C
 from attnfuse.passes import ops as O
@@ -162,6 +173,30 @@ def float_term_as_mask(n: Any, coef: float, gm) -> Optional[Tuple[str, fx.Node, 
         if C.absorbing_fill(val):
             return ("fill", op["cond"], masked_when, val)
         return None
+    return None
+
+
+def float_term_as_filled(n: Any, coef: float, gm) -> Optional[Tuple[fx.Node, fx.Node, bool, float]]:
+    """``(x, cond, masked_when, fill)`` when the float bias ``coef * n`` is a finite fill
+    over a bounded term (:func:`.alibi.bound`): ``masked_fill(x, cond, fill)``,
+    ``where(cond, fill, x)`` or ``where(cond, x, fill)``, ``coef * fill`` absorbing."""
+    if not isinstance(n, fx.Node) or coef <= 0:
+        return None
+    op = O.classify(n, gm)
+    if op is None or op.kind != O.MASK or op.inplace:
+        return None
+    if op.sub == "masked_fill":
+        cands = [(op["x"], op["mask"], True, op["value"])]
+    elif op.sub == "where":
+        cands = [(op["b"], op["cond"], True, op["a"]), (op["a"], op["cond"], False, op["b"])]
+    else:
+        return None
+    for x, cond, masked_when, fill in cands:
+        val = C.scalar_value(fill, gm)
+        if val is None or not _is_bool(cond) or not isinstance(x, fx.Node) or A.dtype(x) != A.dtype(n):
+            continue
+        if C.absorbing_fill(val * coef) and AL.bound(x, gm) is not None:
+            return x, cond, masked_when, val * coef
     return None
 
 
@@ -304,15 +339,22 @@ class MaskStructure:
     roots: List[fx.Node] = field(default_factory=list)   # mask tensors no longer read by the op
 
 
-def _why_kept(t: RawTerm, mkind: str, fill: float, ts: TermStructure, n_terms: int, have_band: bool,
-              softcap: float, dropout_p: float) -> Tuple[Optional[str], bool]:
+def _bounded(t: RawTerm, gm) -> bool:
+    """A float term proven finite and bounded (:func:`.alibi.bound`, times its coefficient):
+    beside a finite fill it masks nothing and is absorbed where the fill is."""
+    b = AL.bound(t.node, gm) if t.kind == "float" and t.cast is None else None
+    return b is not None and abs(t.coef) * b < AL.BOUND_LIMIT
+
+
+def _why_kept(t: RawTerm, mkind: str, fill: float, ts: TermStructure, others: Sequence[RawTerm], gm,
+              have_band: bool, softcap: float, dropout_p: float) -> Tuple[Optional[str], bool]:
     """(reason the term must stay a tensor or None, whether the empty-row fix-up is needed)."""
     if ts.causal != "none" and have_band:
         return "a second causal/window mask", False
     if mkind != "fill":
         return None, False
     # finite fill: eager averages V over all keys on a row it masks entirely
-    if n_terms != 1:
+    if not all(_bounded(o, gm) for o in others):   # (a bounded term: BLOOM's padded ALiBi)
         return (f"finite fill {fill:g} beside other score terms (a row masked by all of them together "
                 f"is not reproducible as structure)"), False
     if ts.residual:
@@ -350,10 +392,14 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
     """Turn the mask terms that are provably structure into causal/window/key_mask."""
     out = MaskStructure()
     for t in raw:
-        mask = None
+        mask, under = None, None   # under: the bounded term a fill is over (float_term_as_filled)
         if t.kind == "float":
             if t.cast is None:  # an integer fill changes in the promotion (fp16: -inf)
                 mask = float_term_as_mask(t.node, t.coef, gm)
+            if mask is None and t.cast is None and t.pre is None and t.pad is None:
+                filled = float_term_as_filled(t.node, t.coef, gm)
+                if filled is not None:
+                    under, mask = filled[0], ("fill",) + filled[1:]
         else:
             mask = (t.kind, t.node, bool(t.flag), t.coef)
         if mask is None:
@@ -372,7 +418,8 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
                 "no causal band or key-padding part proven"
             out.notes.append(f"{t.node.name}: kept as a tensor ({why})")
             continue
-        reason, fixup = _why_kept(t, mkind, fill, ts, len(raw), out.causal != "none", softcap, dropout_p)
+        others = [o for o in raw if o is not t]
+        reason, fixup = _why_kept(t, mkind, fill, ts, others, gm, out.causal != "none", softcap, dropout_p)
         resid, kms = [], []
         if reason is None:
             try:
@@ -382,6 +429,9 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
                     resid.append(Term("keep", build_view(leaf, tags, ob + ["q", "k"], "mask"), 0.0, invert=neg))
                 for leaf, neg in ts.key_masks:
                     kms.append((build_view(leaf, key_mask_tags(leaf, frame, ob), ob + ["q", "k"], "key mask"), neg))
+                if under is not None:
+                    resid.append(Term("float", build_view(under, check_view(under, stags, "bias"), ob + ["q", "k"],
+                                                          "bias"), t.coef))
             except Miss as e:
                 reason = e.reason
         if reason is not None:
@@ -400,5 +450,8 @@ def choose(raw: Sequence[RawTerm], gm, sshape, stags, ob, axmap_fn, *, softcap: 
             note += "; residual mask " + "&".join(("~" if neg else "") + n.name for n, neg in ts.residual)
         if fixup:
             note += "; rows that see no key get eager's uniform average (finite fill)"
+        if under is not None:
+            note += (f"; the bounded term {under.name} it fills over is a bias of shape "
+                     f"{tuple(A.shape(under))} (no (Lq, Lk) tensor)")
         out.notes.append(f"{t.node.name}: {note}")
     return out

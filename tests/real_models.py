@@ -749,6 +749,18 @@ class Compiled:
     near_misses: list = field(default_factory=list)   # [(kind, reason, location, snippet)]
     fusions: list = field(default_factory=list)       # attnfuse Fusion records
     model: Optional[nn.Module] = None
+    graph_modules: list = field(default_factory=list)  # the graphs attnfuse rewrote (after the rewrite)
+
+
+def square_tensors(gm: torch.fx.GraphModule, length: int) -> List[str]:
+    """Nodes of ``gm`` whose (example) value has two or more axes of size ``length``: at a
+    sequence length no other size of the model equals, the (Lq, Lk) tensors."""
+    out = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("example_value", n.meta.get("val"))
+        if isinstance(v, torch.Tensor) and sum(int(s) == length for s in v.shape) >= 2:
+            out.append(f"{n.name}{tuple(v.shape)}")
+    return out
 
 
 def _clone(inputs):
@@ -776,6 +788,7 @@ def compile_attnfuse(model: nn.Module, inputs, *, inner: str = "eager", train: b
     def counting_backend(gm, example_inputs, **kw):
         compiled = attnfuse_backend(gm, example_inputs, options=options)  # rewrites gm in place
         res.graphs += 1
+        res.graph_modules.append(gm)
         res.fused += count_fused(gm)
         from attnfuse.backend import last_report
         rep = last_report()

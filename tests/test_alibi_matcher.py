@@ -185,3 +185,156 @@ def test_unproven_alibi_stays_a_bias(module, note):
         assert any(note in m for m in f.masks), f.masks
     out = res.graph_module(*inputs)[0]
     torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, *extra), atol=2e-6, rtol=2e-6)
+
+
+N = 12   # a length no other size equals: the (Lq, Lk) tensors are the ones with two axes of N
+_PAD = torch.tensor([[0, 0] + [1] * (N - 2), [1] * N])   # item 0 left-padded: its rows 0, 1 see no key
+
+
+def _qkv_n(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, N, D, generator=g) for _ in range(3)]
+
+
+def _hf_float_mask(mask, dtype):
+    """Hugging Face's eager mask: causal & padding[b, kv] as ``where(keep, 0, finfo.min)``, (B, 1, L, L)."""
+    n = mask.shape[-1]
+    keep = _causal(n, mask.device)[None, None] & mask.bool()[:, None, None, :]
+    return torch.where(keep, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
+class FalconStyle(nn.Module):
+    """Falcon's ALiBi: ``bfloat16(slopes) * positions`` (from the padding mask's cumsum), over
+    which the mask is filled, ``masked_fill(alibi / sqrt(d), hf_mask < -1, finfo.min)``: one
+    (B, H, L, L) float term added to the scores."""
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, h + 1, dtype=torch.int32))
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        alibi = (slopes[..., None].bfloat16() * pos).reshape(b * h, 1, n).to(q.dtype).reshape(b, h, 1, n)
+        bias = torch.masked_fill(alibi / d ** 0.5, _hf_float_mask(mask, q.dtype) < -1, torch.finfo(q.dtype).min)
+        return torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + bias, dim=-1) @ v
+
+
+class FillOverInput(nn.Module):
+    """The same fill over a float *input* term: its values are unknown (it may be -inf where
+    the fill is not), so nothing proves that the fill is the only mask: it stays one bias."""
+
+    def forward(self, q, k, v, mask, x):
+        bias = torch.masked_fill(x, _hf_float_mask(mask, q.dtype) < -1, torch.finfo(q.dtype).min)
+        return torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v
+
+
+class MptPadded(MptStyle):
+    """MPT with a padding mask: the scores filled where ``hf_mask.to(bool)`` (HF's float mask
+    read back as a bool: True where masked)."""
+
+    def forward(self, q, k, v, mask):
+        n = q.shape[2]
+        pos = torch.arange(1 - n, 1, dtype=torch.int32).view(1, 1, 1, n)
+        slopes = 1.0 / torch.pow(2, torch.arange(1, H + 1).float())
+        s = q @ k.transpose(-1, -2) * D ** -0.5 + (pos * slopes.view(1, H, 1, 1)).squeeze(0)
+        s = s.masked_fill(_hf_float_mask(mask, q.dtype).to(torch.bool), torch.finfo(q.dtype).min)
+        return torch.softmax(s, dim=-1) @ v
+
+
+class BloomPadded(nn.Module):
+    """BLOOM with a padding mask: ALiBi ``slopes × ((mask.cumsum(-1) - 1) * mask)`` as (B·H, 1, L),
+    ``baddbmm`` on the merged (B·H) axis, scores viewed (B, H, L, L) and Hugging Face's float
+    mask added, softmax in (at least) float32, P·V with ``bmm`` on B·H, heads merged back."""
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, h + 1, dtype=torch.int32))
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        alibi = (slopes[..., None] * pos).reshape(b * h, 1, n).to(q.dtype)
+        s = alibi.baddbmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(-1, -2), beta=1.0,
+                          alpha=d ** -0.5)
+        s = s.view(b, h, n, n) + _hf_float_mask(mask, q.dtype)
+        up = torch.promote_types(q.dtype, torch.float32)   # float32 (float64 for the reference: its fill)
+        p = torch.softmax(s, dim=-1, dtype=up).to(q.dtype).view(b * h, n, n)
+        out = torch.bmm(p, v.reshape(b * h, n, d)).view(b, h, n, d)
+        return out.permute(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+def _run_recording_bias(gm, inputs):
+    """(the graph's output, (shape, stride) of the bias its fused call reads, or None)."""
+    seen = []
+
+    class Recorder(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if "attnfuse.flash_attention" in str(target):
+                b = kwargs.get("bias", args[3] if len(args) > 3 else None)
+                seen.append(None if b is None else (tuple(b.shape), b.stride()))
+            return super().call_function(target, args, kwargs)
+
+    out = Recorder(gm).run(*inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert len(seen) == 1
+    return out, seen[0]
+
+
+@pytest.mark.parametrize("module,dialect", [(FalconStyle, "aten"), (MptPadded, "aten"), (BloomPadded, "aten")])
+def test_padded_alibi_fuses_with_no_square_tensor(module, dialect):   # dynamo: test_real_models
+    """Falcon: the bounded ALiBi term it fills over is the op's (B, H, 1, Lk) bias (a query
+    broadcast, O(L)), the fill causal + key_mask with the empty-row fix-up; MPT: alibi_slopes,
+    causal + key_mask; BLOOM: matched on (B, H) though its products run on B·H, its ALiBi
+    (B·H, 1, Lk) reshaped to the (B, H, 1, Lk) bias beside the finite-fill mask (causal +
+    key_mask + fix-up). The rewritten graph holds no (Lq, Lk) tensor; outputs (the padded
+    rows' uniform average included) equal eager's in float64."""
+    mod = module()
+    q, k, v = _qkv_n()
+    gm, inputs = capture(mod, (q, k, v, _PAD), dialect)
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    kw = _op_kwargs(res.graph_module)
+    (f,) = res.report.fusions
+    assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup, f.masks
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    if module in (FalconStyle, BloomPadded):   # stride 0 along the queries: O(B·H·Lk) values
+        assert bias[0] == (B, H, 1, N) and kw.get("alibi_slopes") is None, bias
+    else:
+        assert bias is None and kw.get("alibi_slopes") is not None
+    shapes = [n.meta.get("val", n.meta.get("example_value")) for n in res.graph_module.graph.nodes]
+    assert not [s.shape for s in shapes if isinstance(s, torch.Tensor) and list(s.shape).count(N) >= 2]
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD), atol=2e-6, rtol=2e-6)
+
+
+def test_fill_over_an_unbounded_term_stays_a_bias():
+    """x = -inf at item 1's only visible key of row 0: eager averages that row over its
+    filled keys, which no structure reproduces; the fused op gets the whole term as its bias."""
+    q, k, v = _qkv_n()
+    x = torch.randn(B, H, 1, N)
+    x[1, :, 0, 0] = float("-inf")
+    mod = FillOverInput()
+    gm, inputs = capture(mod, (q, k, v, _PAD, x), "dynamo")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias[0] == (B, H, N, N), bias
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD, x.double()), atol=2e-6, rtol=2e-6)
+
+
+class BloomMergedInputs(BloomPadded):
+    """BLOOM's scores from q, k, v given already merged, (B·H, L, D): no (B, H) tensor for the
+    op to read, so the attention stays on the merged axis with its mask as one bias."""
+
+    def forward(self, q, k, v, mask):
+        b, n = mask.shape
+        s = torch.bmm(q, k.transpose(-1, -2)).view(b, -1, n, n) + _hf_float_mask(mask, q.dtype)
+        p = torch.softmax(s, dim=-1).view(-1, n, n)
+        return torch.bmm(p, v)
+
+
+def test_split_batch_axis_without_a_merge_to_read_stays_merged():
+    q, k, v = (x.reshape(B * H, N, D) for x in _qkv_n())
+    mod = BloomMergedInputs()
+    gm, inputs = capture(mod, (q, k, v, _PAD), "aten")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    (f,) = res.report.fusions
+    assert any("kept merged" in m and "not a reshape that merged" in m for m in f.masks), f.masks
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias[0] == (1, B * H, N, N), bias
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD), atol=2e-6, rtol=2e-6)
