@@ -71,6 +71,26 @@ def cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def cpp_kernels() -> dict:
+    """The C++ kernels Inductor generated in this process (read back from the fresh
+    ``TORCHINDUCTOR_CACHE_DIR`` the caller gave: the output-code modules name each kernel
+    they compile) and how many shared objects it compiled (one per distinct kernel source:
+    identical kernels of different layers are compiled once)."""
+    import re
+
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    names, shared = [], 0
+    for folder, _, files in os.walk(root or "/nonexistent"):
+        for f in files:
+            path = os.path.join(folder, f)
+            if f.endswith(".so"):
+                shared += 1
+            elif f.endswith(".py"):
+                with open(path, errors="replace") as fh:
+                    names += re.findall(r"^(cpp_\w+) = async_compile\.cpp", fh.read(), re.M)
+    return {"kernels": sorted(names), "shared_objects": shared}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("variant", choices=("inductor", "attnfuse", "attnfuse-noinline", "attnfuse-noguard"))
@@ -78,6 +98,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--model", default="tinygpt", choices=("tinygpt", "gpt2", "llama", "bert", "vit"))
+    ap.add_argument("--kernels", action="store_true",
+                    help="also list the C++ kernels generated (read from TORCHINDUCTOR_CACHE_DIR)")
     args = ap.parse_args()
 
     start = time.perf_counter()
@@ -121,7 +143,8 @@ def main() -> None:
     print(json.dumps({"variant": args.variant, "model": args.model, "train": args.train, "import_torch_s": T_TORCH,
                       "import_attnfuse_s": t_attnfuse, "first_call_s": first_call, "first_call_cpu_s": first_call_cpu,
                       "fused": len(report.fusions) if report is not None else None,
-                      "frames_compiled": int(counters["stats"]["unique_graphs"]), **TIMERS}))
+                      "frames_compiled": int(counters["stats"]["unique_graphs"]),
+                      **(cpp_kernels() if args.kernels else {}), **TIMERS}))
 
 
 if __name__ == "__main__":
