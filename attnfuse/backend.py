@@ -53,9 +53,9 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
     one call (in bf16 only past its own path's 1,536 keys), is replaced at every size by
     :func:`attnfuse.kernels.torch_inline.fused_attention`: that aten call itself, so the
     compiled graph and its compile are Inductor's own (no C++ kernel of ours to compile:
-    inlining these calls made a cold compile of a 2-layer BERT or ViT at 128 tokens cost
-    16-20 % more CPU than Inductor alone, for no run-time gain in float32,
-    benchmarks/results/compile_overhead_policy.txt);
+    inlining these calls made a cold compile of a 2-layer BERT or ViT at 128 tokens
+    compile 2-3 more C++ kernels, 13-26 % more CPU than Inductor alone, for 0.87-1.04x
+    Inductor's speed in float32; benchmarks/results/compile_overhead_policy.txt);
   * any other call whose score count ``B * Hq * Lq * Lk`` is small
     (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype, with bounds of
     their own for inference, for training (inputs that require grad) and for training
@@ -72,9 +72,9 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 
   The report counts the calls replaced either way (``report.inlined``); they stay
   fusions. ``"all"`` inlines the plain calls of the first case too, within the bounds
-  (the previous default: up to ~4 % faster than Inductor at 256 tokens in float32
-  training, for two more C++ kernels to compile). ``False`` keeps every call on the op's
-  runtime kernels. Any other value raises ``ValueError``.
+  (the previous default: 1.04x Inductor at 256 tokens in float32 training, 0.87x at 512,
+  for 2-3 more C++ kernels to compile). ``False`` keeps every call on the op's runtime
+  kernels. Any other value raises ``ValueError``.
 
 A mask proven from the values of a module buffer that dynamo lifted to a graph input
 (nanoGPT's ``tril``) is checked at every call: the compiled callable is a
