@@ -47,12 +47,12 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
 - ``cpu_inline``: ``True`` (default), ``"all"`` or ``False``. With the Inductor inner
   compiler, on CPU:
 
-  * a call that Inductor alone compiles as one call of PyTorch's fused CPU kernel (plain
-    attention: no causal band, bias, key_mask, window, softcap, sinks, ALiBi, dropout or
-    GQA, D == Dv: BERT's and ViT's), and that the CPU dispatcher would also run as that
-    one call (in bf16 only past its own path's 1,536 keys), is replaced at every size by
-    :func:`attnfuse.kernels.torch_inline.fused_attention`: that aten call itself, so the
-    compiled graph and its compile are Inductor's own (no C++ kernel of ours to compile:
+  * a call without a causal band that the CPU dispatcher would run as one plain call of
+    PyTorch's fused CPU kernel (no bias, key_mask, window, softcap, sinks, ALiBi, dropout
+    or GQA, D == Dv; in bf16 only past its own path's 1,536 keys): BERT's and ViT's
+    attention, which Inductor alone fuses into that same call. It is replaced at every
+    size by :func:`attnfuse.kernels.torch_inline.fused_attention`, that aten call itself,
+    so the compiled graph and its compile are Inductor's own (no C++ kernel of ours:
     inlining these calls made a cold compile of a 2-layer BERT or ViT at 128 tokens
     compile 2-3 more C++ kernels, 13-26 % more CPU than Inductor alone, for 0.87-1.04x
     Inductor's speed in float32; benchmarks/results/compile_overhead_policy.txt);
