@@ -44,22 +44,37 @@ Options (``torch.compile(model, backend="attnfuse", options={...})``):
   The environment variable ``ATTNFUSE_REPORT=<folder>`` does the same for every
   compile that does not set this option.
 
-- ``cpu_inline``: ``True`` (default) or ``False``. With the Inductor inner compiler,
-  each fused call on CPU whose score count ``B * Hq * Lq * Lk`` is small
-  (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype, with bounds of
-  their own for inference, for training (inputs that require grad) and for training
-  with a causal band) and that has no dropout is
-  replaced by :func:`attnfuse.kernels.torch_inline.inline_attention`: the same
-  semantics written as aten ops, which Inductor differentiates and compiles into its
-  own C++ kernels (faster than the op's runtime kernels at those sizes). Such a call
-  keeps its (Lq, Lk) probabilities for the backward, as Inductor does for the unfused
-  graph; the bound caps them, and past it nothing quadratic is kept. Under dynamic
-  shapes the bound is a guard: a call on its other side recompiles the graph once. The
-  report counts these calls (``report.inlined``); they stay fusions. A larger call that
-  the CPU dispatcher would run as one plain fused-kernel call (no bias, key_mask or GQA)
-  is replaced by :func:`attnfuse.kernels.torch_inline.fused_attention`, that aten call
-  itself (counted in ``report.inlined`` too). ``False`` keeps every call on the op's
-  runtime kernels.
+- ``cpu_inline``: ``True`` (default), ``"all"`` or ``False``. With the Inductor inner
+  compiler, on CPU:
+
+  * a call without a causal band that the CPU dispatcher would run as one plain call of
+    PyTorch's fused CPU kernel (no bias, key_mask, window, softcap, sinks, ALiBi, dropout
+    or GQA, D == Dv; in bf16 only past its own path's 1,536 keys): BERT's and ViT's
+    attention, which Inductor alone fuses into that same call. It is replaced at every
+    size by :func:`attnfuse.kernels.torch_inline.fused_attention`, that aten call itself,
+    so the compiled graph and its compile are Inductor's own (no C++ kernel of ours:
+    inlining these calls made a cold compile of a 2-layer BERT or ViT at 128 tokens
+    compile 2-3 more C++ kernels, 13-26 % more CPU than Inductor alone, for 0.87-1.04x
+    Inductor's speed in float32; benchmarks/results/compile_overhead_policy.txt);
+  * any other call whose score count ``B * Hq * Lq * Lk`` is small
+    (:data:`attnfuse.kernels.torch_inline.INLINE_MAX_SCORES`, per dtype, with bounds of
+    their own for inference, for training (inputs that require grad) and for training
+    with a causal band) and that has no dropout is replaced by
+    :func:`attnfuse.kernels.torch_inline.inline_attention`: the same semantics written as
+    aten ops, which Inductor differentiates and compiles into its own C++ kernels (faster
+    than the op's runtime kernels at those sizes; where Inductor alone does not fuse the
+    attention it compiles the same softmax kernel for the unfused graph). Such a call
+    keeps its (Lq, Lk) probabilities for the backward, as Inductor does for the unfused
+    graph; the bound caps them, and past it nothing quadratic is kept. Under dynamic
+    shapes the bound is a guard: a call on its other side recompiles the graph once;
+  * a larger call that the CPU dispatcher would run as one plain fused-kernel call (no
+    bias, key_mask or GQA; with a causal band too) gets ``fused_attention`` as well.
+
+  The report counts the calls replaced either way (``report.inlined``); they stay
+  fusions. ``"all"`` inlines the plain calls of the first case too, within the bounds
+  (the previous default: 1.04x Inductor at 256 tokens in float32 training, 0.87x at 512,
+  for 2-3 more C++ kernels to compile). ``False`` keeps every call on the op's runtime
+  kernels. Any other value raises ``ValueError``.
 
 A mask proven from the values of a module buffer that dynamo lifted to a graph input
 (nanoGPT's ``tril``) is checked at every call: the compiled callable is a
@@ -115,6 +130,8 @@ log = logging.getLogger("attnfuse")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 IMPLS = ("auto", "triton", "torch")
 OPTIONS = ("inner", "strict", "impl", "report", "cpu_inline", "warn_unfused", "mode")
+#: The ``cpu_inline`` value that inlines the plain calls too (see the module docstring).
+CPU_INLINE_ALL = "all"
 
 _last_report = None
 _collectors: List[list] = []
@@ -207,8 +224,11 @@ def _parse_options(options: Optional[dict], mode: Optional[str] = None) -> dict:
     flags = {}
     for name, default in (("strict", False), ("cpu_inline", True), ("warn_unfused", True)):
         flags[name] = options.get(name, default)
+        if name == "cpu_inline" and isinstance(flags[name], str) and flags[name] == CPU_INLINE_ALL:
+            continue
         if not isinstance(flags[name], bool):
-            raise ValueError(f"options[{name!r}] must be True or False, got {flags[name]!r}")
+            also = f' or {CPU_INLINE_ALL!r}' if name == "cpu_inline" else ""
+            raise ValueError(f"options[{name!r}] must be True{also} or False, got {flags[name]!r}")
     from attnfuse.compile_mode import parse_mode
 
     return {"inner": inner, "impl": impl, "report": report, "mode": parse_mode(options.get("mode"), mode), **flags}
@@ -243,17 +263,21 @@ def _example(arg: Any, compute: bool = False) -> Any:
     return value
 
 
-def _inline_small_calls(gm: fx.GraphModule) -> int:
-    """Replace each fused-op call on CPU small enough for Inductor's own kernels to win
+def _inline_small_calls(gm: fx.GraphModule, inline_plain: bool = False) -> int:
+    """Replace the fused-op calls on CPU that Inductor compiles best as aten ops, in ``gm``
+    and in the higher-order-op bodies under it; returns how many were replaced: a plain
+    call Inductor alone runs as one fused-kernel call by that call
+    (:func:`~attnfuse.kernels.torch_inline.fused_attention`, unless ``inline_plain``), any
+    other call small enough for Inductor's own kernels to win
     (:func:`attnfuse.kernels.torch_inline.inline_applicable`) by
     :func:`~attnfuse.kernels.torch_inline.inline_attention`, which Inductor traces and
-    fuses, in ``gm`` and in the higher-order-op bodies under it; returns how many were replaced."""
+    fuses, and a larger one-fused-kernel call by ``fused_attention``."""
     from attnfuse.passes.subgraphs import graph_modules
 
-    return sum(_inline_small_calls_in(mod) for _, mod in graph_modules(gm))
+    return sum(_inline_small_calls_in(mod, inline_plain) for _, mod in graph_modules(gm))
 
 
-def _inline_small_calls_in(gm: fx.GraphModule) -> int:
+def _inline_small_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
     """:func:`_inline_small_calls` for ``gm``'s own graph."""
     from attnfuse.kernels import torch_inline
     from attnfuse.op import flash_attention_op
@@ -278,7 +302,11 @@ def _inline_small_calls_in(gm: fx.GraphModule) -> int:
             for n in ("q", "k", "v", "bias", "sinks"))
         if a["impl"] == "triton":
             continue
-        if torch_inline.inline_applicable(
+        if not inline_plain and a["causal"] == "none" and _runs_one_fused_kernel_call(a):
+            # what Inductor alone emits for this attention: inlining it would add C++ kernels
+            # to compile for no run-time gain in float32 (see the module docstring)
+            node.target = torch_inline.fused_attention
+        elif torch_inline.inline_applicable(
                 tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
                 scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],
                 training=training):
@@ -365,10 +393,12 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
     return report, elapsed, (backup if report.fusions else None), buffers_read
 
 
-def _inline_or_warn(gm: fx.GraphModule, graph_id: int, strict: bool) -> int:
-    """:func:`_inline_small_calls`; an internal error leaves the fused-op calls as they are."""
+def _inline_or_warn(gm: fx.GraphModule, graph_id: int, opts: dict) -> int:
+    """:func:`_inline_small_calls` as ``opts["cpu_inline"]`` asks; an internal error leaves
+    the fused-op calls as they are."""
+    strict = opts["strict"]
     try:
-        return _inline_small_calls(gm)
+        return _inline_small_calls(gm, inline_plain=opts["cpu_inline"] == CPU_INLINE_ALL)
     except Exception as e:  # noqa: BLE001
         if strict:
             raise
@@ -418,7 +448,7 @@ def _prepare(gm: fx.GraphModule, example_inputs: list, opts: dict, graph_id: int
     if opts["warn_unfused"] and report.near_misses:
         report.unfused_attention = _attention_like(gm, report, opts["strict"])
     if backup is not None and opts["inner"] == "inductor" and opts["cpu_inline"]:
-        report.inlined = _inline_or_warn(gm, graph_id, opts["strict"])
+        report.inlined = _inline_or_warn(gm, graph_id, opts)
     return report, elapsed, backup, buffers_read
 
 
@@ -617,7 +647,7 @@ def _witnessed(compiled: Callable, gm: fx.GraphModule, example_inputs: list, bac
             if opts["impl"] != "auto":
                 _set_impl(fb, opts["impl"])
             if opts["inner"] == "inductor" and opts["cpu_inline"]:
-                _inline_small_calls(fb)
+                _inline_small_calls(fb, inline_plain=opts["cpu_inline"] == CPU_INLINE_ALL)
         except Exception as e:  # noqa: BLE001  (the graph as dynamo produced it is exact)
             if opts["strict"]:
                 raise

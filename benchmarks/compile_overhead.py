@@ -236,7 +236,7 @@ def cold_child(variant: str, layers: int, train: bool, model: str = "tinygpt", s
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
                    TORCHINDUCTOR_AUTOGRAD_CACHE="0", TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore")
         cmd = [sys.executable, os.path.join(HERE, "cold_compile_child.py"), variant, "--layers", str(layers),
-               "--model", model, "--seq", str(seq)]
+               "--model", model, "--seq", str(seq), "--kernels"]
         done = subprocess.run(cmd + (["--train"] if train else []), env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{variant} child failed:\n{done.stderr[-3000:]}")
@@ -257,21 +257,30 @@ def part3(variants, layers: int, reps: int, modes, model: str = "tinygpt", seq: 
             for v in variants:
                 runs[v].append(cold_child(v, layers, train, model, seq))
                 r = runs[v][-1]
-                print(f"   {v:<18} first call {r['first_call_s']:7.2f} s wall, {r['first_call_cpu_s']:7.2f} s CPU, "
-                      f"in compile_fx {r.get('inductor_s', 0.0):7.2f} s wall", flush=True)
+                print(f"   {v:<18} first call {r['first_call_s']:7.2f} s wall, {r['first_call_cpu_s']:7.2f} s CPU "
+                      f"({r['first_call_children_cpu_s']:6.2f} s in the C++ compiler), "
+                      f"in compile_fx {r.get('inductor_s', 0.0):7.2f} s wall, {len(r['kernels'])} C++ kernels",
+                      flush=True)
         base = med(r["first_call_cpu_s"] for r in runs["inductor"]) if "inductor" in runs else None
-        print(f"{'variant':<18} {'CPU s':>7} {'added':>8} {'wall s':>7} {'min wall':>8} {'inductor s':>10} "
-              f"{'rewrite s':>9} {'report s':>8} {'witness s':>9} {'import af s':>11} frames fused"
-              "   (rewrite/report/witness: CPU s of this process; inductor s: wall)")
+        kbase = med(r["first_call_children_cpu_s"] for r in runs["inductor"]) if "inductor" in runs else None
+        print(f"{'variant':<18} {'CPU s':>7} {'added':>8} {'C++ CPU s':>9} {'added':>8} {'wall s':>7} {'min wall':>8} "
+              f"{'inductor s':>10} {'rewrite s':>9} {'report s':>8} {'witness s':>9} {'import af s':>11} frames fused "
+              "inlined kernels   (rewrite/report/witness: CPU s of this process; inductor s: wall; "
+              "C++: the compiler's CPU s)")
         for v, rs in runs.items():
             cpu = med(r["first_call_cpu_s"] for r in rs)
             first = med(r["first_call_s"] for r in rs)
             added = "" if base is None or v == "inductor" else f"{100 * (cpu - base) / base:+7.1f}%"
+            kids = med(r["first_call_children_cpu_s"] for r in rs)
+            kadded = "" if kbase is None or v == "inductor" else f"{100 * (kids - kbase) / kbase:+7.1f}%"
             cols = [med(r.get(k, 0.0) for r in rs) for k in ("inductor_s", "rewrite_s_cpu", "report_s_cpu",
                                                                "witness_s_cpu", "import_attnfuse_s")]
-            print(f"{v:<18} {cpu:7.2f} {added:>8} {first:7.2f} {min(r['first_call_s'] for r in rs):8.2f} {cols[0]:10.2f} "
+            print(f"{v:<18} {cpu:7.2f} {added:>8} {kids:9.2f} {kadded:>8} {first:7.2f} "
+                  f"{min(r['first_call_s'] for r in rs):8.2f} {cols[0]:10.2f} "
                   f"{cols[1]:9.3f} {cols[2]:8.3f} {cols[3]:9.3f} {cols[4]:11.2f} {rs[0].get('frames_compiled')!s:>6} "
-                  f"{rs[0]['fused']}")
+                  f"{rs[0]['fused']!s:>5} {rs[0].get('inlined')!s:>7} {len(rs[0]['kernels']):7d}")
+        for v, rs in runs.items():
+            print(f"   {v} C++ kernels: {', '.join(rs[0]['kernels'])}")
 
 
 def main():
@@ -285,7 +294,7 @@ def main():
                     help="only part 3: cold compiles in fresh processes, attnfuse against Inductor alone")
     ap.add_argument("--cold-layers", type=int, default=2)
     ap.add_argument("--cold-variants", default="inductor,attnfuse",
-                    help="among inductor, attnfuse, attnfuse-noinline, attnfuse-noguard")
+                    help="among inductor, attnfuse, attnfuse-noinline, attnfuse-inlineall, attnfuse-noguard")
     ap.add_argument("--cold-modes", default="infer,train")
     ap.add_argument("--cold-models", default="tinygpt", help="among tinygpt, gpt2, llama, bert, vit")
     ap.add_argument("--cold-seq", type=int, default=SEQ)

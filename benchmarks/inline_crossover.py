@@ -12,7 +12,9 @@ shapes:
 - ``runtime``:  the same function with ``backend="attnfuse"`` and ``cpu_inline=False``
                 (the fused op's CPU path: PyTorch's flash kernel or our lowp path);
 - ``inline``:   ``backend="attnfuse"`` with the call inlined for Inductor (forced at
-                every size by this script: ``INLINE_MAX_SCORES`` is raised in the child).
+                every size by this script: ``INLINE_MAX_SCORES`` is raised in the child,
+                and ``cpu_inline="all"``, without which a ``none`` call gets the fused
+                kernel's call as Inductor alone emits it, not the inline).
 
 Ratios are X / inline (higher = inline faster), on medians of ``--reps`` rounds after
 two warm-ups (minima in brackets). ``INLINE_MAX_SCORES`` is chosen from this table.
@@ -62,7 +64,7 @@ def _child(length: int, mask: str, dtype_name: str, reps: int, threads: int) -> 
            "runtime": torch.compile(attention, dynamic=False, backend="attnfuse",
                                     options={"cpu_inline": False, "strict": True}),
            "inline": torch.compile(attention, dynamic=False, backend="attnfuse",
-                                   options={"strict": True})}
+                                   options={"cpu_inline": "all", "strict": True})}
     inlined = {}
 
     call = make_call(fns, q, k, v, dout)

@@ -31,10 +31,14 @@ Not inlined (the runtime op runs): dropout (its keep-mask comes from a seed read
 run time), fp16 and float64, and anything over :func:`max_scores`. Under dynamic shapes
 the bound becomes a guard (see :func:`inline_applicable`).
 
-A larger call that the CPU dispatcher sends to PyTorch's fused kernel as one plain call
+A call that the CPU dispatcher sends to PyTorch's fused kernel as one plain call
 (its "fused" path with no bias, key_mask or GQA: BERT's and ViT's attention) is replaced
-by :func:`fused_attention` instead: that one ``aten._scaled_dot_product_flash_attention_for_cpu``
-call itself, which is what Inductor emits for the attention it fuses on its own. So the
+by :func:`fused_attention` instead: past the bound, and by default at every size when it
+has no causal band either (Inductor alone fuses such attention into that call, so
+inlining it would only add C++ kernels to a cold compile, for no run-time gain in
+float32: the backend option ``cpu_inline``, benchmarks/results/compile_overhead_policy.txt).
+That is one ``aten._scaled_dot_product_flash_attention_for_cpu`` call itself, which is
+what Inductor emits for the attention it fuses on its own. So the
 compiled graph calls the kernel without the custom op's Python dispatch, and with the
 kernel's own output layout ((B, Lq, Hq, Dv) in memory, which makes the usual
 ``transpose(1, 2).reshape(B, Lq, Hq * Dv)`` after attention a view) instead of a copy to

@@ -198,9 +198,17 @@ def _compiled_check(model, q, k, v, key_mask=None, **options) -> int:
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_compiled_causal_is_inlined(dtype, runtime_calls):
+    """A causal call (which Inductor alone runs unfused) is inlined by default, not lowered
+    to the fused kernel's call (the lowering of plain calls)."""
+    from torch._inductor import config as inductor_config
+
+    graphs = []
     q, k, v = make_qkv(2, 4, 4, 48, 48, 16, 16, dtype)
-    assert _compiled_check(Attention(), q, k, v) == 1
+    with inductor_config.patch(post_grad_custom_post_pass=lambda g: graphs.append(
+            [str(n.target) for n in g.nodes if n.op == "call_function"])):
+        assert _compiled_check(Attention(), q, k, v) == 1
     assert runtime_calls == {"fwd": 0, "bwd": 0}  # Inductor's own code ran, not the op
+    assert graphs and not [t for g in graphs for t in g if "flash_attention" in t], graphs
 
 
 def test_compiled_padding_is_inlined(runtime_calls):
@@ -233,9 +241,10 @@ def test_each_kind_of_call_has_its_own_bound(grad, causal, monkeypatch):
     kind = ("train_banded" if causal else "train") if grad else "eval"
     for k in TI.INLINE_MAX_SCORES:
         monkeypatch.setitem(TI.INLINE_MAX_SCORES[k], F32, 2 * 4 * 48 * 48 if k == kind else 0)
+    monkeypatch.setattr(TI, "USE_FUSED_LOWERING", False)  # past the bound: the op, not counted
     q, k, v = make_qkv(2, 4, 4, 48, 48, 16, 16, F32)
     model = Attention(causal=causal)
-    compiled = _compile(model)
+    compiled = _compile(model, cpu_inline="all")  # "all": the plain call is inlined too
     q.requires_grad_()  # no_grad still makes it an inference call
     with collect_reports() as reports, torch.set_grad_enabled(grad):
         out = compiled(q, k, v)
@@ -296,6 +305,52 @@ def test_one_fused_kernel_call_is_lowered_to_it(runtime_calls, monkeypatch):
     assert [t for t in bwd if "attention" in t] == [
         "aten._scaled_dot_product_flash_attention_for_cpu_backward.default"]
     assert not [t for t in fwd if "clone" in t or "copy" in t], fwd
+
+
+@pytest.mark.parametrize("causal,cpu_inline,lowering", [
+    (False, True, "fused_kernel"),  # plain: Inductor alone fuses it, so it gets Inductor's own call
+    (False, "all", "inline"),       # ... unless asked to inline every small call
+])
+def test_plain_calls_get_inductors_own_lowering(causal, cpu_inline, lowering):
+    """A plain call that Inductor alone compiles as one fused-kernel call becomes that call
+    at every size, even inside the inline bounds (inlining it costs a cold compile more C++
+    kernels for no run-time gain in float32: benchmarks/results/compile_overhead_policy.txt);
+    ``cpu_inline="all"`` inlines it (a causal call is inlined by default:
+    :func:`test_compiled_causal_is_inlined`)."""
+    graphs = []
+
+    def grab(graph):
+        graphs.append([str(n.target) for n in graph.nodes if n.op == "call_function"])
+
+    from torch._inductor import config as inductor_config
+
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 8, 8, F32, layout="blhd")
+    model = Attention(causal=causal)
+    assert TI.inline_applicable(q.shape, k.shape, F32, q.device, dropout_p=0.0, scale=0.5,
+                                softcap=0.0, window=0, causal="top_left" if causal else "none",
+                                training=False)
+    with inductor_config.patch(post_grad_custom_post_pass=grab), collect_reports() as reports, \
+            torch.no_grad():
+        out = _compile(model, cpu_inline=cpu_inline)(q, k, v)
+    assert [r.inlined for r in reports] == [1]
+    torch.testing.assert_close(out, model(q, k, v), atol=2e-5, rtol=2e-5)
+    fwd, = graphs
+    assert not [t for t in fwd if "attnfuse" in t], fwd
+    fused = [t for t in fwd if "flash_attention" in t]
+    if lowering == "fused_kernel":
+        assert fused == ["aten._scaled_dot_product_flash_attention_for_cpu.default"], fwd
+    else:
+        assert not fused and "aten.exp.default" in fwd, fwd
+
+
+@pytest.mark.parametrize("value", ["yes", "All", 1, None])
+def test_cpu_inline_takes_a_bool_or_all(value):
+    """``cpu_inline`` is True, False or "all"; anything else is a ValueError at compile."""
+    from attnfuse.backend import _parse_options
+
+    assert _parse_options({"cpu_inline": "all"})["cpu_inline"] == "all"
+    with pytest.raises(ValueError, match="cpu_inline"):
+        _parse_options({"cpu_inline": value})
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
