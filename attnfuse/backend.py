@@ -114,7 +114,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import itertools
 import logging
 import os
@@ -124,6 +123,8 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 from torch import fx
+
+from attnfuse import cpu_lowering
 
 log = logging.getLogger("attnfuse")
 
@@ -234,118 +235,6 @@ def _parse_options(options: Optional[dict], mode: Optional[str] = None) -> dict:
     return {"inner": inner, "impl": impl, "report": report, "mode": parse_mode(options.get("mode"), mode), **flags}
 
 
-def _example(arg: Any, compute: bool = False) -> Any:
-    """The example value of a graph argument (a FakeTensor for a tensor node), or the
-    argument itself when it is a constant. Nodes the rewrite emitted carry none: with
-    ``compute``, theirs is computed from their inputs' under the inputs' fake mode (None
-    where that fails)."""
-    if not isinstance(arg, fx.Node):
-        return arg
-    if "example_value" in arg.meta or "val" in arg.meta:
-        return arg.meta.get("example_value", arg.meta.get("val"))
-    if not compute or arg.op not in ("call_function", "call_method"):
-        return None
-    args, kwargs = fx.node.map_arg((arg.args, arg.kwargs), lambda n: _example(n, True))
-    inputs = [_example(n, True) for n in arg.all_input_nodes]  # set by map_arg above
-    modes = [getattr(v, "fake_mode", None) for v in inputs if isinstance(v, torch.Tensor)]
-    if None in inputs or not modes or None in modes:
-        return None
-    fake_mode = modes[0]  # the inputs' own mode (not the tracing context's: they may differ)
-    try:
-        with fake_mode:
-            if arg.op == "call_method":
-                value = getattr(args[0], arg.target)(*args[1:], **kwargs)
-            else:
-                value = arg.target(*args, **kwargs)
-    except Exception:  # noqa: BLE001  (unknown shape: the call is simply not inlined)
-        return None
-    arg.meta["example_value"] = value
-    return value
-
-
-def _inline_small_calls(gm: fx.GraphModule, inline_plain: bool = False) -> int:
-    """Replace the fused-op calls on CPU that Inductor compiles best as aten ops, in ``gm``
-    and in the higher-order-op bodies under it; returns how many were replaced: a plain
-    call Inductor alone runs as one fused-kernel call by that call
-    (:func:`~attnfuse.kernels.torch_inline.fused_attention`, unless ``inline_plain``), any
-    other call small enough for Inductor's own kernels to win
-    (:func:`attnfuse.kernels.torch_inline.inline_applicable`) by
-    :func:`~attnfuse.kernels.torch_inline.inline_attention`, which Inductor traces and
-    fuses, and a larger one-fused-kernel call by ``fused_attention``."""
-    from attnfuse.passes.subgraphs import graph_modules
-
-    return sum(_inline_small_calls_in(mod, inline_plain) for _, mod in graph_modules(gm))
-
-
-def _inline_small_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
-    """:func:`_inline_small_calls` for ``gm``'s own graph."""
-    from attnfuse.kernels import torch_inline
-    from attnfuse.op import flash_attention_op
-
-    sig = inspect.signature(flash_attention_op._init_fn)
-    ops = (torch.ops.attnfuse.flash_attention, torch.ops.attnfuse.flash_attention.default)
-    count = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in ops:
-            continue
-        bound = sig.bind(*node.args, **node.kwargs)
-        bound.apply_defaults()
-        a = {name: _example(val, compute=True) for name, val in bound.arguments.items()}
-        q, k = a["q"], a["k"]
-        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
-            continue  # no recorded example value: the shapes are unknown here
-        if any(isinstance(bound.arguments.get(n), fx.Node) and a.get(n) is None
-               for n in ("bias", "key_mask", "sinks", "alibi_slopes")):
-            continue
-        training = torch.is_grad_enabled() and any(
-            isinstance(a.get(n), torch.Tensor) and a[n].requires_grad
-            for n in ("q", "k", "v", "bias", "sinks"))
-        if a["impl"] == "triton":
-            continue
-        if not inline_plain and a["causal"] == "none" and _runs_one_fused_kernel_call(a):
-            # what Inductor alone emits for this attention: inlining it would add C++ kernels
-            # to compile for no run-time gain in float32 (see the module docstring)
-            node.target = torch_inline.fused_attention
-        elif torch_inline.inline_applicable(
-                tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
-                scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],
-                training=training):
-            node.target = torch_inline.inline_attention
-        elif _runs_one_fused_kernel_call(a):
-            node.target = torch_inline.fused_attention
-        else:
-            continue
-        count += 1
-    if count:
-        gm.recompile()
-    return count
-
-
-def _runs_one_fused_kernel_call(a: dict) -> bool:
-    """Whether the CPU dispatcher runs this call (its arguments' example values) as one
-    plain call of PyTorch's fused kernel, so that
-    :func:`attnfuse.kernels.torch_inline.fused_attention` can stand for it: the "fused"
-    path with no bias, key_mask, dropout, softcap, window, sinks, ALiBi or GQA, and D == Dv. Under
-    dynamic shapes the dispatcher's size tests (the bf16 path's key bound) become guards."""
-    from attnfuse.kernels import torch_impl, torch_inline
-
-    q, k, v = a["q"], a["k"], a["v"]
-    if not (torch_inline.USE_INLINE and torch_inline.USE_FUSED_LOWERING) or not isinstance(v, torch.Tensor):
-        return False
-    if a["bias"] is not None or a["key_mask"] is not None or q.device.type != "cpu":
-        return False
-    if a.get("sinks") is not None or a.get("alibi_slopes") is not None:
-        return False
-    if not all(type(a[n]) in (int, float) for n in ("dropout_p", "scale", "softcap", "window")):
-        return False  # a run-time value (a graph node or a SymFloat)
-    if a["dropout_p"] or a["softcap"] or a["window"] or a["causal"] not in ("none", "top_left", "bottom_right"):
-        return False
-    if q.shape[1] != k.shape[1] or q.shape[-1] != v.shape[-1]:
-        return False
-    plan = torch_impl.forward_plan(q, k, v, None, causal=a["causal"], dropout_p=0.0, softcap=0.0)
-    return plan.path == "fused"  # with Hq == Hkv: neither merged query groups nor repeated K/V
-
-
 def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, graph_id: int,
              leave_unfused: Optional[dict] = None, warn_failed: bool = True):
     """Rewrite ``gm`` in place; returns its report. A fusion that fails to emit or check is
@@ -394,11 +283,11 @@ def _rewrite(gm: fx.GraphModule, example_inputs: list, impl: str, strict: bool, 
 
 
 def _inline_or_warn(gm: fx.GraphModule, graph_id: int, opts: dict) -> int:
-    """:func:`_inline_small_calls` as ``opts["cpu_inline"]`` asks; an internal error leaves
+    """:func:`attnfuse.cpu_lowering.lower_cpu_calls` as ``opts["cpu_inline"]`` asks; an internal error leaves
     the fused-op calls as they are."""
     strict = opts["strict"]
     try:
-        return _inline_small_calls(gm, inline_plain=opts["cpu_inline"] == CPU_INLINE_ALL)
+        return cpu_lowering.lower_cpu_calls(gm, inline_plain=opts["cpu_inline"] == CPU_INLINE_ALL)
     except Exception as e:  # noqa: BLE001
         if strict:
             raise
@@ -647,7 +536,7 @@ def _witnessed(compiled: Callable, gm: fx.GraphModule, example_inputs: list, bac
             if opts["impl"] != "auto":
                 _set_impl(fb, opts["impl"])
             if opts["inner"] == "inductor" and opts["cpu_inline"]:
-                _inline_small_calls(fb, inline_plain=opts["cpu_inline"] == CPU_INLINE_ALL)
+                cpu_lowering.lower_cpu_calls(fb, inline_plain=opts["cpu_inline"] == CPU_INLINE_ALL)
         except Exception as e:  # noqa: BLE001  (the graph as dynamo produced it is exact)
             if opts["strict"]:
                 raise
