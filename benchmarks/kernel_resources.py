@@ -10,11 +10,12 @@ and the two flash-decoding kernels (``triton_decode.DECODE_KERNEL_CONFIGS``).
 Shared memory comes from ``compiled.metadata.shared``; registers and spills from the
 ptxas bundled with Triton (``ptxas -v`` on ``compiled.asm["ptx"]``).  Each kernel is
 compiled with the most expensive constexpr variant its config list serves: the
-"plain" lists (no bias, no dropout) with causal + softcap; the "[heavy]" lists (bias or
-dropout) with causal, float bias, softcap, dropout and the dS output all on; window and
+"plain" lists (no bias, no dropout, no ALiBi) with causal + softcap + sinks; the
+"[heavy]" lists (bias, dropout or ALiBi slopes: ``triton_flash._heavy``) with causal,
+float bias, softcap, dropout, the dS output, sinks and ALiBi all on; window and
 key_mask on wherever a kernel takes them.  The decode split kernel has one list per
 (head dim, dtype, tile height BLOCK_M) for every mask variant, compiled with everything
-on; BLOCK_M is set by the packed row count, not tuned (``triton_decode.decode_block_ms``).
+on (ALiBi included); BLOCK_M is set by the packed row count, not tuned (``triton_decode.decode_block_ms``).
 
 Coverage check: every entry of every config table (``triton_flash._CONFIG_TABLE``,
 ``triton_decode._SPLIT_TABLE``, the combine config) must be compiled by the default
@@ -81,14 +82,15 @@ def _signature(fn, dtype_name, constexprs):
 
 
 def _worst_constexprs(fn, head_dim, dtype_name, config, heavy, block_m=None):
-    # "plain" variant lists: causal + softcap, no bias, no dropout.
-    # "heavy" variant lists (bias or dropout): everything on.  The preprocess kernel's
+    # "plain" variant lists: causal + softcap + sinks, no bias, no dropout, no ALiBi.
+    # "heavy" variant lists (bias, dropout or ALiBi: triton_flash._heavy): everything
+    # on.  The preprocess kernel's
     # rare recompute path always includes the bias; the decode kernels have one list
     # for every variant, so they get everything on.
     heavy = heavy or fn.__name__ in ("_attn_bwd_preprocess", "_attn_decode_split")
     cx = dict(HEAD_D=head_dim, HEAD_DV=head_dim, CAUSAL=1, BIAS_KIND=1 if heavy else 0,
               SOFTCAP=True, DROPOUT=heavy, NEED_DS=heavy, WINDOW=True, KEY_MASK=True, SINKS=True,
-              ALIBI=True,   # ALiBi slopes (issue 22): part of every worst case
+              ALIBI=heavy,  # ALiBi slopes (issue 22) pick the heavy lists
               DOT_FP32=False, DOT_PREC=tf._dot_precision(DTYPES[dtype_name], head_dim),
               **config.kwargs)
     if block_m is not None:

@@ -64,8 +64,9 @@ def _cfg(block_m, block_n, warps, stages):
 # --------------------------------------------------------------------------------------
 # Config lists: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, padded head dim
 # class (<= 64, 128, 256; the max of D and Dv), element width (16: fp16/bf16, 32: fp32)
-# and variant: "plain" (no bias, no dropout) or "heavy" (a bias tile and/or the Philox
-# dropout stream per tile: many more live registers, so smaller tiles).  The 16-bit
+# and variant: "plain" (no bias, no dropout, no ALiBi) or "heavy" (a bias tile, the Philox
+# dropout stream and/or the ALiBi index arithmetic per tile: many more live registers, so
+# smaller tiles; :func:`_heavy`).  The 16-bit
 # plain lists of every head dim class and the fp32 backward lists were retuned (issue
 # 21) from the kernels AS LAUNCHED (benchmarks/kernel_launched.py: Triton's own
 # specialisation of unit strides and divisibility-16 attributes, which the launched
@@ -101,7 +102,7 @@ _CONFIG_TABLE = {
         (128, 16, False): [(32, 64, 8, 2), (16, 64, 8, 2)],
         (128, 16, True): [(16, 64, 8, 2), (16, 32, 4, 2)],
         (256, 16, False): [(16, 32, 4, 2), (32, 32, 8, 2)],
-        (256, 16, True): [(16, 32, 8, 1), (16, 16, 4, 1)],
+        (256, 16, True): [(16, 16, 4, 1)],     # 16x32 w8 spilled 12 B with ALiBi (sm_90)
         (64, 32, False): [(16, 32, 4, 2), (16, 16, 4, 2)],
         (64, 32, True): [(16, 32, 8, 1), (16, 16, 8, 1)],
         (128, 32, False): [(16, 32, 4, 2)],
@@ -164,7 +165,7 @@ def _configs(kernel: str, head_dim: int, dtype, heavy: bool, arch: int = 80) -> 
 
 
 def fwd_configs(head_dim: int, dtype, heavy: bool = False, arch: int = 80) -> list:
-    """Autotune configs of the forward kernel for (head dim, dtype, bias/dropout) on
+    """Autotune configs of the forward kernel for (head dim, dtype, bias/dropout/ALiBi) on
     sm_``arch`` (``_SM90_TABLE`` from 90 on)."""
     return _configs("attn_fwd", head_dim, dtype, heavy, arch)
 
@@ -204,6 +205,14 @@ def _arch(device: torch.device) -> int:
     """The compute capability of ``device`` as 10·major + minor (80: A100, 90: H100)."""
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
+
+
+def _heavy(bias_kind: int, dropout: bool, alibi: bool) -> bool:
+    """The "heavy" config lists (smaller tiles) serve a bias tile, the dropout stream and
+    ALiBi: the per-tile position arithmetic of ALiBi spills registers with the plain
+    lists' tiles (e.g. forward d64 fp16 128x64 w4: 8 B on sm_80, 16 B on sm_90;
+    benchmarks/kernel_resources.py).  Sinks stay plain: they touch only the epilogue."""
+    return bool(bias_kind or dropout or alibi)
 
 
 def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool):
@@ -259,7 +268,8 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
-    kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype, bias_kind or dropout)
+    kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype,
+                           _heavy(bias_kind, dropout, alibi))
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
         q, k, v, b_t, st["km"], st["kb"], a_t, out, lse, sk_t,
@@ -315,7 +325,7 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
-    heavy = bool(bias_kind or dropout)
+    heavy = _heavy(bias_kind, dropout, alibi)
     consts = dict(HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
                   CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind,
                   SOFTCAP=c["SOFTCAP"], KEY_MASK=st["KEY_MASK"],

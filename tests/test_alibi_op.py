@@ -217,3 +217,30 @@ def test_cpu_causal_alibi_runs_as_a_key_bias_with_the_ops_lse():
         ref.backward(grad)
         for name, t, r in zip("qkv", leaves, ref_leaves):
             assert_close_rel(t.grad, r.grad, 5e-4, f"d{name} {causal}")
+
+
+def test_triton_alibi_picks_the_heavy_config_lists(monkeypatch):
+    """ALiBi's per-tile index arithmetic spills registers with the plain lists' tiles
+    (benchmarks/kernel_resources.py), so every forward and backward kernel of an ALiBi
+    call takes the "heavy" config lists; sinks alone keep the plain ones."""
+    from attnfuse.kernels import triton_flash as tf
+
+    picked = []
+    real = tf._launcher
+
+    def spy(name, device, head_dim, dtype, heavy):
+        picked.append((name, bool(heavy)))
+        return real(name, device, head_dim, dtype, heavy)
+
+    monkeypatch.setattr(tf, "_launcher", spy)
+    q, k, v, _ = _inputs(b=1, hq=2, hkv=2, lq=5, lk=7)
+    opts = dict(scale=0.25, causal="none", dropout_p=0.0, softcap=0.0, seed=0)
+    slopes = torch.tensor([0.5, 0.25])
+    out, lse = tf.forward(q, k, v, None, alibi_slopes=slopes, decode=False, **opts)
+    tf.backward(torch.ones_like(out), q, k, v, None, out, lse, need_dbias=False,
+                alibi_slopes=slopes, **opts)
+    assert picked == [(n, True) for n in ("attn_fwd", "attn_bwd_preprocess",
+                                          "attn_bwd_dkdv", "attn_bwd_dq")]
+    picked.clear()
+    tf.forward(q, k, v, None, sinks=torch.tensor([0.1, -0.2]), decode=False, **opts)
+    assert picked == [("attn_fwd", False)]
