@@ -151,6 +151,8 @@ class Scenario:
     key_mask: bool = False
     backward: bool = True
     qkv_fused: bool = False
+    alibi: bool = False               # (Hq,) float32 ALiBi slopes: the heavy lists
+    sinks: bool = False               # (Hq,) float32 attention sinks
 
     @property
     def fallback(self) -> bool:
@@ -175,6 +177,10 @@ SCENARIOS = [
              "float_grad"),
     Scenario("masks d128 fp16 window+key_mask", 2, 16, 16, 2048, 2048, 128, "fp16",
              "top_left", window=512, key_mask=True),
+    Scenario("alibi d128 bf16 causal", 1, 16, 16, 2048, 2048, 128, "bf16", "top_left",
+             alibi=True),
+    Scenario("sinks d128 fp16 causal window", 1, 16, 16, 2048, 2048, 128, "fp16", "top_left",
+             window=512, sinks=True),
     Scenario("decode d128 bf16 gqa", 8, 32, 8, 1, 8192, 128, "bf16", "bottom_right",
              backward=False),
     Scenario("decode d64 fp16 lq16", 4, 16, 16, 16, 4096, 64, "fp16", "bottom_right",
@@ -201,7 +207,8 @@ def _inputs(s: Scenario):
             if s.bias else None)
     key_mask = (torch.ones(s.B, s.Lk, device="cuda", dtype=torch.bool)
                 if s.key_mask else None)
-    return q, k, v, bias, key_mask
+    per_head = lambda on: torch.empty(s.Hq, device="cuda", dtype=torch.float32) if on else None
+    return q, k, v, bias, key_mask, per_head(s.alibi), per_head(s.sinks)
 
 
 def capture(s: Scenario, arch: int = 90) -> list:
@@ -210,9 +217,10 @@ def capture(s: Scenario, arch: int = 90) -> list:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(), recording(arch) as sink:
-        q, k, v, bias, key_mask = _inputs(s)
+        q, k, v, bias, key_mask, slopes, sinks = _inputs(s)
         opts = dict(scale=s.D ** -0.5, causal=s.causal, dropout_p=s.dropout_p,
-                    softcap=0.0, seed=1234, window=s.window, key_mask=key_mask)
+                    softcap=0.0, seed=1234, window=s.window, key_mask=key_mask,
+                    alibi_slopes=slopes, sinks=sinks)
         out, lse = tf.forward(q, k, v, bias, **opts)
         if s.backward:
             tf.backward(torch.empty_like(out), q, k, v, bias, out, lse,
