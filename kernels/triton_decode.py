@@ -258,7 +258,7 @@ def _attn_decode_combine(
 # element width) and tile height BLOCK_M, which is not tuned but set by the packed row
 # count (decode_block_m) up to the largest height listed.  Every entry compiles for
 # sm_80 and sm_90 with no register spills and shared memory within the per-block
-# limits, with every mask feature on (causal, window, float bias, softcap, key_mask):
+# limits, with every feature on (causal, window, float bias, softcap, key_mask, ALiBi):
 # benchmarks/kernel_resources.py.  The heights and tiles that spilled there are left
 # out (e.g. BLOCK_M 64 beyond head dim 64 fp16; BLOCK_M 32 with fp32 "tf32x3" dots).
 # --------------------------------------------------------------------------------------
