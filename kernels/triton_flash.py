@@ -2,9 +2,12 @@
 :func:`forward` and :func:`backward` called by the ``attnfuse::flash_attention`` op.
 
 On CUDA tensors the kernels run through ``triton.autotune`` with a config list per
-(padded head dim, dtype) sized for sm_80 and sm_90 (checked offline, without a GPU, by
-``benchmarks/kernel_resources.py``: no register spills, shared memory within the
-A100/H100 per-block limits).  On CPU tensors they run in Triton's interpreter, which
+(padded head dim, dtype) sized for sm_80 and sm_90, checked offline without a GPU:
+``benchmarks/kernel_launched.py`` compiles them as launched (specialised on the call's
+strides): no register spills; ``benchmarks/kernel_resources.py`` compiles every entry with
+every mask on and nothing specialised, a bound: shared memory within the A100/H100
+per-block limits, and some plain-list entries spill there
+(``benchmarks/results/kernel_resources_sinks_alibi.txt``).  On CPU tensors they run in Triton's interpreter, which
 needs ``TRITON_INTERPRET=1`` in the environment BEFORE this module (and the kernel
 modules) are imported; there one fixed small config is used, because a multi-config
 autotune fails in the interpreter ("0 active drivers").
