@@ -108,7 +108,7 @@ class PathRule(NamedTuple):
 #: (tests/test_kernels_layout.py).
 PATHS: tuple[PathRule, ...] = (
     PathRule("lowp", "bf16, no causal band, window or softcap, at most "
-             "`torch_lowp.LOWP_MAX_KEYS` (1,536) keys, a bias (if any) in bf16 or bool",
+             "`torch_lowp.LOWP_MAX_KEYS` (1,536) keys, a bias (if any) in bf16 or bool, on a CPU with native bf16 matrix products (`base.NATIVE_BF16_GEMM`)",
              "PyTorch's fused kernel, slower there than the unfused graph's bf16 GEMMs, "
              "which run per block of query rows"),
     PathRule("runs", "a key_mask alone (no bias, window, softcap, dropout; no causal mask or "

@@ -80,7 +80,11 @@ USE_FUSED_LOWERING: bool = True
 
 def max_scores(dtype: torch.dtype, training: bool, banded: bool = False) -> int:
     """The largest score count inlined for ``dtype`` (0: never), with or without a
-    backward to follow (``training``) and a causal or window band (``banded``)."""
+    backward to follow (``training``) and a causal or window band (``banded``). bf16:
+    0 on a CPU without native bf16 matrix products (:data:`base.NATIVE_BF16_GEMM`), where
+    the inlined GEMMs would be emulated."""
+    if dtype == torch.bfloat16 and not base.NATIVE_BF16_GEMM:
+        return 0
     if not USE_INLINE:
         return 0
     kind = ("train_banded" if banded else "train") if training else "eval"

@@ -55,8 +55,10 @@ def lowp_applicable(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, 
                     window: int, softcap: float) -> bool:
     """Whether this path runs for these inputs: bf16 on CPU, no causal band (after
     folding no-op alignments), no window or softcap, at most ``LOWP_MAX_KEYS`` keys,
-    a bias (if any) in bf16 or bool."""
-    if not USE_LOWP or softcap or window:
+    a bias (if any) in bf16 or bool; only on a CPU with native bf16 matrix products
+    (:data:`base.NATIVE_BF16_GEMM`: elsewhere its bf16 GEMMs are emulated, many times
+    slower than the fused kernel)."""
+    if not USE_LOWP or not base.NATIVE_BF16_GEMM or softcap or window:
         return False
     if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype:
         return False

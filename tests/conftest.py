@@ -5,6 +5,8 @@ here, at the top of the first module pytest loads.
 """
 import os
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Under pytest-xdist (pyproject's addopts: one worker per core) every worker would start
@@ -39,6 +41,17 @@ LONGEST_FILES = ("test_triton_structural.py", "test_real_models.py", "test_trito
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+@pytest.fixture(autouse=True)
+def bf16_gemm_paths_chosen(monkeypatch):
+    """The bf16 GEMM paths (``torch_lowp``, the bf16 inline bounds) are chosen only on a
+    CPU with native bf16 matrix products (``kernels/base.py`` ``NATIVE_BF16_GEMM``; these
+    machines have none): every test sees the choice such a CPU makes, so that those paths
+    are tested everywhere. tests/test_native_bf16.py checks the choice without them."""
+    from attnfuse.kernels import base
+
+    monkeypatch.setattr(base, "NATIVE_BF16_GEMM", True)
 
 
 def pytest_report_header(config):
