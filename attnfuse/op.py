@@ -130,12 +130,8 @@ def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, k
         raise ValueError("window needs causal=True, 'top_left' or 'bottom_right': the window is "
                          "counted back from the causal diagonal")
     if key_mask is not None:
-        if not isinstance(key_mask, Tensor):
-            raise TypeError(f"key_mask must be a torch.Tensor or None, got {type(key_mask).__name__}")
-        if key_mask.dtype != torch.bool:
-            raise TypeError(f"key_mask must be a bool tensor (True = visible key), got {key_mask.dtype}")
-        if key_mask.device != q.device:
-            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
+        _check_tensor_arg("key_mask", key_mask, q, isinstance(key_mask, Tensor) and key_mask.dtype == torch.bool,
+                          "a bool tensor (True = visible key)")
         if key_mask.dim() != 2 or key_mask.shape[0] not in (1, B) or key_mask.shape[1] != Lk:
             raise ValueError(f"key_mask must have shape (B, Lk) = ({B}, {Lk}) or (1, {Lk}), "
                              f"got {_shape(key_mask)}")
@@ -145,14 +141,22 @@ def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, k
         validate_alibi_slopes(alibi_slopes, q)
 
 
+def _check_tensor_arg(name: str, x, q: Tensor, dtype_ok: bool, dtype_wanted: str) -> None:
+    """The checks every optional tensor argument shares: a Tensor (``TypeError``), of the
+    dtype its caller tested (``dtype_ok``; ``TypeError`` saying ``dtype_wanted``), on q's
+    device (``ValueError``)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if not dtype_ok:
+        raise TypeError(f"{name} must be {dtype_wanted}, got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+
+
 def _validate_sinks(sinks, q: Tensor) -> None:
     """``sinks``: a float tensor of one logit per query head, (Hq,), on q's device."""
-    if not isinstance(sinks, Tensor):
-        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
-    if not sinks.dtype.is_floating_point:
-        raise TypeError(f"sinks must be a float tensor (one logit per query head), got {sinks.dtype}")
-    if sinks.device != q.device:
-        raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+    _check_tensor_arg("sinks", sinks, q, isinstance(sinks, Tensor) and sinks.dtype.is_floating_point,
+                      "a float tensor (one logit per query head)")
     if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
         raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), one logit per query "
                          f"head, got {_shape(sinks)}")
@@ -161,12 +165,9 @@ def _validate_sinks(sinks, q: Tensor) -> None:
 def validate_alibi_slopes(alibi_slopes, q: Tensor) -> None:
     """ALiBi slopes: a float32 tensor (Hq,) or (B, Hq) on q's device (FlashAttention-2's
     convention); raises ``TypeError`` / ``ValueError`` naming the argument."""
-    if not isinstance(alibi_slopes, Tensor):
-        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    if alibi_slopes.dtype != torch.float32:
-        raise TypeError(f"alibi_slopes must be float32 (one slope per query head), got {alibi_slopes.dtype}")
-    if alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    _check_tensor_arg("alibi_slopes", alibi_slopes, q,
+                      isinstance(alibi_slopes, Tensor) and alibi_slopes.dtype == torch.float32,
+                      "float32 (one slope per query head)")
     B, Hq = q.shape[0], q.shape[1]
     if alibi_slopes.shape not in ((Hq,), (B, Hq)):
         raise ValueError(f"alibi_slopes must have shape (Hq,) = ({Hq},) or (B, Hq) = ({B}, {Hq}), "
