@@ -82,7 +82,7 @@ def _lower_cpu_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
             continue  # no recorded example value: the shapes are unknown here
         if any(isinstance(bound.arguments.get(n), fx.Node) and a.get(n) is None
-               for n in ("bias", "key_mask", "sinks", "alibi_slopes")):
+               for n in ("bias", "key_mask", "sinks", "alibi_slopes", "causal_offsets")):
             continue
         training = torch.is_grad_enabled() and any(
             isinstance(a.get(n), torch.Tensor) and a[n].requires_grad
@@ -121,7 +121,7 @@ def _runs_one_fused_kernel_call(a: dict) -> bool:
         return False
     if a["bias"] is not None or a["key_mask"] is not None or q.device.type != "cpu":
         return False
-    if a.get("sinks") is not None or a.get("alibi_slopes") is not None:
+    if any(a.get(n) is not None for n in ("sinks", "alibi_slopes", "causal_offsets")):
         return False
     if not all(type(a[n]) in (int, float) for n in ("dropout_p", "scale", "softcap", "window")):
         return False  # a run-time value (a graph node or a SymFloat)

@@ -52,12 +52,13 @@ def _check_lowerable(ep: "torch.export.ExportedProgram") -> None:
 
 def _decomposition(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
                    seed=None, impl="auto", window=0, key_mask=None, sinks=None,
-                   alibi_slopes=None):
+                   alibi_slopes=None, causal_offsets=None):
     from attnfuse.kernels import torch_inline
 
     # ALiBi slopes: the term is index arithmetic on the slopes (no (Lq, Lk) input)
     return torch_inline.inline_attention(q, k, v, bias, scale, causal, dropout_p, softcap, seed,
-                                         impl, window, key_mask, sinks, alibi_slopes)
+                                         impl, window, key_mask, sinks, alibi_slopes,
+                                         causal_offsets)
 
 
 def lower_to_aten(ep: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":

@@ -43,6 +43,12 @@ Semantics, for q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)::
   row: ``p_ij = exp(s_ij) / (exp(sink_h) + Σ_j exp(s_ij))``. The lse includes it, a row
   that sees no key attends only to its sink (out = 0, lse = sink), and the sinks get a
   gradient: ``dsink_h = -Σ_{b,i} exp(sink_h - lse_bhi) · rowsum(dO·O)_bhi``.
+- ``causal_offsets`` (int32/int64, (B,); only with ``causal="none"``): a causal diagonal
+  per batch item, a run-time value: row ``i`` of item ``b`` sees keys
+  ``j <= i + causal_offsets[b]`` (an offset >= Lk hides nothing). Structure like
+  ``causal``: key blocks above an item's diagonal are never visited by the Triton
+  kernels. The rewrite passes it for a mask that arrives as a graph input, from the band
+  the mask's own values lie in (``passes/inputmask.py``).
 - Dropout keeps each probability with chance ``1 - dropout_p`` and scales kept
   ones by ``1 / (1 - dropout_p)``; the keep-mask is a pure function of a seed
   drawn from torch's default generator, so the backward regenerates the
@@ -74,7 +80,7 @@ def _shape(t: Tensor) -> tuple:
 
 
 def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, key_mask=None,
-             sinks=None, alibi_slopes=None) -> None:
+             sinks=None, alibi_slopes=None, causal_offsets=None) -> None:
     """Raise ``TypeError`` / ``ValueError`` naming the argument for bad input."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -139,6 +145,8 @@ def validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window=0, k
         _validate_sinks(sinks, q)
     if alibi_slopes is not None:
         validate_alibi_slopes(alibi_slopes, q)
+    if causal_offsets is not None:
+        _validate_causal_offsets(causal_offsets, q, causal, window)
 
 
 def _check_tensor_arg(name: str, x, q: Tensor, dtype_ok: bool, dtype_wanted: str) -> None:
@@ -160,6 +168,23 @@ def _validate_sinks(sinks, q: Tensor) -> None:
     if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
         raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), one logit per query "
                          f"head, got {_shape(sinks)}")
+
+
+OFFSET_DTYPES = (torch.int32, torch.int64)
+
+
+def _validate_causal_offsets(causal_offsets, q: Tensor, causal: str, window) -> None:
+    """``causal_offsets``: an int32/int64 (B,) tensor on q's device, with no other causal
+    mask (it is the causal diagonal, one per batch item)."""
+    _check_tensor_arg("causal_offsets", causal_offsets, q,
+                      isinstance(causal_offsets, Tensor) and causal_offsets.dtype in OFFSET_DTYPES,
+                      "int32 or int64 (one diagonal offset per batch item)")
+    if causal_offsets.dim() != 1 or causal_offsets.shape[0] != q.shape[0]:
+        raise ValueError(f"causal_offsets must have shape (B,) = ({q.shape[0]},), one offset per "
+                         f"batch item, got {_shape(causal_offsets)}")
+    if causal != "none" or window:
+        raise ValueError("causal_offsets is a causal diagonal per batch item: it needs causal='none' "
+                         f"and no window, got causal={causal!r}, window={window!r}")
 
 
 def validate_alibi_slopes(alibi_slopes, q: Tensor) -> None:
@@ -243,24 +268,25 @@ SEED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
-                     sinks=None, alibi_slopes=None) -> None:
+                     sinks=None, alibi_slopes=None, causal_offsets=None) -> None:
     """Everything the graph-level op checks, raised before any kernel runs: :func:`validate`,
     the dropout seed, and whether ``impl`` runs on the inputs' device. The real kernel and
     the fake (tracing) kernel both run it, so a call the fake kernel accepts also runs for
     real (tests/test_op_contract.py checks this over the argument space), and a bad call
     fails when the graph is traced, not at its first run."""
     validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks,
-             alibi_slopes)
+             alibi_slopes, causal_offsets)
     if dropout_p > 0.0 and (not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype not in SEED_DTYPES):
         got = type(seed).__name__ if not isinstance(seed, Tensor) else f"{seed.dtype} of shape {_shape(seed)}"
         raise ValueError(f"dropout_p > 0 needs a seed tensor (int64, 0-d), got {got}")
     _resolved_impl(impl, q.device)
 
 
-def _alibi_kw(alibi_slopes: Optional[Tensor]) -> dict:
-    """The backends' ``alibi_slopes`` keyword, only when given (so a backend without
-    ALiBi support is never called with it for plain calls)."""
-    return {} if alibi_slopes is None else {"alibi_slopes": alibi_slopes}
+def _optional_kw(**args: Optional[Tensor]) -> dict:
+    """The backends' keywords for optional tensor arguments added after the first
+    backends (sinks, ALiBi slopes, causal offsets), only those given: a backend written
+    before one of them keeps working for calls without it."""
+    return {name: t for name, t in args.items() if t is not None}
 
 
 def _is_empty(q: Tensor, k: Tensor) -> bool:
@@ -288,10 +314,11 @@ def flash_attention_op(
     key_mask: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     alibi_slopes: Optional[Tensor] = None,
+    causal_offsets: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused attention; returns (out (B, Hq, Lq, Dv), lse (B, Hq, Lq) float32, natural log)."""
     validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
-                     sinks, alibi_slopes)
+                     sinks, alibi_slopes, causal_offsets)
     seed_int = _seed_int(seed, dropout_p)
     if _is_empty(q, k):
         out = q.new_zeros(q.shape[:3] + (v.shape[3],))
@@ -302,12 +329,10 @@ def flash_attention_op(
             out, lse = add_sinks(out, lse, sinks)
         return out, lse
     backend = _backend(impl, q.device)
-    # the sinks are passed only when given: backends written before them keep working
-    extra = {} if sinks is None else {"sinks": sinks}
     out, lse = backend.forward(
         q, k, v, _bias_4d(bias), scale=float(scale), causal=causal, dropout_p=float(dropout_p),
-        softcap=float(softcap), seed=seed_int, window=int(window), key_mask=key_mask, **extra,
-        **_alibi_kw(alibi_slopes),
+        softcap=float(softcap), seed=seed_int, window=int(window), key_mask=key_mask,
+        **_optional_kw(sinks=sinks, alibi_slopes=alibi_slopes, causal_offsets=causal_offsets),
     )
     # The fake kernel promises contiguous outputs (Inductor asserts strides against it);
     # some paths (e.g. PyTorch's CPU SDPA) return other layouts.
@@ -317,9 +342,9 @@ def flash_attention_op(
 @flash_attention_op.register_fake
 def _flash_attention_fake(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
                           seed=None, impl="auto", window=0, key_mask=None, sinks=None,
-                          alibi_slopes=None):
+                          alibi_slopes=None, causal_offsets=None):
     validate_op_call(q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask,
-                     sinks, alibi_slopes)
+                     sinks, alibi_slopes, causal_offsets)
     B, Hq, Lq, _ = q.shape
     out = q.new_empty((B, Hq, Lq, v.shape[3]))
     lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -346,6 +371,7 @@ def flash_attention_backward_op(
     key_mask: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     alibi_slopes: Optional[Tensor] = None,
+    causal_offsets: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dbias, dsinks); dbias has bias's shape, or is empty unless
     ``need_dbias``; dsinks has the sinks' shape and dtype, or is empty without sinks."""
@@ -356,12 +382,11 @@ def flash_attention_backward_op(
                 dbias.contiguous(), dsinks)
     backend = _backend(impl, q.device)
     dout = dout.contiguous()
-    extra = {} if sinks is None else {"sinks": sinks}
     grads = backend.backward(
         dout, q, k, v, _bias_4d(bias), out, lse, scale=float(scale), causal=causal,
         dropout_p=float(dropout_p), softcap=float(softcap), seed=_seed_int(seed, dropout_p),
-        need_dbias=need_dbias, window=int(window), key_mask=key_mask, **extra,
-        **_alibi_kw(alibi_slopes),
+        need_dbias=need_dbias, window=int(window), key_mask=key_mask,
+        **_optional_kw(sinks=sinks, alibi_slopes=alibi_slopes, causal_offsets=causal_offsets),
     )
     dq, dk, dv, dbias = grads[:4]
     if dbias is None:
@@ -384,7 +409,7 @@ def flash_attention_backward_op(
 @flash_attention_backward_op.register_fake
 def _flash_attention_backward_fake(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed,
                                    impl, need_dbias, window=0, key_mask=None, sinks=None,
-                                   alibi_slopes=None):
+                                   alibi_slopes=None, causal_offsets=None):
     dbias = bias.new_empty(bias.shape) if need_dbias else q.new_empty((0,))
     dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dsinks
@@ -400,11 +425,11 @@ def _savable(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks,
-     alibi_slopes) = inputs
+     alibi_slopes, causal_offsets) = inputs
     out, lse = output
     _refuse_slope_grad(alibi_slopes)
     ctx.save_for_backward(*map(_savable, (q, k, v, bias)), out, lse,
-                          *map(_savable, (seed, key_mask, sinks, alibi_slopes)))
+                          *map(_savable, (seed, key_mask, sinks, alibi_slopes, causal_offsets)))
     ctx.args = (scale, causal, dropout_p, softcap, impl, window)
     ctx.bias_is_float = bias is not None and bias.dtype.is_floating_point
     ctx.mark_non_differentiable(lse)
@@ -412,16 +437,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     # lse is marked non-differentiable: only ``out`` carries a gradient.
-    q, k, v, bias, out, lse, seed, key_mask, sinks, alibi_slopes = ctx.saved_tensors
+    q, k, v, bias, out, lse, seed, key_mask, sinks, alibi_slopes, causal_offsets = ctx.saved_tensors
     scale, causal, dropout_p, softcap, impl, window = ctx.args
     need_dbias = bool(ctx.bias_is_float and ctx.needs_input_grad[3])
     dq, dk, dv, dbias, dsinks = flash_attention_backward_op(
         dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl, need_dbias,
-        window, key_mask, sinks, alibi_slopes,
+        window, key_mask, sinks, alibi_slopes, causal_offsets,
     )
     need_dsinks = sinks is not None and ctx.needs_input_grad[12]
     return ((dq, dk, dv, (dbias if need_dbias else None)) + (None,) * 8
-            + ((dsinks if need_dsinks else None), None))
+            + ((dsinks if need_dsinks else None), None, None))
 
 
 flash_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -460,6 +485,7 @@ def flash_attention(
     key_mask: Optional[Tensor] = None,
     sinks: Optional[Tensor] = None,
     alibi_slopes: Optional[Tensor] = None,
+    causal_offsets: Optional[Tensor] = None,
 ) -> Tensor:
     """Fused attention ``dropout(softmax(mask(softcap(scale·q·kᵀ) + bias))) · v``.
 
@@ -487,6 +513,10 @@ def flash_attention(
             convention): logit (i, j) of head h gains ``-slope * |i + Lk - Lq - j|``,
             computed per block/tile, never as an (Lq, Lk) tensor. Constants: slopes
             that require grad raise ``ValueError``.
+        causal_offsets: None or an int32/int64 (B,) tensor (with ``causal=False``): row
+            i of batch item b sees only keys ``j <= i + causal_offsets[b]``, a causal
+            diagonal per item given at run time (e.g. a static KV cache filled to a
+            different position per item).
 
     Returns:
         (B, Hq, Lq, Dv) in q's dtype. Rows whose logits are all ``-inf``, or that see
@@ -496,7 +526,7 @@ def flash_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     causal = _causal_str(causal)
     validate(q, k, v, bias, scale, causal, dropout_p, softcap, impl, window, key_mask, sinks,
-             alibi_slopes)
+             alibi_slopes, causal_offsets)
     if torch.is_grad_enabled():
         _refuse_slope_grad(alibi_slopes)
     if type(q) is not Tensor:  # a DTensor needs the op's sharding rules
@@ -506,6 +536,6 @@ def flash_attention(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = torch.ops.attnfuse.flash_attention(
         q, k, v, bias, scale, causal, dropout_p, softcap, seed, impl, window, key_mask, sinks,
-        alibi_slopes,
+        alibi_slopes, causal_offsets,
     )
     return out

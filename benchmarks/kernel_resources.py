@@ -50,7 +50,7 @@ ARCHS = {80: ("A100", 166912), 90: ("H100", 232448)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FP32_PTRS = {"Lse", "Delta", "MRow", "LRow", "DS", "PartM", "PartL", "PartAcc", "Sinks", "Alibi"}
 U8_PTRS = {"KeyMask"}                            # bool key_mask, read as uint8
-I32_PTRS = {"KeyBounds"}                         # per-batch key bounds of the key_mask
+I32_PTRS = {"KeyBounds", "CausalOffsets"}        # per-batch key bounds; per-item causal shifts
 FP32_SCALARS = {"qk_scale", "cap_scale", "dropout_p", "sm_scale"}
 INT_SCALARS = {"H", "HKV", "GROUP", "M", "N", "D", "DV", "R"}
 # every kernel checked: name -> (jit function, config-list function)
@@ -91,6 +91,7 @@ def _worst_constexprs(fn, head_dim, dtype_name, config, heavy, block_m=None):
     cx = dict(HEAD_D=head_dim, HEAD_DV=head_dim, CAUSAL=1, BIAS_KIND=1 if heavy else 0,
               SOFTCAP=True, DROPOUT=heavy, NEED_DS=heavy, WINDOW=True, KEY_MASK=True, SINKS=True,
               ALIBI=heavy,  # ALiBi slopes (issue 22) pick the heavy lists
+              ITEM_SHIFT=heavy,  # causal_offsets pick the heavy lists too
               DOT_FP32=False, DOT_PREC=tf._dot_precision(DTYPES[dtype_name], head_dim),
               **config.kwargs)
     if block_m is not None:

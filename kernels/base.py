@@ -8,8 +8,10 @@ see (:func:`band_kmin` / :func:`band_kmax`), the per-batch key bounds of a key_m
 (:func:`key_bounds`), the compute dtype of the CPU paths, the compact view of an
 expanded bias, the CPU row-block sizes (:data:`BLOCK_Q`, :data:`BLOCK_ELEMS`), and the
 algebra of attention sinks (:func:`add_sinks`: a result without sinks corrected from its
-own lse; :func:`sinks_grad`: the sinks' gradient from the lse and rowsum(dO·O)), and the
-ALiBi term of one block of scores (:func:`alibi_block`).
+own lse; :func:`sinks_grad`: the sinks' gradient from the lse and rowsum(dO·O)), the
+ALiBi term of one block of scores (:func:`alibi_block`), and the per-batch-item causal
+diagonals of ``causal_offsets`` (:func:`offsets_keep`, :func:`with_causal_offsets`,
+:func:`clamped_offsets`).
 
 It imports no sibling module: every other module in ``kernels/`` may import it, and it
 is the bottom of the house (``tests/test_kernels_layout.py`` checks that).
@@ -21,7 +23,8 @@ from torch import Tensor
 
 __all__ = ["NEG_INF", "BLOCK_Q", "BLOCK_ELEMS", "compute_dtype", "compact", "effective_causal",
            "causal_offset", "band_kmin", "band_kmax", "key_bounds", "sinks_rows", "add_sinks",
-           "sinks_grad", "alibi_block", "NATIVE_BF16_GEMM"]
+           "sinks_grad", "alibi_block", "NATIVE_BF16_GEMM", "offsets_keep", "with_causal_offsets",
+           "clamped_offsets"]
 
 #: The logit of a masked (row, key) pair.
 NEG_INF = float("-inf")
@@ -106,6 +109,40 @@ def key_bounds(key_mask: Tensor) -> Tensor:
     lo = torch.where(key_mask, j, n).amin(1)          # first visible key; n if none
     hi = torch.where(key_mask, j + 1, 0).amax(1)      # last visible key + 1; 0 if none
     return torch.stack((lo, hi), 1).to(torch.int32)
+
+
+# ------------------------------------------------------------------------ causal offsets
+# ``causal_offsets`` (int, (B,)): a causal diagonal per batch item, row i of item b sees
+# keys j <= i + causal_offsets[b] (a run-time value: the band a mask given as a graph
+# input was found to lie in, passes/inputmask.py).  The Triton kernels load the item's
+# offset as their causal shift; the CPU paths fold the band into the bias.
+
+
+def clamped_offsets(causal_offsets: Tensor, lq: int, lk: int) -> Tensor:
+    """The offsets as contiguous int32, clamped to [-lq, lk]: the same band for every row
+    (an offset >= lk hides no key, one <= -lq every key), and safe int32 arithmetic."""
+    return causal_offsets.clamp(-lq, lk).to(torch.int32).contiguous()
+
+
+def offsets_keep(causal_offsets: Tensor, lq: int, lk: int) -> Tensor:
+    """(B, 1, lq, lk) bool: True where key j lies on or below row i's diagonal
+    ``i + causal_offsets[b]``."""
+    off = causal_offsets.to(torch.int64).reshape(-1, 1, 1, 1)
+    i = torch.arange(lq, device=causal_offsets.device).reshape(lq, 1)
+    j = torch.arange(lk, device=causal_offsets.device)
+    return j <= i + off
+
+
+def with_causal_offsets(bias, causal_offsets: Tensor, lq: int, lk: int) -> Tensor:
+    """``bias`` (None, bool or float, 4-D) with the band of ``causal_offsets`` folded in:
+    a bool keep-mask (None, bool) or the float bias with ``-inf`` above each item's
+    diagonal, broadcast over the batch (the CPU paths' form of the argument)."""
+    keep = offsets_keep(causal_offsets, lq, lk)
+    if bias is None:
+        return keep
+    if bias.dtype == torch.bool:
+        return bias & keep
+    return bias.masked_fill(~keep, NEG_INF)
 
 
 # ------------------------------------------------------------------------ attention sinks

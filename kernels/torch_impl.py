@@ -72,7 +72,7 @@ from . import torch_blocked as TBK
 from . import torch_fused as TF
 from . import torch_lowp as TL
 from . import torch_runs as TR
-from .base import NEG_INF, add_sinks, key_bounds
+from .base import NEG_INF, add_sinks, key_bounds, with_causal_offsets
 from .torch_base import fused_sdpa_plan, lse_well_conditioned
 from .torch_dropout import dropout_keep_mask
 
@@ -255,15 +255,21 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], *, scale: f
             causal: str, dropout_p: float, softcap: float, seed: int, window: int = 0,
             key_mask: Optional[Tensor] = None,
             sinks: Optional[Tensor] = None,
-            alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+            alibi_slopes: Optional[Tensor] = None,
+            causal_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out, lse): out (B, Hq, Lq, Dv) in q's dtype; lse (B, Hq, Lq) float32, the
     natural log-sum-exp of the final logits (-inf for rows masked entirely).
+
+    ``causal_offsets`` (int (B,)): each item's diagonal is folded into the bias
+    (:func:`~attnfuse.kernels.base.with_causal_offsets`), which the paths below take.
 
     ``sinks`` (Hq,) float: one more logit per query head in every row's denominator,
     with no value row.  Every path runs without it and the result is corrected exactly
     from that path's own lse (:func:`~attnfuse.kernels.base.add_sinks`): the lse gains
     the sink (logaddexp), out shrinks by exp(lse_without - lse_with); a row that sees
     no key gives out 0 and lse = sink."""
+    if causal_offsets is not None:
+        bias = with_causal_offsets(bias, causal_offsets, q.shape[2], k.shape[2])
     if sinks is not None:
         out, lse = forward(q, k, v, bias, scale=scale, causal=causal, dropout_p=dropout_p,
                            softcap=softcap, seed=seed, window=window, key_mask=key_mask,
@@ -308,10 +314,13 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
              out: Tensor, lse: Tensor, *, scale: float, causal: str, dropout_p: float,
              softcap: float, seed: int, need_dbias: bool, window: int = 0,
              key_mask: Optional[Tensor] = None, sinks: Optional[Tensor] = None,
-             alibi_slopes: Optional[Tensor] = None):
+             alibi_slopes: Optional[Tensor] = None, causal_offsets: Optional[Tensor] = None):
     """(dq, dk, dv, dbias): shapes and dtypes of q, k, v; dbias has the 4-D shape and
     dtype of ``bias`` (summed over its size-1 dims), None unless ``need_dbias`` (and
     None for a bool bias, which has no gradient).
+
+    ``causal_offsets``: folded into the bias as in :func:`forward`; the gradient of a
+    float bias is that of the folded one summed back to the bias's shape.
 
     With ``sinks``, ``out`` and ``lse`` are the forward's (the sink included): the
     paths that rebuild P from the lse and take delta = rowsum(dO·O) from ``out``
@@ -319,6 +328,16 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
     recomputed P by each row's share outside the sink; the lowp one is not used
     (:func:`backward_plan`).  The sinks' own gradient is the op layer's
     (:func:`~attnfuse.kernels.base.sinks_grad`)."""
+    if causal_offsets is not None:
+        folded = with_causal_offsets(bias, causal_offsets, q.shape[2], k.shape[2])
+        grads = backward(dout, q, k, v, folded, out, lse, scale=scale, causal=causal,
+                         dropout_p=dropout_p, softcap=softcap, seed=seed, need_dbias=need_dbias,
+                         window=window, key_mask=key_mask, sinks=sinks, alibi_slopes=alibi_slopes)
+        dbias = grads[3]
+        if dbias is not None:  # summed over the dims the band broadcast the bias along
+            dims = [d for d in range(4) if bias.size(d) == 1 and dbias.size(d) != 1]
+            dbias = dbias.sum(dims, keepdim=True) if dims else dbias
+        return grads[:3] + (dbias,)
     b, hq, lq, _ = q.shape
     lk = k.shape[2]
     grad_bias = need_dbias and bias is not None and bias.dtype != torch.bool

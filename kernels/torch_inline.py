@@ -246,15 +246,19 @@ def inline_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = N
                      softcap: float = 0.0, seed: Optional[Tensor] = None, impl: str = "auto",
                      window: int = 0, key_mask: Optional[Tensor] = None,
                      sinks: Optional[Tensor] = None,
-                     alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     alibi_slopes: Optional[Tensor] = None,
+                     causal_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Drop-in for a ``torch.ops.attnfuse.flash_attention`` call (same arguments, same
     (out, lse) result) computed by :func:`inline_forward`, differentiable by autograd;
-    ``dropout_p`` must be 0 (``seed`` and ``impl`` are ignored)."""
+    ``dropout_p`` must be 0 (``seed`` and ``impl`` are ignored). ``causal_offsets`` are
+    folded into the bias (:func:`base.with_causal_offsets`)."""
     if dropout_p:
         raise ValueError("inline_attention has no dropout: the backend inlines only calls "
                          "with dropout_p == 0")
     if bias is not None and bias.dim() < 4:
         bias = bias[(None,) * (4 - bias.dim())]
+    if causal_offsets is not None:
+        bias = base.with_causal_offsets(bias, causal_offsets, q.shape[2], k.shape[2])
     return inline_forward(q, k, v, bias, scale=float(scale), causal=causal,
                           softcap=float(softcap), window=int(window), key_mask=key_mask,
                           sinks=sinks, alibi_slopes=alibi_slopes)
@@ -265,13 +269,15 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = No
                     softcap: float = 0.0, seed: Optional[Tensor] = None, impl: str = "auto",
                     window: int = 0, key_mask: Optional[Tensor] = None,
                     sinks: Optional[Tensor] = None,
-                    alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                    alibi_slopes: Optional[Tensor] = None,
+                    causal_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Drop-in for a ``torch.ops.attnfuse.flash_attention`` call on CPU that the CPU
     dispatcher sends to its fused path as one plain kernel call (the backend asks
     ``torch_impl.forward_plan`` first): ``aten._scaled_dot_product_flash_attention_for_cpu``
     itself, (out, lse) with lse float32, for Inductor to call directly.
 
-    Only for calls without bias, key_mask, dropout, softcap, window, sinks, ALiBi or GQA
+    Only for calls without bias, key_mask, dropout, softcap, window, sinks, ALiBi, causal
+    offsets or GQA
     and with D == Dv (raises otherwise): there every row sees a key (top-left causal keeps
     key 0 for each row), so the op's lse fix-up for rows masked entirely has nothing to fix.
     The backward is the kernel's own, as on the op's fused path; the op's check that the
@@ -282,10 +288,10 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = No
     lq, lk = q.shape[2], k.shape[2]
     eff = base.effective_causal(causal, lq, lk, window)
     if (bias is not None or key_mask is not None or dropout_p or softcap or window
-            or sinks is not None or alibi_slopes is not None
+            or sinks is not None or alibi_slopes is not None or causal_offsets is not None
             or q.shape[1] != k.shape[1] or q.shape[-1] != v.shape[-1] or eff == "bottom_right"):
         raise ValueError("fused_attention takes only calls without bias, key_mask, dropout, "
-                         "softcap, window, sinks, ALiBi, GQA or a bottom-right diagonal, "
+                         "softcap, window, sinks, ALiBi, causal offsets, GQA or a bottom-right diagonal, "
                          "with D == Dv")
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, eff == "top_left", scale=float(scale))

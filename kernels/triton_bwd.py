@@ -57,7 +57,7 @@ HUGE_LSE2 = tl.constexpr(4096.0)
 
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias, KeyMask, Alibi, Sinks,  # Sinks (Hq,) fp32
+    Out, DO, Lse, Delta, MRow, LRow, Q, K, Bias, KeyMask, CausalOffsets, Alibi, Sinks,  # Sinks (Hq,) fp32
     stride_oz, stride_oh, stride_om, stride_od,
     stride_doz, stride_doh, stride_dom, stride_dod,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -74,11 +74,15 @@ def _attn_bwd_preprocess(
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     SINKS: tl.constexpr = False,
     ALIBI: tl.constexpr = False,
+    ITEM_SHIFT: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
     off_z = off_zh // H
     off_h = off_zh % H
+    if ITEM_SHIFT:
+        # causal_offsets: this batch item's own diagonal replaces the call's shift
+        causal_shift = tl.load(CausalOffsets + off_z)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, HEAD_DV)
     mask_o = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
@@ -153,7 +157,7 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, Bias, KeyMask, Alibi, DO, DK, DV_, MRow, LRow, Delta,
+    Q, K, V, Bias, KeyMask, CausalOffsets, Alibi, DO, DK, DV_, MRow, LRow, Delta,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -171,11 +175,15 @@ def _attn_bwd_dkdv(
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     ALIBI: tl.constexpr = False,
+    ITEM_SHIFT: tl.constexpr = False,
 ):
     start_n = tl.program_id(0)
     off_zk = tl.program_id(1)
     off_z = off_zk // HKV
     off_hk = off_zk % HKV
+    if ITEM_SHIFT:
+        # causal_offsets: this batch item's own diagonal replaces the call's shift
+        causal_shift = tl.load(CausalOffsets + off_z)
     n_first = start_n * BLOCK_N
     n_last = tl.minimum(n_first + BLOCK_N, N) - 1      # last real key of the block
     offs_n = n_first + tl.arange(0, BLOCK_N)
@@ -272,7 +280,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, Bias, KeyMask, KeyBounds, Alibi, DO, DQ, DS, MRow, LRow, Delta,
+    Q, K, V, Bias, KeyMask, KeyBounds, CausalOffsets, Alibi, DO, DQ, DS, MRow, LRow, Delta,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -290,12 +298,16 @@ def _attn_bwd_dq(
     DROPOUT: tl.constexpr, NEED_DS: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     ALIBI: tl.constexpr = False,
+    ITEM_SHIFT: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
     off_z = off_zh // H
     off_h = off_zh % H
     off_hk = off_h // GROUP
+    if ITEM_SHIFT:
+        # causal_offsets: this batch item's own diagonal replaces the call's shift
+        causal_shift = tl.load(CausalOffsets + off_z)
     m_first = start_m * BLOCK_M
     m_last = tl.minimum(m_first + BLOCK_M, M) - 1
     offs_m = m_first + tl.arange(0, BLOCK_M)

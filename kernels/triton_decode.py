@@ -87,7 +87,7 @@ INTERPRETER_PLAN = {"BLOCK_N": 16, "align": 16, "min_split": 32}
 
 @triton.jit
 def _attn_decode_split(
-    Q, K, V, Bias, KeyMask, KeyBounds, Alibi, PartM, PartL, PartAcc,
+    Q, K, V, Bias, KeyMask, KeyBounds, CausalOffsets, Alibi, PartM, PartL, PartAcc,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -104,12 +104,16 @@ def _attn_decode_split(
     SOFTCAP: tl.constexpr, KEY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     ALIBI: tl.constexpr = False,
+    ITEM_SHIFT: tl.constexpr = False,
 ):
     split = tl.program_id(0)
     off_zk = tl.program_id(1)          # batch × kv head
     start_r = tl.program_id(2) * BLOCK_M
     off_z = off_zk // HKV
     off_hk = off_zk % HKV
+    if ITEM_SHIFT:
+        # causal_offsets: this batch item's own diagonal replaces the call's shift
+        causal_shift = tl.load(CausalOffsets + off_z)
 
     # Packed rows: row r of this kv head is query head off_hk·GROUP + r // M, query r % M.
     # Padding rows (r >= GROUP·M) get query index M: _scores then treats them like rows
@@ -362,7 +366,8 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    softcap: float, window: int = 0, key_mask: Optional[torch.Tensor] = None,
                    splits: Optional[int] = None,
                    sinks: Optional[torch.Tensor] = None,
-                   alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   alibi_slopes: Optional[torch.Tensor] = None,
+                   causal_offsets: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention forward; same arguments and result as
     :func:`triton_flash.forward` without dropout, plus ``window`` and ``key_mask``.
 
@@ -379,8 +384,8 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv})")
-    c = _tl._common(q, k, v, scale, causal, softcap)
-    st = _tl._structure(q, k, causal, window, key_mask)   # validates; drops a no-op window
+    st = _tl._structure(q, k, causal, window, key_mask, causal_offsets)   # validates; drops a no-op window
+    c = _tl._common(q, k, v, scale, causal, softcap, st["ITEM_SHIFT"])
     window, km_t, km_s, has_km = st["window"], st["km"], st["km_strides"], st["KEY_MASK"]
     kb_t, kb_s = st["kb"], st["kb_stride"]
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
@@ -390,7 +395,7 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # keys that some row may see: (off - window, M - 1 + off] with off the causal shift
     shift = c["causal_shift"]
     kv_lo, kv_hi = 0, N
-    if c["CAUSAL"]:
+    if c["CAUSAL"] and not st["ITEM_SHIFT"]:   # per-item shifts: each program clips its own
         kv_hi = min(N, M + shift)
         if window:
             kv_lo = max(0, shift - window + 1)
@@ -428,7 +433,7 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         kern, meta = _tuned_split(_tl.padded_head_dim(hd), q.dtype, block_m), {}
     kern[(n_splits, B * Hkv, row_blocks)](
-        q, k, v, b_t, km_t, kb_t, a_t, part_m, part_l, part_acc,
+        q, k, v, b_t, km_t, kb_t, st["offsets"], a_t, part_m, part_l, part_acc,
         *q.stride(), *k.stride(), *v.stride(), *b_s, *km_s, kb_s, *a_s,
         Hkv, group, M, N, D, Dv,
         kv_lo, split_len, n_splits,
@@ -436,7 +441,8 @@ def decode_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         HEAD_D=_tl.padded_head_dim(D), HEAD_DV=_tl.padded_head_dim(Dv),
         BLOCK_M=block_m, CAUSAL=c["CAUSAL"], WINDOW=bool(window), BIAS_KIND=bias_kind,
         SOFTCAP=c["SOFTCAP"], KEY_MASK=has_km,
-        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi, **meta,
+        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi,
+        ITEM_SHIFT=st["ITEM_SHIFT"], **meta,
     )
     extra = {} if interp else {"num_warps": _COMBINE_WARPS}
     sk_t, has_sinks = _tl._sinks_args(sinks, q, lse)

@@ -210,12 +210,13 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _heavy(bias_kind: int, dropout: bool, alibi: bool) -> bool:
-    """The "heavy" config lists (smaller tiles) serve a bias tile, the dropout stream and
-    ALiBi: the per-tile position arithmetic of ALiBi spills registers with the plain
-    lists' tiles (e.g. forward d64 fp16 128x64 w4: 8 B on sm_80, 16 B on sm_90;
-    benchmarks/kernel_resources.py).  Sinks stay plain: they touch only the epilogue."""
-    return bool(bias_kind or dropout or alibi)
+def _heavy(bias_kind: int, dropout: bool, alibi: bool, item_shift: bool = False) -> bool:
+    """The "heavy" config lists (smaller tiles) serve a bias tile, the dropout stream,
+    ALiBi and per-item causal offsets: the per-tile position arithmetic of ALiBi spills
+    registers with the plain lists' tiles (e.g. forward d64 fp16 128x64 w4: 8 B on sm_80,
+    16 B on sm_90; benchmarks/kernel_resources.py), and so does a run-time causal shift
+    (the same config: 8 B on sm_90).  Sinks stay plain: they touch only the epilogue."""
+    return bool(bias_kind or dropout or alibi or item_shift)
 
 
 def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool):
@@ -231,7 +232,8 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
             softcap: float, seed: int, window: int = 0,
             key_mask: Optional[torch.Tensor] = None, decode: bool = True,
             sinks: Optional[torch.Tensor] = None,
-            alibi_slopes: Optional[torch.Tensor] = None):
+            alibi_slopes: Optional[torch.Tensor] = None,
+            causal_offsets: Optional[torch.Tensor] = None):
     """Fused attention forward.
 
     q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; bias None or
@@ -250,7 +252,9 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     kernels (same result); ``decode=False`` forces the main kernel (benchmarks, tests).
     ``sinks`` None or (Hq,) float: one more logit per query head in each row's softmax,
     with no value row (merged after the key loop); the lse includes it, and a row that
-    sees no key gives out = 0, lse = sink.
+    sees no key gives out = 0, lse = sink.  ``causal_offsets`` None or int (B,) (with
+    causal "none"): row i of item b sees keys ``j <= i + causal_offsets[b]``, each
+    program loading its item's shift (the band's key blocks are skipped as for causal).
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -258,8 +262,8 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
         # validates window/key_mask through _structure itself (one set of key bounds)
         return _td.decode_forward(q, k, v, bias, scale=scale, causal=causal, softcap=softcap,
                                   window=window, key_mask=key_mask, sinks=sinks,
-                                  alibi_slopes=alibi_slopes)
-    st = _structure(q, k, causal, window, key_mask)
+                                  alibi_slopes=alibi_slopes, causal_offsets=causal_offsets)
+    st = _structure(q, k, causal, window, key_mask, causal_offsets)
     out = torch.empty((B, Hq, M, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq, M), device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:
@@ -269,13 +273,13 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     b_t, b_s, bias_kind = _bias_args(bias, q)
     sk_t, has_sinks = _sinks_args(sinks, q, lse)
     a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
-    c = _common(q, k, v, scale, causal, softcap)
+    c = _common(q, k, v, scale, causal, softcap, st["ITEM_SHIFT"])
     dropout = dropout_p > 0.0
     kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype,
-                           _heavy(bias_kind, dropout, alibi))
+                           _heavy(bias_kind, dropout, alibi, st["ITEM_SHIFT"]))
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, st["km"], st["kb"], a_t, out, lse, sk_t,
+        q, k, v, b_t, st["km"], st["kb"], st["offsets"], a_t, out, lse, sk_t,
         *_strides(q), *_strides(k), *_strides(v), *b_s, *st["km_strides"], st["kb_stride"],
         *a_s, *_strides(out),
         Hq, Hq // Hkv, M, N, D, Dv,
@@ -284,7 +288,8 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
         HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
         CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind, SOFTCAP=c["SOFTCAP"],
         KEY_MASK=st["KEY_MASK"], DROPOUT=dropout, SINKS=has_sinks,
-        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi, **meta,
+        DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi,
+        ITEM_SHIFT=st["ITEM_SHIFT"], **meta,
     )
     return out, lse
 
@@ -293,7 +298,8 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
              dropout_p: float, softcap: float, seed: int, need_dbias: bool,
              window: int = 0, key_mask: Optional[torch.Tensor] = None,
              sinks: Optional[torch.Tensor] = None,
-             alibi_slopes: Optional[torch.Tensor] = None):
+             alibi_slopes: Optional[torch.Tensor] = None,
+             causal_offsets: Optional[torch.Tensor] = None):
     """Fused attention backward: ``(dq, dk, dv, dbias or None)``.
 
     dq/dk/dv have the shapes and dtypes of q/k/v.  dbias (only when ``need_dbias``) has
@@ -309,7 +315,7 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     """
     B, Hq, M, D = q.shape
     Hkv, N, Dv = k.shape[1], k.shape[2], v.shape[3]
-    st = _structure(q, k, causal, window, key_mask)
+    st = _structure(q, k, causal, window, key_mask, causal_offsets)
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
@@ -326,13 +332,15 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     hd = max(D, Dv)
     b_t, b_s, bias_kind = _bias_args(bias, q)
     a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
-    c = _common(q, k, v, scale, causal, softcap)
+    c = _common(q, k, v, scale, causal, softcap, st["ITEM_SHIFT"])
     dropout = dropout_p > 0.0
-    heavy = _heavy(bias_kind, dropout, alibi)
+    heavy = _heavy(bias_kind, dropout, alibi, st["ITEM_SHIFT"])
     consts = dict(HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
                   CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind,
                   SOFTCAP=c["SOFTCAP"], KEY_MASK=st["KEY_MASK"],
-                  DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi)
+                  DOT_FP32=c["DOT_FP32"], DOT_PREC=c["DOT_PREC"], ALIBI=alibi,
+                  ITEM_SHIFT=st["ITEM_SHIFT"])
+    off_t = st["offsets"]
     seed = _seed(seed)
     km_t, km_s, window = st["km"], st["km_strides"], st["window"]
     kb_t, kb_s = st["kb"], st["kb_stride"]
@@ -344,7 +352,7 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_preprocess", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t, km_t, a_t, sk_t,
+        out, dout, lse.contiguous(), delta, mrow, lrow, q, k, b_t, km_t, off_t, a_t, sk_t,
         *_strides(out), *_strides(dout), *_strides(q), *_strides(k), *b_s, *km_s, *a_s,
         Hq, Hq // Hkv, M, N, D, Dv,
         c["qk_scale"], c["cap_scale"], c["causal_shift"], window, SINKS=has_sinks,
@@ -354,7 +362,7 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_dkdv", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * Hkv)
     kern[grid](
-        q, k, v, b_t, km_t, a_t, dout, dk, dv, mrow, lrow, delta,
+        q, k, v, b_t, km_t, off_t, a_t, dout, dk, dv, mrow, lrow, delta,
         *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, *a_s, *_strides(dout),
         *_strides(dk), *_strides(dv),
         Hq, Hkv, Hq // Hkv, M, N, D, Dv,
@@ -365,7 +373,7 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     kern, meta = _launcher("attn_bwd_dq", q.device, hd, q.dtype, heavy)
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
-        q, k, v, b_t, km_t, kb_t, a_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
+        q, k, v, b_t, km_t, kb_t, off_t, a_t, dout, dq, ds if want_ds else q, mrow, lrow, delta,
         *_strides(q), *_strides(k), *_strides(v), *b_s, *km_s, kb_s, *a_s, *_strides(dout),
         *_strides(dq),
         Hq, Hq // Hkv, M, N, D, Dv,

@@ -288,7 +288,8 @@ def _merge_sink(m_i, l_i, Sinks, off_h):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Bias, KeyMask, KeyBounds, Alibi, Out, Lse, Sinks,  # Sinks (Hq,) fp32, if SINKS
+    Q, K, V, Bias, KeyMask, KeyBounds, CausalOffsets, Alibi, Out, Lse, Sinks,  # Sinks (Hq,) fp32
+    # CausalOffsets (B,) int32, if ITEM_SHIFT: the causal shift of each batch item
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -306,12 +307,16 @@ def _attn_fwd(
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     SINKS: tl.constexpr = False,
     ALIBI: tl.constexpr = False,
+    ITEM_SHIFT: tl.constexpr = False,
 ):
     start_m = tl.program_id(0)
     off_zh = tl.program_id(1)
     off_z = off_zh // H
     off_h = off_zh % H
     off_hk = off_h // GROUP            # GQA/MQA: kv head shared by GROUP query heads
+    if ITEM_SHIFT:
+        # causal_offsets: this batch item's own diagonal replaces the call's shift
+        causal_shift = tl.load(CausalOffsets + off_z)
     if ALIBI:
         slope2 = _alibi_slope(Alibi, off_z, off_h, stride_az, stride_ah)
     m_first = start_m * BLOCK_M

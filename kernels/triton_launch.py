@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import triton
 
-from .base import add_sinks, key_bounds
+from .base import add_sinks, clamped_offsets, key_bounds
 from .triton_fwd import _attn_fwd
 
 LOG2E = 1.4426950408889634
@@ -85,7 +85,9 @@ def _dot_precision(dtype, head_dim: int) -> str:
     return "tf32"
 
 
-def _common(q, k, v, scale, causal, softcap):
+def _common(q, k, v, scale, causal, softcap, item_shift: bool = False):
+    """The softmax's scalar arguments and constexprs; ``item_shift``: the causal shift is
+    each batch item's ``causal_offsets`` (CAUSAL on, the scalar shift unused)."""
     if causal not in _CAUSAL:
         raise ValueError(f"causal must be one of {sorted(_CAUSAL)}, got {causal!r}")
     M, N = q.shape[2], k.shape[2]
@@ -97,7 +99,7 @@ def _common(q, k, v, scale, causal, softcap):
     interp_bf16 = _interpreted() and q.dtype == torch.bfloat16
     return dict(
         qk_scale=float(qk_scale), cap_scale=float(cap_scale), causal_shift=int(shift),
-        CAUSAL=_CAUSAL[causal], SOFTCAP=soft,
+        CAUSAL=1 if item_shift else _CAUSAL[causal], SOFTCAP=soft,
         DOT_FP32=interp_bf16,
         DOT_PREC=_dot_precision(q.dtype, max(q.shape[-1], v.shape[-1])),
     )
@@ -148,11 +150,13 @@ def _alibi_args(alibi_slopes, B, H, q):
 _key_bounds = key_bounds
 
 
-def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor]) -> dict:
+def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor],
+               causal_offsets: Optional[torch.Tensor] = None) -> dict:
     """Kernel arguments of the structural masks: the runtime window and WINDOW, the key
     mask (a uint8 view; batch stride 0 when it broadcasts) with its strides and KEY_MASK,
-    and its key bounds ``kb`` (:func:`_key_bounds`) with their batch stride
-    ``kb_stride`` (0 when the key mask broadcasts).
+    its key bounds ``kb`` (:func:`_key_bounds`) with their batch stride ``kb_stride``
+    (0 when the key mask broadcasts), and the per-item causal shifts ``offsets``
+    ((B,) int32, clamped: :func:`.base.clamped_offsets`) with ITEM_SHIFT.
 
     A window that excludes no key of any row (``window >= Lq + off``, off the causal
     offset) is dropped: the kernels then need no window mask, and the runtime value
@@ -170,8 +174,17 @@ def _structure(q, k, causal: str, window: int, key_mask: Optional[torch.Tensor])
     if has_km:
         kb = _key_bounds(key_mask)
         kb_stride = 0 if key_mask.size(0) == 1 else kb.stride(0)
+    offsets, item_shift = q, causal_offsets is not None   # q: a placeholder, never read
+    if item_shift:
+        if causal != "none" or window:
+            raise ValueError("causal_offsets needs causal='none' and no window")
+        if causal_offsets.shape != (B,) or causal_offsets.device != q.device:
+            raise ValueError(f"causal_offsets must be ({B},) on {q.device}, got "
+                             f"{tuple(causal_offsets.shape)} on {causal_offsets.device}")
+        offsets = clamped_offsets(causal_offsets, M, N)
     return dict(window=int(window), WINDOW=bool(window), km=km_t, km_strides=km_s,
-                KEY_MASK=has_km, kb=kb, kb_stride=kb_stride)
+                KEY_MASK=has_km, kb=kb, kb_stride=kb_stride, offsets=offsets,
+                ITEM_SHIFT=item_shift)
 
 
 def device_error(device: torch.device) -> RuntimeError:

@@ -114,7 +114,7 @@ class Emitter:
         return self._f(torch.randint, (0, 2 ** 62, ()), {"dtype": torch.int64})
 
     def fused(self, q, k, v, bias, scale, causal, dropout_p, softcap, seed, window=0, key_mask=None,
-              sinks=None, alibi_slopes=None):
+              sinks=None, alibi_slopes=None, causal_offsets=None):
         kw = {"bias": bias, "scale": scale, "causal": causal, "dropout_p": dropout_p,
               "softcap": softcap, "seed": seed}
         if window:  # the structural arguments only when used: graphs without them read as before
@@ -125,6 +125,8 @@ class Emitter:
             kw["sinks"] = sinks
         if alibi_slopes is not None:
             kw["alibi_slopes"] = alibi_slopes
+        if causal_offsets is not None:
+            kw["causal_offsets"] = causal_offsets
         target = torch.ops.attnfuse.flash_attention
         call = self._f(target.default if self.aten else target, (q, k, v), kw)
         return self._f(operator.getitem, (call, 0)), call

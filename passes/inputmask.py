@@ -1,7 +1,8 @@
 """Masks that arrive as run-time values: the keys no query row sees, derived at run time.
 
-Owns :func:`plan` (which fusions get a derived key mask, and the note saying so) and
-:func:`derived_key_mask` (the few nodes that compute it). A mask passed to the graph as an
+Owns :func:`plan` (which fusions get a derived key mask and causal band, and the note
+saying so), :func:`derived_key_mask` and :func:`derived_causal_offsets` (the few nodes
+that compute them). A mask passed to the graph as an
 input (Hugging Face's 4-D mask with a static KV cache, ``generate(...,
 cache_implementation="static")``), or built from an input's values (HF 5.x masks from
 ``position_ids``), cannot be proven causal or padded when the graph is compiled: it stays
@@ -28,6 +29,21 @@ and backward. Exactness, position by position:
   (every key visible), so the op sees the bias alone there, as before.
 - a float term proven finite and bounded (:func:`.alibi.bound`: Falcon's ALiBi term left
   as a bias beside its proven causal/padding structure) hides no key: nothing is derived.
+
+A second fact of the same kind gives the causal band (a static cache's prefill: row i sees
+keys up to its own position only):
+
+    with ``c_b`` the largest ``j - i`` over the (head, query i, key j) positions that the
+    mask shows in batch item b, every key ``j > i + c_b`` is hidden from row i by the mask,
+    so the op's ``causal_offsets`` (row i sees keys ``j <= i + c_b``) hides it too.
+
+It is exact in every row with a live key (as above), and an item with a row that has none
+gets an offset that hides nothing (``_NO_BAND``). The kernels then skip the key blocks
+above each item's diagonal, forward and backward, as for ``causal``. Derived only for a
+call with no causal mask or window of its own, whose mask varies along the queries, and
+not for a single query row (decode: the key bounds already stop at its last visible key).
+The bias is still added on the tiles that are visited: the values under the band are
+whatever the input holds.
 
 Cost: one pass over the (unexpanded) mask per fused call (O(B·Lq·Lk) compares for a
 (B, 1, Lq, Lk) mask; Inductor's CSE shares it between layers that read one mask). On CPU
@@ -56,6 +72,9 @@ aten = torch.ops.aten
 DERIVE_ON_CPU = False
 
 _INFO = "derived_key_mask"   # m.info key: the term whose values give the key mask
+_BAND = "derived_causal_band"   # m.info key: True where the causal offsets are derived too
+#: The offset of an item with a row that sees no live key: hides no key (clamped to Lk).
+_NO_BAND = 2 ** 30
 
 
 def _eligible_term(m: AttentionMatch, gm):
@@ -102,7 +121,28 @@ def plan(m: AttentionMatch, gm=None) -> AttentionMatch:
             "(skipped by the kernels; e.g. a static cache's empty slots)")
     info = dict(m.info)
     info[_INFO] = t
+    band, why_not = _band_eligible(m, t, q)
+    if band:
+        info[_BAND] = True
+        note += ("; and each batch item's causal band, as causal_offsets (the key blocks above each row's "
+                 "last visible key are skipped)")
+    elif why_not:
+        note += f"; no causal band derived: {why_not}"
     return dataclasses.replace(m, info=info, mask_notes=list(m.mask_notes) + [note])
+
+
+def _band_eligible(m: AttentionMatch, t, q) -> tuple[bool, Optional[str]]:
+    """Whether :func:`derived_causal_offsets` applies to ``m`` (its mask term ``t``), or
+    (False, why not) where the reason is worth a note (None: nothing to gain)."""
+    if m.causal != "none" or m.window:
+        return False, None            # the call has its own causal band
+    if t.view.axes[2] is None or t.view.expand[2] is not None:
+        return False, None            # one mask row for every query: the key mask is all of it
+    if not isinstance(q, torch.Tensor):
+        return False, "the device of the query is not recorded in the graph"
+    if q.shape[2] == 1:
+        return False, None            # one query row: the key bounds already stop at its last key
+    return True, None
 
 
 def _call(em: Emitter, torch_fn, aten_fn, *args) -> fx.Node:
@@ -122,13 +162,23 @@ def derived_key_mask(em: Emitter, m: AttentionMatch) -> Optional[fx.Node]:
 
 
 def _derive(em: Emitter, t) -> fx.Node:
-    x = em.view4(View4(t.view.base, t.view.axes))    # the term without its broadcast: fewer compares
+    shown, live = _shown_and_live(em, t)
+    if t.kind == "keep":   # a bool keep-mask: hidden is -inf, a row that sees nothing gives 0
+        return _call(em, torch.any, aten.any.dims, shown, [1, 2])
+    return _key_mask_of(em, shown, live)
+
+
+def _shown_and_live(em: Emitter, t) -> tuple[fx.Node, fx.Node]:
+    """Two bool (B|1, H|1, Lq, Lk) nodes over the term without its broadcast (fewer
+    compares): ``shown`` (not hidden: not -inf, not the fill) and ``live`` (a value that
+    absorbs no score: above ``finfo.min / 2``; for bool and fill terms, ``shown``)."""
+    x = em.view4(View4(t.view.base, t.view.axes))
     if t.kind == "keep":
         seen = em.logical_not(x) if t.invert else x
-        return _call(em, torch.any, aten.any.dims, seen, [1, 2])
+        return seen, seen
     if t.kind == "fill":   # the fill (-inf or float32's finfo.min) where the (negated) condition holds
         live = x if t.invert else em.logical_not(x)
-        return _key_mask_of(em, live, live)
+        return live, live
     dt = A.dtype(t.view.base)
     fill = torch.finfo(dt).min if isinstance(dt, torch.dtype) and dt.is_floating_point else None
     if fill is None:
@@ -136,16 +186,45 @@ def _derive(em: Emitter, t) -> fx.Node:
     hidden = _call(em, torch.logical_or, aten.logical_or.default,
                    _call(em, torch.eq, aten.eq.Scalar, x, float("-inf")),
                    _call(em, torch.eq, aten.eq.Scalar, x, fill))
-    return _key_mask_of(em, em.logical_not(hidden), _call(em, torch.gt, aten.gt.Scalar, x, fill / 2))
+    return em.logical_not(hidden), _call(em, torch.gt, aten.gt.Scalar, x, fill / 2)
+
+
+def _anchored(em: Emitter, live: fx.Node) -> fx.Node:
+    """(B|1,) bool: every (head, query) row of the item has a live key."""
+    return _call(em, torch.all, aten.all.dims, _call(em, torch.any, aten.any.dims, live, [3]), [1, 2])
 
 
 def _key_mask_of(em: Emitter, shown: fx.Node, live: fx.Node) -> fx.Node:
     """``any(shown over heads, queries) | (the item has a row with no live key)``, (B|1, Lk)."""
     seen = _call(em, torch.any, aten.any.dims, shown, [1, 2])                               # (B|1, Lk)
-    anchored = _call(em, torch.all, aten.all.dims,
-                     _call(em, torch.any, aten.any.dims, live, [3]), [1, 2])                 # (B|1,)
-    unanchored = em.unsqueeze(em.logical_not(anchored), 1)                                   # (B|1, 1)
+    unanchored = em.unsqueeze(em.logical_not(_anchored(em, live)), 1)                       # (B|1, 1)
     return _call(em, torch.logical_or, aten.logical_or.default, seen, unanchored)
+
+
+def _arange(em: Emitter, n, device: torch.device) -> fx.Node:
+    if em.aten:
+        return em.g.call_function(aten.arange.default, (n,), {"dtype": torch.int32, "device": device,
+                                                                "pin_memory": False})
+    return em.g.call_function(torch.arange, (n,), {"dtype": torch.int32, "device": device})
+
+
+def derived_causal_offsets(em: Emitter, m: AttentionMatch, q: fx.Node) -> Optional[fx.Node]:
+    """The op's ``causal_offsets``, (B,) int32: per batch item the largest ``j - i`` over
+    the positions its mask shows (:data:`_NO_BAND` for an item with a row that has no
+    live key); None unless :func:`plan` chose a causal band for ``m``."""
+    t = m.info.get(_INFO)
+    if t is None or not m.info.get(_BAND):
+        return None
+    shown, live = _shown_and_live(em, t)
+    device = A.meta_val(m.q.base).device
+    j = _arange(em, em.size(shown, 3, symbolic=True), device)
+    i = _arange(em, em.size(shown, 2, symbolic=True), device)
+    rel = em.sub(em.unsqueeze(j, 0), em.unsqueeze(i, 1))                  # (Lq, Lk): j - i
+    lowest = -_NO_BAND
+    scored = _call(em, torch.where, aten.where.ScalarOther, shown, rel, lowest)
+    c = _call(em, torch.amax, aten.amax.default, scored, [1, 2, 3])       # (B|1,)
+    offsets = _call(em, torch.where, aten.where.ScalarOther, _anchored(em, live), c, _NO_BAND)
+    return em.expand(offsets, [em.size(q, 0, symbolic=True)])
 
 
 def combine(em: Emitter, key_mask: Optional[fx.Node], derived: Optional[fx.Node]) -> Optional[Any]:

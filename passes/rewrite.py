@@ -108,8 +108,9 @@ def _emit(m: AttentionMatch, em: Emitter):
             sinks = em.expand(sinks, [em.size(q, 1)])
     alibi = None if m.alibi is None else _alibi_slopes(em, m.alibi, q)
     key_mask = inputmask.combine(em, key_mask, inputmask.derived_key_mask(em, m))
+    offsets = inputmask.derived_causal_offsets(em, m, q)
     out, call = em.fused(fillrows.zero_q(em, m, q), k, v, bias, scale, m.causal, m.dropout_p, m.softcap,
-                         seed, m.window, key_mask, sinks, alibi)
+                         seed, m.window, key_mask, sinks, alibi, offsets)
     if m.fixup:
         out = _empty_row_fixup(em, m, q, k, v, call, out, scale)
     out = fillrows.apply(em, m, q, k, v, out)

@@ -78,6 +78,70 @@ def test_float_mask_input_gets_a_derived_key_mask(dialect, derive_on_cpu):
     assert _key_mask_arg(res) is not None
     (f,) = res.report.fusions
     assert any("key mask derived from it at run time" in n for n in f.masks), f.masks
+    (call,) = fused_nodes(res.graph_module)
+    if dialect != "fx":   # symbolic_trace records no device to build the band's positions on
+        assert call.kwargs.get("causal_offsets") is not None
+        assert any("causal band, as causal_offsets" in n for n in f.masks), f.masks
+    else:
+        assert any("no causal band derived: the device" in n for n in f.masks), f.masks
+
+
+def _intermediate(res, node, inputs):
+    """The value ``node`` of the rewritten graph takes when it runs on ``inputs``."""
+    got = {}
+    env = torch.fx.Interpreter(res.graph_module)
+    orig = env.run_node
+
+    def spy(n):
+        r = orig(n)
+        if n is node:
+            got["v"] = r
+        return r
+    env.run_node = spy
+    env.run(*inputs)
+    return got["v"]
+
+
+def test_derived_causal_offsets_values(derive_on_cpu):
+    """Item 0 (queries at cache positions 2..4) gets its diagonal, offset 2; item 1, with a
+    row that sees no key, an offset that hides nothing (its finite-fill row is eager's
+    average over every key)."""
+    keep = _static_cache_keep()
+    mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    gm, ex = capture(MaskInput(), [*_inputs(), mask], "aten")
+    res = run_rewrite(gm, ex, strict=True)
+    (call,) = fused_nodes(res.graph_module)
+    got = _intermediate(res, call.kwargs["causal_offsets"], ex)
+    assert got.tolist() == [2, inputmask._NO_BAND]
+
+
+@pytest.mark.parametrize("dialect", ["aten", "dynamo"])
+def test_prefill_mask_input_gets_its_causal_band(dialect, derive_on_cpu):
+    """A static cache's prefill from position 0 with right padding: every row sees a key,
+    the band is top-left in both items (offset 0), and the fusion is exact."""
+    i, j = torch.arange(LQ)[:, None], torch.arange(LK)[None, :]
+    keep = ((j <= i) & (j < torch.tensor([3, 2])[:, None, None]))[:, None]
+    mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    res = check_spelling(MaskInput(), [*_inputs(), mask], dialect)
+    (call,) = fused_nodes(res.graph_module)
+    assert call.kwargs.get("causal_offsets") is not None
+    gm, ex = capture(MaskInput(), [*_inputs(), mask], "aten")
+    res = run_rewrite(gm, ex, strict=True)
+    (call,) = fused_nodes(res.graph_module)
+    assert _intermediate(res, call.kwargs["causal_offsets"], ex).tolist() == [0, 0]
+
+
+def test_no_band_for_one_query_row_or_a_row_broadcast_mask(derive_on_cpu):
+    """Decode (one query row: the key bounds already stop at its last key) and a mask with
+    one row for every query (padding only) get a key mask and no causal offsets."""
+    q, k, v = _inputs()
+    mask = torch.zeros(B, 1, 1, LK)
+    mask[0, ..., 5:] = torch.finfo(torch.float32).min
+    for qq, m in ((q[:, :, :1], mask), (q, mask)):
+        res = check_spelling(MaskInput(), [qq, k, v, m], "aten")
+        (call,) = fused_nodes(res.graph_module)
+        assert call.kwargs.get("key_mask") is not None
+        assert call.kwargs.get("causal_offsets") is None
 
 
 def test_derived_key_mask_values(derive_on_cpu):

@@ -61,6 +61,7 @@ AXES: Dict[str, list] = {
                 (1.0, "int64"), (-0.1, "int64"), (0.0, "float")],
     "key_mask": [None, "bool", "bool_row", "bool_none_visible", "int", "long_shape", "3d"],
     "impl": ["torch", "auto", "cuda"],
+    "causal_offsets": [None, "int32", "int64", "int16", "float", "shape"],
 }
 
 # values the op rejects whatever the other arguments are (the random combinations of
@@ -77,6 +78,7 @@ REJECTED = {
     "dropout": [(0.3, None), (0.3, "float"), (0.3, "vector"), (1.0, "int64"), (-0.1, "int64")],
     "key_mask": ["int", "long_shape", "3d"],
     "impl": ["cuda"],
+    "causal_offsets": ["int16", "float", "shape"],
 }
 
 BASES = [
@@ -169,7 +171,11 @@ def _build(c: Dict[str, Any]) -> tuple:
           "int": torch.ones(B, lk, dtype=torch.int64),
           "long_shape": torch.ones(B, lk + 1, dtype=torch.bool),
           "3d": torch.ones(B, 1, lk, dtype=torch.bool)}[c["key_mask"]]
-    return (q, k, v, bias, c["scale"], c["causal"], p, c["softcap"], seed_t, c["impl"], c["window"], km)
+    offsets = {None: None, "int32": torch.tensor([1, -2], dtype=torch.int32)[:B],
+               "int64": torch.tensor([0, 9])[:B], "int16": torch.tensor([0, 1], dtype=torch.int16),
+               "float": torch.tensor([0.0, 1.0]), "shape": torch.tensor([[0, 1]])}[c.get("causal_offsets")]
+    return (q, k, v, bias, c["scale"], c["causal"], p, c["softcap"], seed_t, c["impl"], c["window"], km,
+            None, None, offsets)
 
 
 def _leaves(args):

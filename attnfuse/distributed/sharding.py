@@ -88,7 +88,7 @@ def _heads_split_whole(hq: int, hkv: int, mesh) -> bool:
 
 
 def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[dict] = None,
-           sinks=None, alibi_slopes=None) -> List[Tuple[list, list]]:
+           sinks=None, alibi_slopes=None, causal_offsets=None) -> List[Tuple[list, list]]:
     """(outputs, inputs) placement lists for one mesh dimension.
 
     ``backward_of`` is None for the forward; for the backward it holds ``need_dbias``
@@ -111,8 +111,11 @@ def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[di
         # the sinks follow q's head axis (their only axis): Shard(0) under head sharding
         heads_sharded = qp.is_shard() and qp.dim == 1
         sinks_p = None if sinks is None else (Shard(0) if heads_sharded else R)
+        # causal offsets (B,) follow q's batch axis (their only axis)
+        offsets_p = None if causal_offsets is None else (
+            Shard(0) if (qp.is_shard() and qp.dim == 0) else R)
         if backward_of is None:
-            return [outp, outp], [qp, kvp, kvp, bias_p, seed_p, mask_p, sinks_p, alibi_p]
+            return [outp, outp], [qp, kvp, kvp, bias_p, seed_p, mask_p, sinks_p, alibi_p, offsets_p]
         need_dbias = backward_of["need_dbias"]
         if bias_p is None or not need_dbias:
             dbias_p = R  # an empty (0,) tensor
@@ -124,7 +127,7 @@ def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[di
             dsinks_p = sinks_p if (heads_sharded or qp == R) else Partial()
         dkv = kvp if dkv_p is None else dkv_p
         return ([qp, dkv, dkv, dbias_p, dsinks_p],
-                [outp, qp, kvp, kvp, bias_p, outp, outp, seed_p, mask_p, sinks_p, alibi_p])
+                [outp, qp, kvp, kvp, bias_p, outp, outp, seed_p, mask_p, sinks_p, alibi_p, offsets_p])
 
     # ALiBi slopes (Hq,) or (B, Hq): sharded with the heads (and a (B, Hq) one with the batch)
     alibi_r = None if alibi_slopes is None else R
@@ -152,16 +155,17 @@ def _rules(q, k, v, bias, seed, key_mask, dropout_p, *, backward_of: Optional[di
 
 def _forward_rules(q, k, v, bias=None, scale=1.0, causal="none", dropout_p=0.0, softcap=0.0,
                    seed=None, impl="auto", window=0, key_mask=None, sinks=None,
-                   alibi_slopes=None):
+                   alibi_slopes=None, causal_offsets=None):
     return _rules(q, k, v, bias, seed, key_mask, dropout_p, sinks=sinks,
-                  alibi_slopes=alibi_slopes)
+                  alibi_slopes=alibi_slopes, causal_offsets=causal_offsets)
 
 
 def _backward_rules(dout, q, k, v, bias, out, lse, scale, causal, dropout_p, softcap, seed, impl,
-                    need_dbias, window=0, key_mask=None, sinks=None, alibi_slopes=None):
+                    need_dbias, window=0, key_mask=None, sinks=None, alibi_slopes=None,
+                    causal_offsets=None):
     return _rules(q, k, v, bias, seed, key_mask, dropout_p,
                   backward_of={"need_dbias": bool(need_dbias)}, sinks=sinks,
-                  alibi_slopes=alibi_slopes)
+                  alibi_slopes=alibi_slopes, causal_offsets=causal_offsets)
 
 
 def _widen_cache_key(op) -> None:
