@@ -231,3 +231,38 @@ def test_real_model_alibi_with_eager_gradients_and_no_square_tensor(name, monkey
     assert all(bool(f.alibi) == alibi for f in res.fusions)
     assert seen and set(seen) == biases, set(seen)   # the bias (if any) as the op reads it: O(L)
     assert [R.square_tensors(gm, R.SEQ) for gm in res.graph_modules] == [[]] * res.graphs
+
+
+def test_real_model_static_cache_mask_gets_its_key_mask_and_causal_band(monkeypatch):
+    """Issue 18, category 10: Llama with a static KV cache (20 slots, SEQ filled) and its 4-D
+    mask given as a graph input. With the run-time derivations on (what GPU fusions get),
+    every site fuses exactly and the op receives, besides the bias, a key mask and causal
+    offsets computed from the mask's values: item 0 (no padding) sees its filled slots on a
+    top-left diagonal; item 1 (left padding: pad queries that see no key, eager's uniform
+    average over all 20 slots) keeps every key and a band that hides nothing."""
+    import attnfuse.op as op
+    from attnfuse.passes import inputmask
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    monkeypatch.setattr(inputmask, "DERIVE_ON_CPU", True)
+    seen, check = [], op.validate_op_call
+
+    def recording(q, k, v, bias, *args):
+        if not isinstance(q, FakeTensor):
+            seen.append((args[7], args[10]))     # key_mask, causal_offsets
+        return check(q, k, v, bias, *args)
+
+    monkeypatch.setattr(op, "validate_op_call", recording)
+    torch.manual_seed(0)
+    model, inputs, sites = R.CASES["llama-static-cache"].build()
+    ref = R._run(model, R._clone(inputs), train=False)
+    res = R.compile_attnfuse(model, inputs, inner="eager", strict=True)
+    assert res.ok, res.error
+    assert res.fused == sites, f"{res.fused}/{sites} sites fused; {_describe(res)}"
+    _, rel_err = R.errors(ref, res.out)
+    assert rel_err <= R.TOL
+    assert len(seen) == sites
+    filled = torch.arange(20) < R.SEQ
+    for key_mask, offsets in seen:
+        assert torch.equal(key_mask, torch.stack([filled, torch.ones(20, dtype=torch.bool)]))
+        assert offsets.tolist() == [0, inputmask._NO_BAND]
