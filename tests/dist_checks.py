@@ -216,6 +216,36 @@ def dtensor_alibi(rank: int, mesh) -> None:
             close(full(got.grad), want.grad, f"alibi {name}: {what}")
 
 
+@check
+def dtensor_causal_offsets(rank: int, mesh) -> None:
+    """causal_offsets (issue 18, category 10) on DTensors: the (B,) offsets follow the batch
+    (Shard(0) under batch sharding, replicated otherwise); output, lse and the q, k, v and
+    bias gradients equal the single-process op's."""
+    import attnfuse
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    torch.manual_seed(3)
+    b, h, lq, lk, d = 2, 4, 5, 9, 8
+    offsets = torch.tensor([4, -1])
+    for name, qp, op_ in (("batch", Shard(0), Shard(0)), ("heads", Shard(1), Replicate()),
+                          ("replicate", Replicate(), Replicate())):
+        q = torch.randn(b, h, lq, d, requires_grad=True)
+        k, v = (torch.randn(b, h, lk, d, requires_grad=True) for _ in range(2))
+        bias = torch.randn(1, 1, lq, lk, requires_grad=True)
+        ref = attnfuse.flash_attention(q, k, v, bias, causal_offsets=offsets)
+        dout = torch.randn_like(ref)
+        ref.backward(dout)
+        dq, dk, dv = (distribute_tensor(t.detach(), mesh, [qp]).requires_grad_() for t in (q, k, v))
+        db = distribute_tensor(bias.detach(), mesh, [Replicate()]).requires_grad_()
+        out = attnfuse.flash_attention(dq, dk, dv, db,
+                                       causal_offsets=distribute_tensor(offsets, mesh, [op_]))
+        assert tuple(out.placements) == (qp,), f"offsets {name}: output placements {out.placements}"
+        out.backward(distribute_tensor(dout, mesh, [qp]))
+        close(full(out), ref, f"offsets {name}: out")
+        for got, want, what in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv"), (db, bias, "dbias")):
+            close(full(got.grad), want.grad, f"offsets {name}: {what}")
+
+
 def _raises(fn: Callable, *needles: str) -> None:
     try:
         fn()
