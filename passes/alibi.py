@@ -37,8 +37,10 @@ nothing: :mod:`.structure` may then take a finite-fill ``masked_fill`` of it apa
 Shapes must be static (the index and position checks run at the traced sizes). The
 equivalence with the op's ``-slope * |i + Lk - Lq - j|`` needs every visible key to satisfy
 ``j <= i + Lk - Lq`` (:func:`causal_allows`): then ``|i + Lk - Lq - j| = i + Lk - Lq - j`` and
-the op's term is ``slope * j`` minus a row constant, which softmax ignores. Nothing here
-changes a graph.
+the op's term is ``slope * j`` minus a row constant, which softmax ignores. Beside a sink
+column it does not: the sink's logit does not move with the row, so there the positions
+must be the op's own, ``P_T = j - i - (Lk - Lq)`` (``sink_rows``), or the term stays a bias.
+Nothing here changes a graph.
 """
 from __future__ import annotations
 
@@ -174,6 +176,26 @@ def _positions_ok(p_t: torch.Tensor, tags: Sequence[Any]) -> bool:
     return bool((d == d.narrow(kax, 0, 1)).all())
 
 
+def _no_row_shift(p_t: torch.Tensor, tags: Sequence[Any], lq: Any, lk: Any) -> bool:
+    """``p_t`` (already ``j + c``) is exactly ``j - i - (Lk - Lq)``: the op's own term, with
+    no row constant to drop (static sizes only)."""
+    sq, sk = A.static_int(lq), A.static_int(lk)
+    if sq is None or sk is None:
+        return False
+    kax = tags.index("k")
+    d = p_t.double().narrow(kax, 0, 1)             # c: the position of key 0, per row
+    shape = [1] * d.dim()
+    if "q" in tags:
+        qax = tags.index("q")
+        if d.shape[qax] != sq:
+            return False
+        shape[qax] = sq
+    elif sq != 1:
+        return False
+    want = -(torch.arange(sq, dtype=torch.float64) + (sk - sq)).view(shape)
+    return bool((d == want).all())
+
+
 def _slope_ids_ok(ids: torch.Tensor, tags: Sequence[Any]) -> bool:
     """The element of ``A`` each term position reads is the same along the query/key axes."""
     for ax, t in enumerate(tags):
@@ -183,10 +205,13 @@ def _slope_ids_ok(ids: torch.Tensor, tags: Sequence[Any]) -> bool:
 
 
 def prove(term: Any, node: fx.Node, tags: Sequence[Any], view: View4, coef: float,
-          scores_dtype, gm) -> Tuple[Optional[AlibiTerm], Optional[str]]:
+          scores_dtype, gm, sink_rows: Optional[Tuple[Any, Any]] = None
+          ) -> Tuple[Optional[AlibiTerm], Optional[str]]:
     """(AlibiTerm, None) where the float term ``node`` (``coef`` times it added to the
     scores; ``tags`` its axes' score tags) is ALiBi; else (None, a note for a term that
-    looks like ALiBi but is not proven, or None for any other term)."""
+    looks like ALiBi but is not proven, or None for any other term). ``sink_rows``: the
+    scores' (Lq, Lk) where a sink column joins their softmax (the positions must then be
+    the op's own, with no row constant)."""
     if "k" not in tags:
         return None, None
     peeled = _peel(node, gm)
@@ -221,6 +246,10 @@ def prove(term: Any, node: fx.Node, tags: Sequence[Any], view: View4, coef: floa
             continue
         if not _positions_ok(p_t, tags) or not _slope_ids_ok(ids_t, tags):
             continue
+        if sink_rows is not None and not _no_row_shift(p_t, tags, *sink_rows):
+            return None, (f"{node.name}: ALiBi term slope*(j + c) beside a sink column: the op's "
+                          f"-slope*|i + Lk - Lq - j| differs from it by a row constant, which would move "
+                          f"the scores against the sink; stays a bias")
         dt = A.dtype(prod)
         if dt is None or not dt.is_floating_point or (dt not in _PRODUCT_DTYPES and dt != scores_dtype):
             return None, (f"{node.name}: ALiBi term computed in {dt} for {scores_dtype} scores (the eager "

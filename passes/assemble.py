@@ -406,7 +406,9 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
         raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float" else None,
                              pad))
         if kind == "float" and stage is None and pad is None and not BA.is_merged(ob) and not alibis:
-            found, why = AL.prove(raw[-1], n, tags, view, coef, A.dtype(qk), gm)
+            sink_rows = ((sshape[stags.index("q")], sshape[stags.index("k")])
+                         if ctx.get("sink") is not None else None)
+            found, why = AL.prove(raw[-1], n, tags, view, coef, A.dtype(qk), gm, sink_rows)
             alibis += [found] if found is not None else []
             alibi_notes += [why] if why else []
     axmap: Dict = {}

@@ -123,3 +123,37 @@ def test_declined(module, words, dialect):
     assert res.fused == 0
     (nm,) = res.report.near_misses
     assert words in nm.reason, nm.reason
+
+
+class _AlibiSink(nn.Module):
+    """A causal (bottom-right) ALiBi model with a sink column: ``relative`` adds the op's own
+    term ``slope * (j - i - (Lk - Lq))``, otherwise BLOOM's key-only ``slope * j``."""
+
+    def __init__(self, relative: bool):
+        super().__init__()
+        self.relative = relative
+
+    def forward(self, q, k, v, sinks):
+        lq, lk = q.shape[2], k.shape[2]
+        i = torch.arange(lq).view(-1, 1)
+        j = torch.arange(lk).view(1, -1)
+        pos = (j - i - (lk - lq)) if self.relative else j
+        slopes = 2.0 ** -torch.arange(1, 5, dtype=torch.float32)
+        s = q @ k.mT * 0.35 + slopes.view(1, -1, 1, 1) * pos
+        s = s.masked_fill(j > i + (lk - lq), float("-inf"))
+        col = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, lq, 1)
+        return torch.cat([col, s], -1).softmax(-1)[..., 1:] @ v
+
+
+@pytest.mark.parametrize("dialect", ["aten", "dynamo"])
+def test_key_only_alibi_with_a_sink_stays_a_bias(dialect):
+    """Regression (fuzzer, seed 630273372 example 566): the op's ALiBi equals BLOOM's
+    key-only ``slope * j`` only up to a row constant. Softmax ignores that alone, but not
+    beside a sink logit, which the constant would move the scores against: with sinks the
+    term stays a bias (exact) unless it is the op's term itself."""
+    res = check_spelling(_AlibiSink(relative=False), _inputs(lq=5, lk=7), dialect)
+    (f,) = res.report.fusions
+    assert f.sinks and not f.alibi, (f.sinks, f.alibi)
+    res = check_spelling(_AlibiSink(relative=True), _inputs(lq=5, lk=7), dialect)
+    (f,) = res.report.fusions
+    assert f.sinks and f.alibi, (f.sinks, f.alibi)
