@@ -147,8 +147,9 @@ def main(argv=None) -> int:
                 else:
                     rows.append(json.loads(line[-1]))
                 print(rows[-1], flush=True)
-    out = [f"ALiBi attention layer, batch 1 (falcon-pad, bloom-pad: batch 2, item 0's first L/8 keys padded), {args.heads} heads, head dim {args.dim}, float32, CPU, "
-           f"inference (torch {__import__('torch').__version__}); shared 2-core machine: times inflated",
+    out = [f"ALiBi attention layer, batch 1 (falcon-pad, bloom-pad: batch 2, item 0's first L/8 keys padded), "
+           f"{args.heads} heads, head dim {args.dim}, float32, CPU, inference "
+           f"(torch {__import__('torch').__version__}); shared 2-core machine: times inflated",
            f"{'model':<10} {'L':>5} {'before MiB':>10} {'after MiB':>9} {'mem ratio':>9} {'before s':>8} "
            f"{'after s':>7} {'time ratio':>10}  after: structure / bias"]
     by = {(r["model"], r["variant"], r["L"]): r for r in rows}
