@@ -382,7 +382,7 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
             stage = None   # added on the split view: the frame's own axes
         elif frame is not None and stage is None and pad is None:   # added before the split
             view, pre = BA.split_term(n, _right_tags(n, mstags, "bias" if kind == "float" else "mask"), merged,
-                                      sizes, ob + ["q", "k"], parts)
+                                      sizes, ob + ["q", "k"], parts, (refs.get(0), refs.get(1)), kind == "float")
             raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float"
                                  else None, pad))
             continue

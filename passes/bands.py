@@ -197,6 +197,8 @@ class Sampler:
 
     def points(self, nodes: Sequence[fx.Node]) -> Optional[List[Tuple[Any, int, int]]]:
         """``[(subs or axis sizes, Lq, Lk)]`` to evaluate ``nodes`` at; None if unprovable."""
+        if self.pre is not None and not all(isinstance(x, int) for x in tuple(self.pre[0]) + tuple(self.pre[1])):
+            return None   # a reshape with sizes read at run time (batchaxes.split_term): no sample
         sq, sk = self.sshape[self.iq], self.sshape[self.ik]
         lq, lk = A.static_int(sq), A.static_int(sk)
         if self.mode == "sizes" and lq is not None and lk is not None:

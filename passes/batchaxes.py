@@ -210,16 +210,39 @@ def split_operand(node: fx.Node, tags: Sequence[Any], merged: Any, parts: Sequen
 
 
 def split_term(n: fx.Node, tags: Sequence[Any], merged: Any, sizes: Sequence[Any],
-               op_tags: Sequence[Any], parts: Sequence[Any]) -> Tuple[View4, Optional[Tuple]]:
+               op_tags: Sequence[Any], parts: Sequence[Any], part_refs: Sequence[Any] = (None, None),
+               symbolic_ok: bool = False) -> Tuple[View4, Optional[Tuple]]:
     """A term added before the split (tagged on the merged scores) in the split frame: the
-    view and its ``pre`` (a reshape splitting its ``merged`` axis into ``sizes``; static sizes)."""
+    view and its ``pre`` (a reshape splitting its ``merged`` axis into ``sizes``).
+
+    The reshape is row-major, so ``term.reshape(..., B, H, ...)[.., b, h, ..]`` is
+    ``term[.., b*H + h, ..]``, the element the merged scores read, where the merged axis has
+    size B*H (proven, symbolically where sizes are symbolic). A static size is written as
+    an int; with ``symbolic_ok`` (float terms: a mask's structure is sampled at concrete
+    sizes, :class:`.bands.Sampler`) a symbolic one as ``-1`` in the no-op broadcast and as a
+    ``(node, axis)`` size read at run time in the reshape: the term's own axis, or for the
+    split parts ``part_refs`` (an operand axis proven to have that size, :func:`broadcast`).
+    Raises ``Miss`` otherwise."""
     if merged not in tags:
         return build_view(n, tags, op_tags, "bias"), None
-    shape = [A.static_int(x) for x in A.shape(n)] + [A.static_int(x) for x in sizes]
-    if None in shape:
-        raise Miss("unsupported_op", f"{n.name}: a term on merged batch axes with dynamic shapes", n)
-    own, sp = tuple(shape[:len(tags)]), shape[len(tags):]
+    shape = A.shape(n)
     i = list(tags).index(merged)
+    if shape is None or not A.size_eq(shape[i], A.prod(sizes)):
+        raise Miss("unsupported_op", f"{n.name}: a term whose merged batch axis is not provably B*H", n)
+
+    def entry(x, ref):
+        si = A.static_int(x)
+        if si is not None:
+            return si
+        if not symbolic_ok or ref is None:
+            raise Miss("unsupported_op", f"{n.name}: a mask term on merged batch axes with dynamic shapes "
+                                         f"(its structure is sampled at concrete sizes)", n)
+        return ref
+    own = tuple(-1 if A.static_int(x) is None else A.static_int(x) for x in shape)
+    if not symbolic_ok and -1 in own:
+        entry(shape[own.index(-1)], None)   # raises
+    split = [entry(x, (n, j)) for j, x in enumerate(shape)]
+    split[i:i + 1] = [entry(x, r) for x, r in zip(sizes, part_refs)]
     tags2 = list(tags[:i]) + list(parts) + list(tags[i + 1:])
     view = View4(n, tuple(tags2.index(t) if t in tags2 else None for t in op_tags))
-    return view, (own, own[:i] + tuple(sp) + own[i + 1:])
+    return view, (own, tuple(split))

@@ -194,15 +194,16 @@ class Emitter:
         """Emit ``v`` as view ops: squeeze unnamed unit axes, permute, unsqueeze, expand.
 
         ``pre = (shape, merged)``: first broadcast the base to ``shape`` and reshape it to
-        ``merged`` (a bias given on split batch axes). ``pad``: pad with zeros before the given
+        ``merged`` (a bias given on split batch axes; a size of ``merged`` may be a
+        ``(node, axis)`` pair, that node's size read at run time). ``pad``: pad with zeros before the given
         axes, ``((axis, count), ...)`` (a bias added into a slice), of the base, or of the
         reshaped base with ``pre``."""
         x = v.base
         r = len(pre[1]) if pre is not None else len(A.shape(x))
         if pad and pre is None:
             x = self.zero_pad_before(x, pad, r)
-        if pre is not None:
-            x = self.reshape(self.expand(x, list(pre[0])), list(pre[1]))
+        if pre is not None:   # sizes: ints, or (node, axis) read at run time (symbolic)
+            x = self.reshape(self.expand(x, list(pre[0])), [self._size_of(e) for e in pre[1]])
             if pad:
                 x = self.zero_pad_before(x, pad, r)
         used = [a for a in v.axes if a is not None]
@@ -223,6 +224,9 @@ class Emitter:
             sizes = [self._slot_size(v, s) for s in range(len(v.axes))]
             x = self.reshape(x, [-1, self.product(sizes[g0:g0 + g1])] + sizes[g0 + g1:])
         return x
+
+    def _size_of(self, e):
+        return self.size(e[0], e[1]) if isinstance(e, tuple) else e
 
     def _slot_size(self, v: View4, s: int):
         e = v.expand[s]

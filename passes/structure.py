@@ -354,16 +354,23 @@ def _why_kept(t: RawTerm, mkind: str, fill: float, ts: TermStructure, others: Se
     if mkind != "fill":
         return None, False
     # finite fill: eager averages V over all keys on a row it masks entirely
-    if not all(_bounded(o, gm) for o in others):   # (a bounded term: BLOOM's padded ALiBi)
-        return (f"finite fill {fill:g} beside other score terms (a row masked by all of them together "
-                f"is not reproducible as structure)"), False
+    unbounded = [o for o in others if not _bounded(o, gm)]   # (a bounded term: BLOOM's padded ALiBi)
+    if unbounded:
+        state = sorted({s for o in unbounded for s in C.state_reads(o.node, gm)})
+        why = (f"; it reads module state ({', '.join(state)}), whose values the rewrite does not read"
+               if state else "")
+        return (f"finite fill {fill:g} beside score term(s) {', '.join(o.node.name for o in unbounded)} not "
+                f"proven finite and bounded (alibi.bound){why}: a row masked by all of them together is not "
+                f"reproducible as structure"), False
     if ts.residual:
         return f"finite fill {fill:g} and a part that is not structure", False
     if ts.key_masks or ts.empty_rows:
         if softcap:
             return f"finite fill {fill:g}, rows that may see no key, and a softcap", False
-        if dropout_p:
-            return f"finite fill {fill:g}, rows that may see no key, and dropout", False
+        if dropout_p:   # the fix-up's uniform average of V has no dropout mask
+            return (f"finite fill {fill:g}, rows that may see no key, and dropout (eager drops out the uniform "
+                    f"row such a row gets, key by key; the empty-row fix-up computes that average outside the "
+                    f"op, without the op's dropout mask)"), False
         return None, True
     return None, False
 

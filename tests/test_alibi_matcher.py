@@ -130,8 +130,9 @@ def test_alibi_becomes_structure(module, dialect):
 def test_symbolic_trace_and_dynamic_shapes_stay_exact():
     """symbolic_trace (sizes read at run time) and dynamo with dynamic shapes: the index
     and position proofs need static sizes, so the term stays a bias (documented), exact.
-    (BloomStyle is not fused at all in these two dialects, ALiBi or not: fx does not read
-    a method ``baddbmm`` as a product, and a dynamic mask on reshaped scores is declined.)"""
+    (BloomStyle is not fused under symbolic_trace: fx does not read a method ``baddbmm``
+    whose alpha is a run-time size as a product. Under dynamic shapes it is matched on its
+    split (B, H) axes, its ALiBi a (B, H, 1, Lk) bias: the padded form is tested below.)"""
     mod = MptStyle()
     q, k, v = _qkv()
     for dialect in ("fx", "dynamo_dynamic"):
@@ -338,3 +339,117 @@ def test_split_batch_axis_without_a_merge_to_read_stays_merged():
     out, bias = _run_recording_bias(res.graph_module, inputs)
     assert bias[0] == (1, B * H, N, N), bias
     torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD), atol=2e-6, rtol=2e-6)
+
+
+# ---------------------------------------------------------------------------
+# the split batch axis with symbolic sizes, and symbolic_trace (issue 22, part 2)
+# ---------------------------------------------------------------------------
+
+class BloomPaddedConfigHeads(BloomPadded):
+    """:class:`BloomPadded` with the head count and head dim from the config (python ints), as
+    Hugging Face's BLOOM builds its slopes (``build_alibi_tensor(mask, num_heads, dtype)``)
+    and reshapes its heads; batch and length come from the mask."""
+
+    def forward(self, q, k, v, mask):
+        b, n = mask.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, H + 1, dtype=torch.int32))
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        alibi = (slopes[..., None] * pos).reshape(b * H, 1, n).to(q.dtype)
+        s = alibi.baddbmm(q.reshape(b * H, n, D), k.reshape(b * H, n, D).transpose(-1, -2), beta=1.0,
+                          alpha=D ** -0.5)
+        s = s.view(b, H, n, n) + _hf_float_mask(mask, q.dtype)
+        up = torch.promote_types(q.dtype, torch.float32)
+        p = torch.softmax(s, dim=-1, dtype=up).to(q.dtype).view(b * H, n, n)
+        out = torch.bmm(p, v.reshape(b * H, n, D)).view(b, H, n, D)
+        return out.permute(0, 2, 1, 3).reshape(b, n, H * D)
+
+
+def test_padded_bloom_with_dynamic_shapes_fuses_on_split_axes():
+    """torch.compile(dynamic=True), train mode: B and L symbolic, the merged axis b*H a SymInt
+    product. q, k, v are proven row-major merges of (B, H) and the ALiBi term's (B·H, 1, Lk)
+    is split by a reshape whose sizes are read at run time (batchaxes.split_term): one graph
+    serves two batch sizes and lengths, the op reading the (B, H, 1, Lk) bias and the mask as
+    causal + key_mask + fix-up; outputs and gradients equal eager's in float64."""
+    torch._dynamo.reset()
+    mod = BloomPaddedConfigHeads()
+    compiled = torch.compile(mod, backend="attnfuse", dynamic=True, options={"inner": "eager", "strict": True})
+    pads = [_PAD, torch.tensor([[0, 0, 0] + [1] * 7, [1] * 10, [0] + [1] * 9])]
+    with attnfuse.backend.collect_reports() as reports:
+        for seed, pad in enumerate(pads):
+            b, n = pad.shape
+            g = torch.Generator().manual_seed(seed)
+            q, k, v = (torch.randn(b, H, n, D, generator=g).requires_grad_() for _ in range(3))
+            out = compiled(q, k, v, pad)
+            leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref = _eager64(mod, *leaves, pad)
+            torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
+            dout = torch.randn(out.shape, generator=g)
+            got = torch.autograd.grad(out, (q, k, v), dout)
+            for a, w in zip(got, torch.autograd.grad(ref, leaves, dout.double())):
+                torch.testing.assert_close(a.double(), w, atol=2e-5, rtol=2e-5)
+    assert len(reports) == 1, "one graph for both sizes"
+    (f,) = reports[0].fusions
+    assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup and f.bias == "float:alibi", f.masks
+    assert not f.alibi   # positions from the mask's cumsum: a bias, not alibi_slopes
+
+
+class BloomPaddedFx(BloomPadded):
+    """Padded BLOOM written so that ``torch.fx.symbolic_trace`` traces it (sizes read from the
+    mask, float32's finfo.min, the causal mask from an arange comparison)."""
+
+    def forward(self, q, k, v, mask):
+        b, n = mask.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, H + 1, dtype=torch.int32))
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        alibi = (slopes[..., None] * pos).reshape(b * H, 1, n).to(q.dtype)
+        s = alibi.baddbmm(q.reshape(b * H, n, D), k.reshape(b * H, n, D).transpose(-1, -2), beta=1.0,
+                          alpha=D ** -0.5)
+        i = torch.arange(n)
+        keep = (i[None, :] <= i[:, None])[None, None] & mask.bool()[:, None, None, :]
+        s = s.view(b, H, n, n) + torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+        p = torch.softmax(s, dim=-1).view(b * H, n, n)
+        return torch.bmm(p, v.reshape(b * H, n, D)).view(b, H, n, D)
+
+
+def test_padded_bloom_symbolic_trace_keeps_one_bias_with_the_reason():
+    """symbolic_trace evaluates the slopes while tracing: they reach the graph as a tensor
+    constant (module state, whose values a rewrite never reads), so the ALiBi term is not
+    proven bounded and the finite-fill mask beside it stays in one (B, H, Lq, Lk) bias, fused
+    on the split axes; the note names the term and why. Exact against eager."""
+    mod = BloomPaddedFx()
+    q, k, v = _qkv_n()
+    gm, inputs = capture(mod, (q, k, v, _PAD), "fx")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    (f,) = res.report.fusions
+    assert any("not proven finite and bounded" in m and "module state (_tensor_constant0)" in m for m in f.masks), \
+        f.masks
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias[0] == (B, H, N, N), bias
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD), atol=2e-6, rtol=2e-6)
+
+
+class FalconDropout(FalconStyle):
+    """:class:`FalconStyle` in training, dropout on the probabilities."""
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, h + 1, dtype=torch.int32))
+        pos = ((mask.cumsum(-1) - 1) * mask)[:, None, :]
+        alibi = (slopes[..., None].bfloat16() * pos).reshape(b * h, 1, n).to(q.dtype).reshape(b, h, 1, n)
+        bias = torch.masked_fill(alibi / d ** 0.5, _hf_float_mask(mask, q.dtype) < -1, torch.finfo(q.dtype).min)
+        p = torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5 + bias, dim=-1)
+        return nn.functional.dropout(p, 0.1, training=True) @ v
+
+
+def test_falcon_padded_with_dropout_stays_a_bias_with_the_reason():
+    """A left-padded row sees no key: eager gives it a uniform softmax over every key and
+    then drops that row out key by key; the empty-row fix-up computes the uniform average
+    outside the op, without the op's dropout mask. So the fill stays in the bias, and the
+    note says why."""
+    q, k, v = _qkv_n()
+    gm, inputs = capture(FalconDropout(), (q, k, v, _PAD), "dynamo")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    (f,) = res.report.fusions
+    assert f.bias != "none" and f.causal == "none" and not f.empty_row_fixup
+    assert any("and dropout" in m and "without the op's dropout mask" in m for m in f.masks), f.masks
