@@ -21,17 +21,31 @@ import torch
 from torch import Tensor
 
 from . import torch_base as TS
+from .base import NEG_INF, compact
 
 __all__ = ["fold_key_mask", "applicable", "backward_applicable", "fused_forward",
            "fused_backward"]
 
 
-def fold_key_mask(bias: Optional[Tensor], key_mask: Optional[Tensor],
-                  window: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def fold_key_mask(bias: Optional[Tensor], key_mask: Optional[Tensor], window: int, *,
+                  bias_needs_grad: bool = False) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(bias, key_mask): a key_mask alone (no bias, no window) becomes a (B|1, 1, 1, Lk)
-    bool bias view, which the fused kernel takes as a broadcast (B, 1, 1, Lk) mask."""
-    if key_mask is not None and bias is None and not window:
+    bool bias view, which the fused kernel takes as a broadcast (B, 1, 1, Lk) mask.
+
+    Beside a bias that is constant along the queries ((B|1, H|1, 1, Lk) once its expanded
+    dims are compacted: a key-only term such as Falcon's or padded BLOOM's ALiBi), the
+    key_mask is folded into that bias: ``-inf`` at the hidden keys (a bool bias: False), an
+    O(B·H·Lk) copy, so the fused kernel takes the call instead of the blocked loop. Not into
+    a float bias that needs its own gradient (``bias_needs_grad``): the folded tensor is a
+    new one (the key_mask is then returned, unfolded)."""
+    if key_mask is None or window:
+        return bias, key_mask
+    if bias is None:
         return key_mask[:, None, None, :], None
+    cb = compact(bias)
+    if cb.size(2) == 1 and not (bias_needs_grad and cb.dtype != torch.bool):
+        keep = key_mask[:, None, None, :]
+        return (cb & keep if cb.dtype == torch.bool else cb.masked_fill(~keep, NEG_INF)), None
     return bias, key_mask
 
 

@@ -120,7 +120,7 @@ PATHS: tuple[PathRule, ...] = (
              "with D == Dv, no bias, softcap or dropout (a key_mask sliced per block)", "every key outside a row block's causal/window band"),
     PathRule("fused", "fp32/fp16/bf16 with D == Dv, no softcap, dropout, window or "
              "bottom-right diagonal, a bias of q's dtype or bool (a key_mask alone folded "
-             "into one; causal GQA repeats K/V)", "nothing: one call of PyTorch's fused CPU kernel"),
+             "into one, or into a bias constant along the queries; causal GQA repeats K/V)", "nothing: one call of PyTorch's fused CPU kernel"),
     PathRule("blocked", "everything else (softcap, dropout, float64, bottom-right with a "
              "bias, ALiBi slopes, ...); also the backward where the fused one has no bias gradient or "
              "the lse is too large", "keys outside the causal/window band"),
@@ -220,8 +220,10 @@ def backward_plan(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], lse: 
         path = "fused"  # too few tasks per row for the threads: one call, folded mask
     if path != "fused":
         return plan
-    folded, _ = TF.fold_key_mask(bias, key_mask, window)
-    if folded is not bias:  # the key_mask became a bool bias, which has no gradient
+    folded, unfolded = TF.fold_key_mask(bias, key_mask, window, bias_needs_grad=need_dbias)
+    if unfolded is not None:  # the forward folded it into the bias, which needs its gradient here
+        return _chosen("blocked", "a key_mask beside a bias that needs its gradient")
+    if folded is not bias:  # the key_mask became (or joined) a bias that needs no gradient
         bias, need_dbias = folded, False
     if not TF.backward_applicable(q, k, v, bias, lse, causal=causal, dropout_p=dropout_p,
                                   softcap=softcap, need_dbias=need_dbias):
@@ -372,8 +374,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tenso
         dq, dk, dv = TBD.banded_backward(dout, q, k, v, out, lse, scale=scale, causal=causal,
                                          window=window, key_mask=key_mask)
         return dq, dk, dv, None
-    folded, key_mask = TF.fold_key_mask(bias, key_mask, window)
-    if folded is not bias:  # the key_mask became a bool bias, which has no gradient
+    folded, key_mask = TF.fold_key_mask(bias, key_mask, window, bias_needs_grad=need_dbias)
+    if folded is not bias:  # the key_mask became (or joined) a bias that needs no gradient
         bias, need_dbias = folded, False
     if path == "fused":
         dq, dk, dv = TF.fused_backward(dout, q, k, v, bias, out, lse, scale=scale,
