@@ -4,7 +4,7 @@ against the minimum, FlashAttention-2's IO model for the same tiles, and unfused
     .venv/bin/python benchmarks/kernel_io.py [--sizes 256,512,1024] [--dim 64] [--causal]
                                              [--padded 0.4] [--alibi]
                                              [--decode-sizes 4096,16384] [--decode-lq 1,16]
-                                             [--sinks]
+                                             [--sinks] [--static-cache]
 
 Counting: every ``tl.load`` / ``tl.store`` executed by the interpreter is intercepted and
 the bytes of its masked-in elements are added up per kernel (each program's loads are
@@ -316,6 +316,41 @@ def _padded_table(sizes, d, dtype, es, causal, padded):
         print(f"      after, per kernel/kind: {per}  ({secs:.1f}s in the interpreter)")
 
 
+def _static_cache_table(sizes, d, dtype):
+    """A static KV cache's prefill from position 0 (issue 18, category 10): N queries, a
+    cache of 2N slots (the last N empty), its (1, 1, N, 2N) fp16 mask given as the bias
+    (0 / finfo.min), as the rewrite emits it on GPU: the bias plus the key mask derived from
+    the mask (before), and also plus the causal band derived from it (after:
+    ``causal_offsets`` = 0). Bytes READ per pass; same results (max |out diff| printed)."""
+    print(f"static-cache prefill: N queries, 2N cache slots, (1, 1, N, 2N) mask as the bias, "
+          f"d={d}, fp16; bytes READ per pass")
+    hdr = (f"{'N':>5} {'pass':<4} {'bias+key mask':>14} {'+causal offsets':>16} {'after/before':>12}")
+    print(hdr)
+    print("-" * len(hdr))
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 1, n, d, generator=g).to(dtype)
+        k, v = (torch.randn(1, 1, 2 * n, d, generator=g).to(dtype) for _ in range(2))
+        keep = torch.arange(2 * n)[None, :] <= torch.arange(n)[:, None]
+        bias = torch.zeros(1, 1, n, 2 * n).masked_fill(~keep, torch.finfo(dtype).min).to(dtype)
+        key_mask = keep.any(0)[None]
+        reads, outs = [], []
+        for offsets in (None, torch.zeros(1, dtype=torch.int32)):
+            kw = dict(scale=1 / math.sqrt(d), causal="none", dropout_p=0.0, softcap=0.0, seed=0,
+                      key_mask=key_mask, causal_offsets=offsets)
+            _counts.clear()
+            out, lse = tf.forward(q, k, v, bias, **kw)
+            fwd = _split(_counts)[0]
+            _counts.clear()
+            tf.backward(torch.ones_like(out), q, k, v, bias, out, lse, need_dbias=False, **kw)
+            reads.append((fwd, _split(_counts)[0]))
+            outs.append(out.float())
+        for p, name in enumerate(("fwd", "bwd")):
+            before, after = reads[0][p], reads[1][p]
+            print(f"{n:>5} {name:<4} {before:>14,} {after:>16,} {after / before:>12.3f}")
+        print(f"      max |out diff| {float((outs[0] - outs[1]).abs().max()):.2e}")
+
+
 def _sinks_table(sizes, decode_sizes, d, dtype, es, causal):
     B, Hq, Hkv = 1, 4, 2
     mode = "top_left" if causal else "none"
@@ -422,6 +457,8 @@ def main(argv=None):
     ap.add_argument("--decode-sizes", default="4096,16384",
                     help="KV lengths for the decode comparison ('' to skip)")
     ap.add_argument("--decode-lq", default="1,16")
+    ap.add_argument("--static-cache", action="store_true",
+                    help="a static KV cache's prefill: bytes read with and without causal_offsets")
     ap.add_argument("--sinks", action="store_true",
                     help="compare the kernels without and with attention sinks (only that table)")
     args = ap.parse_args(argv)
@@ -429,6 +466,9 @@ def main(argv=None):
     d = args.dim
     _install_counters()
     _use_gpu_configs()
+    if args.static_cache:
+        _static_cache_table([int(x) for x in args.sizes.split(",") if x], d, dtype)
+        return 0
     if args.sinks:
         _sinks_table([int(x) for x in args.sizes.split(",") if x],
                      [int(x) for x in args.decode_sizes.split(",") if x], d, dtype, es, args.causal)
