@@ -1980,3 +1980,20 @@ def dropout_statistics(gm, inputs, reference, *, n=100):
     s = ((outs - ref) * ref).flatten(1).sum(1)
     z = s.mean() / (s.std() / math.sqrt(n))
     return abs(z.item()), s.std().item()
+
+
+def intermediate_value(gm: "torch.fx.GraphModule", node, inputs):
+    """The value ``node`` (an intermediate of ``gm``'s graph) takes when ``gm`` runs on
+    ``inputs``."""
+    seen = {}
+    interp = torch.fx.Interpreter(gm)
+    run_node = interp.run_node
+
+    def spy(n):
+        r = run_node(n)
+        if n is node:
+            seen["v"] = r
+        return r
+    interp.run_node = spy
+    interp.run(*inputs)
+    return seen["v"]

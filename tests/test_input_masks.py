@@ -16,7 +16,7 @@ from torch import nn
 
 from attnfuse.passes import inputmask
 from tests.algebra_check import check_spelling
-from tests.attn_spellings import capture, fused_nodes, run_rewrite
+from tests.attn_spellings import capture, fused_nodes, intermediate_value, run_rewrite
 
 B, H, LQ, LK, D = 2, 2, 3, 8, 8
 
@@ -86,22 +86,6 @@ def test_float_mask_input_gets_a_derived_key_mask(dialect, derive_on_cpu):
         assert any("no causal band derived: the device" in n for n in f.masks), f.masks
 
 
-def _intermediate(res, node, inputs):
-    """The value ``node`` of the rewritten graph takes when it runs on ``inputs``."""
-    got = {}
-    env = torch.fx.Interpreter(res.graph_module)
-    orig = env.run_node
-
-    def spy(n):
-        r = orig(n)
-        if n is node:
-            got["v"] = r
-        return r
-    env.run_node = spy
-    env.run(*inputs)
-    return got["v"]
-
-
 def test_derived_causal_offsets_values(derive_on_cpu):
     """Item 0 (queries at cache positions 2..4) gets its diagonal, offset 2; item 1, with a
     row that sees no key, an offset that hides nothing (its finite-fill row is eager's
@@ -111,7 +95,7 @@ def test_derived_causal_offsets_values(derive_on_cpu):
     gm, ex = capture(MaskInput(), [*_inputs(), mask], "aten")
     res = run_rewrite(gm, ex, strict=True)
     (call,) = fused_nodes(res.graph_module)
-    got = _intermediate(res, call.kwargs["causal_offsets"], ex)
+    got = intermediate_value(res.graph_module, call.kwargs["causal_offsets"], ex)
     assert got.tolist() == [2, inputmask._NO_BAND]
 
 
@@ -128,7 +112,7 @@ def test_prefill_mask_input_gets_its_causal_band(dialect, derive_on_cpu):
     gm, ex = capture(MaskInput(), [*_inputs(), mask], "aten")
     res = run_rewrite(gm, ex, strict=True)
     (call,) = fused_nodes(res.graph_module)
-    assert _intermediate(res, call.kwargs["causal_offsets"], ex).tolist() == [0, 0]
+    assert intermediate_value(res.graph_module, call.kwargs["causal_offsets"], ex).tolist() == [0, 0]
 
 
 def test_no_band_for_one_query_row_or_a_row_broadcast_mask(derive_on_cpu):
@@ -151,20 +135,9 @@ def test_derived_key_mask_values(derive_on_cpu):
     mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
     gm, ex = capture(MaskInput(), [*_inputs(), mask], "aten")
     res = run_rewrite(gm, ex, strict=True)
-    km = _key_mask_arg(res)
-    got = {}
-    env = torch.fx.Interpreter(res.graph_module)   # the key mask is an intermediate: read it on the way
-    orig = env.run_node
-
-    def spy(n):
-        r = orig(n)
-        if n is km:
-            got["km"] = r
-        return r
-    env.run_node = spy
-    env.run(*ex)
+    km = intermediate_value(res.graph_module, _key_mask_arg(res), ex)
     want = torch.tensor([[False, True, True, True, True, False, False, False], [True] * LK])
-    assert torch.equal(got["km"], want)
+    assert torch.equal(km, want)
 
 
 @pytest.mark.parametrize("dialect", ["aten", "dynamo"])

@@ -41,3 +41,22 @@ def test_position_mask_is_a_bias_with_its_reason(dialect):
     (f,) = res.report.fusions
     assert f.causal == "none" and f.bias != "none"
     assert any("run-time values of the graph input" in n for n in f.masks), f.masks
+
+
+def test_position_mask_gets_its_causal_band_at_run_time(monkeypatch):
+    """With the run-time derivations on (GPU fusions), the position mask also gives the op
+    its causal band: offset 0 in both items (offset positions and a packed pair of
+    sequences both hide every key j > i), so the kernels skip the blocks above the
+    diagonal; still exact against float64 eager, output and gradients."""
+    from attnfuse.passes import inputmask
+    from tests.attn_spellings import capture, fused_nodes, intermediate_value, run_rewrite
+
+    monkeypatch.setattr(inputmask, "DERIVE_ON_CPU", True)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, L, 8, generator=g) for _ in range(3))
+    pos = torch.stack([torch.arange(L) + 3, torch.cat([torch.arange(2), torch.arange(L - 2)])])
+    check_spelling(PositionCausal(), [q, k, v, pos], "dynamo")
+    gm, ex = capture(PositionCausal(), [q, k, v, pos], "aten")
+    res = run_rewrite(gm, ex, strict=True)
+    (call,) = fused_nodes(res.graph_module)
+    assert intermediate_value(res.graph_module, call.kwargs["causal_offsets"], ex).tolist() == [0, 0]
