@@ -224,6 +224,27 @@ def _compare(ref, got, ref_grads, got_grads) -> dict:
     return res
 
 
+def paired_ratio_ci(rec: dict) -> Optional[Tuple[int, float, float, float]]:
+    """(rounds, median, lo, hi) of the per-round ratio inductor / attnfuse of one record:
+    the median of the ratios and the order-statistics interval [r_(k), r_(n+1-k)] around it,
+    k the largest with P(Binomial(n, 1/2) < k) <= 0.025 (coverage >= 95 %, no assumption on
+    the distribution); None without per-round times or with fewer than 6 rounds."""
+    rounds = rec.get("ms_rounds", {})
+    ind, af = rounds.get("inductor"), rounds.get("attnfuse")
+    if not ind or not af or len(ind) != len(af) or len(ind) < 6:
+        return None
+    ratios = sorted(i / a for i, a in zip(ind, af))
+    n = len(ratios)
+    k, tail = 0, 0.0
+    while True:
+        nxt = tail + math.comb(n, k) / 2 ** n   # P(Bin < k + 1)
+        if nxt > 0.025:
+            break
+        tail, k = nxt, k + 1
+    k = max(k, 1)
+    return n, statistics.median(ratios), ratios[k - 1], ratios[n - k]
+
+
 def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], reps: int, layers: int,
               check_length: int, threads: int, lowp: bool = True, inline: bool = True,
               fused_lowering: bool = True, timed: Sequence[str] = VARIANTS, clock: str = "wall") -> None:
@@ -341,6 +362,7 @@ def run_group(case: str, dtype_name: str, mode: str, lengths: Sequence[int], rep
                 continue
             rec["ms_min"][v] = round(min(ts), 2)
             rec["ms_median"][v] = round(statistics.median(ts), 2)
+            rec.setdefault("ms_rounds", {})[v] = [round(t, 2) for t in ts]   # per round, paired by index
         rec["compiled"] = {v: dict(counter.stats.get(v, {})) for v in ("inductor", "attnfuse")}
         rec["attnfuse_fusions"] = sorted(set(fusions))
         rec["attnfuse_near_misses"] = sorted(set(near))
@@ -477,6 +499,28 @@ def report(recs: List[dict], args) -> Tuple[str, List[dict]]:
             f"{_fmt_ratio(m.get('eager'), m.get('attnfuse'))} | {_fmt_ratio(m.get('inductor'), m.get('attnfuse'))} | "
             f"{_per_graph(comp, 'inductor', 'sdpa')}/{_af_per_graph(r)} "
             f"({r['sites']}) | {errs('out_rel')} | {errs('grad_rel')} | {notes} |")
+
+    # rows below Inductor on medians: within noise, or below? (issue 20)
+    below = [(r, paired_ratio_ci(r)) for r in main
+             if r["ms_median"].get("attnfuse") and r["ms_median"].get("inductor")
+             and r["ms_median"]["inductor"] / r["ms_median"]["attnfuse"] < 1.0]
+    if below:
+        lines.append("\n## Rows below Inductor on medians: the paired per-round ratio\n")
+        lines.append("Per round r the ratio ind_r / af_r of the two variants timed in that round (the same "
+                     "round-robin), its median and a distribution-free confidence interval of that median "
+                     "(order statistics, binomial, >= 95 %). A row counts as below Inductor only where the "
+                     "whole interval lies below 1.00; otherwise it is within noise.\n")
+        lines.append("| case | dtype | mode | L | rounds | median ind/af per round | CI | verdict |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for r, ci in below:
+            if ci is None:
+                lines.append(f"| {r['case']} | {r['dtype']} | {r['mode']} | {r['tokens']} | - | - | - | "
+                             f"too few rounds for an interval |")
+                continue
+            n, med, lo, hi = ci
+            verdict = "below" if hi < 1.0 else "within noise"
+            lines.append(f"| {r['case']} | {r['dtype']} | {r['mode']} | {r['tokens']} | {n} | {med:.3f} | "
+                         f"[{lo:.3f}, {hi:.3f}] | {verdict} |")
 
     # what attnfuse fused, compile counts and times, per group
     lines.append("\n## Fusions and compiles per group\n")
