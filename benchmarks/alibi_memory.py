@@ -38,7 +38,7 @@ Two variants each:
 Each (model, variant, length) runs in its own process (``--child``): peak memory is the process's
 peak resident set (``ru_maxrss``) minus its resident set just before the first call (q, k, v
 allocated, nothing compiled), so it includes dynamo's compile and the first run; time is the best
-of two further calls. Ratios are after / before from the same run. The machine is shared (2 cores,
+of five further calls. Ratios are after / before from the same run. The machine is shared (2 cores,
 other jobs running): times are inflated and noisy; the memory numbers are not affected.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _child(model: str, variant: str, length: int, heads: int, dim: int) -> dict:
         compiled(q, k, v, *extra)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         times = []
-        for _ in range(2):
+        for _ in range(5):
             t0 = time.perf_counter()
             compiled(q, k, v, *extra)
             times.append(time.perf_counter() - t0)
