@@ -210,12 +210,48 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _heavy(bias_kind: int, dropout: bool, alibi: bool) -> bool:
-    """The "heavy" config lists (smaller tiles) serve a bias tile, the dropout stream and
-    ALiBi: the per-tile position arithmetic of ALiBi spills registers with the plain
-    lists' tiles (e.g. forward d64 fp16 128x64 w4: 8 B on sm_80, 16 B on sm_90;
-    benchmarks/kernel_resources.py).  Sinks stay plain: they touch only the epilogue."""
-    return bool(bias_kind or dropout or alibi)
+# The (B, H, L, D) operands of the kernels: pointer argument -> prefix of its stride
+# arguments (prefix + "z", "h", "m" or "n", "d").  Their alignment decides whether a call
+# may take the plain lists (:func:`aligned`, :func:`aligned_specialisation`).
+_OPERANDS = {"Q": "stride_q", "K": "stride_k", "V": "stride_v", "Out": "stride_o",
+             "DO": "stride_do", "DQ": "stride_dq", "DK": "stride_dk", "DV_": "stride_dv"}
+
+
+def aligned(tensors, head_dims) -> bool:
+    """Whether a launch gets the specialisation under which the plain lists are checked
+    (:func:`aligned_specialisation`): every operand in ``tensors`` has a 16-byte-aligned
+    address, a unit last stride and its other strides multiples of 16 (elements), and
+    every head dim in ``head_dims`` is a multiple of 16.  Triton's JIT turns an int
+    argument equal to 1 into a constexpr and gives ``tt.divisibility = 16`` to pointers
+    whose address, and ints whose value, is a multiple of 16; the plain lists' larger
+    tiles spill registers without these facts (e.g. dQ d256 fp16 64x32 w8 on sm_80:
+    8020 B unspecialised, 0 B with them; benchmarks/results/kernel_resources_aligned.txt)."""
+    return (all(d % 16 == 0 for d in head_dims)
+            and all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+                    and all(s % 16 == 0 for s in t.stride()[:-1]) for t in tensors))
+
+
+def aligned_specialisation(arg_names) -> tuple:
+    """``(unit, div16)``: the arguments of a kernel (``arg_names``) that an
+    :func:`aligned` launch specialises, unit strides (constexpr 1) and arguments with
+    ``tt.divisibility = 16`` (the operands' pointers and other strides, ``D`` and
+    ``DV``); every other argument may be anything.  benchmarks/kernel_resources.py
+    compiles the plain lists with exactly these facts."""
+    names = set(arg_names)
+    unit = {p + "d" for p in _OPERANDS.values()} & names
+    div16 = ({a for p in _OPERANDS.values() for a in (p + "z", p + "h", p + "m", p + "n")}
+             | set(_OPERANDS) | {"D", "DV"}) & names
+    return unit, div16
+
+
+def _heavy(bias_kind: int, dropout: bool, alibi: bool, is_aligned: bool = True) -> bool:
+    """The "heavy" config lists (smaller tiles) serve a bias tile, the dropout stream,
+    ALiBi, and every launch that is not :func:`aligned`: the per-tile position
+    arithmetic of ALiBi spills registers with the plain lists' tiles (e.g. forward d64
+    fp16 128x64 w4: 8 B on sm_80, 16 B on sm_90), and so do the plain lists without the
+    aligned specialisation (benchmarks/kernel_resources.py).  Sinks stay plain: they
+    touch only the epilogue."""
+    return bool(bias_kind or dropout or alibi or not is_aligned)
 
 
 def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool):
@@ -272,7 +308,7 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
     kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype,
-                           _heavy(bias_kind, dropout, alibi))
+                           _heavy(bias_kind, dropout, alibi, aligned((q, k, v, out), (D, Dv))))
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
         q, k, v, b_t, st["km"], st["kb"], a_t, out, lse, sk_t,
@@ -328,7 +364,7 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
     c = _common(q, k, v, scale, causal, softcap)
     dropout = dropout_p > 0.0
-    heavy = _heavy(bias_kind, dropout, alibi)
+    heavy = _heavy(bias_kind, dropout, alibi, aligned((q, k, v, out, dout, dq, dk, dv), (D, Dv)))
     consts = dict(HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
                   CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind,
                   SOFTCAP=c["SOFTCAP"], KEY_MASK=st["KEY_MASK"],
