@@ -5,10 +5,12 @@ On CUDA tensors the kernels run through ``triton.autotune`` with a config list p
 (padded head dim, dtype) sized for sm_80 and sm_90, checked offline without a GPU:
 ``benchmarks/kernel_launched.py`` compiles them as launched (specialised on the call's
 strides): no register spills; ``benchmarks/kernel_resources.py`` compiles every entry with
-every mask on and nothing specialised, a bound: shared memory within the A100/H100
-per-block limits, and some plain-list entries spill there
-(``benchmarks/results/kernel_resources_sinks_alibi.txt``).  On CPU tensors they run in Triton's interpreter, which
-needs ``TRITON_INTERPRET=1`` in the environment BEFORE this module (and the kernel
+every mask on, the plain lists under the specialisation of an :func:`aligned` launch (the
+only launches that take them) and the heavy lists with nothing specialised: no register
+spills, shared memory within the A100/H100 per-block limits
+(``benchmarks/results/kernel_resources_aligned.txt``).  On CPU tensors they run in
+Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment BEFORE this
+module (and the kernel
 modules) are imported; there one fixed small config is used, because a multi-config
 autotune fails in the interpreter ("0 active drivers").
 
@@ -78,9 +80,15 @@ def _cfg(block_m, block_n, warps, stages):
 # pipelined main loop (num_stages >= 2: cp.async) everywhere, and, on sm_90
 # (_SM90_TABLE), tiles whose products run as warp-group MMA (wgmma needs 64 rows per
 # warp group).  Before/after: benchmarks/results/kernel_launched_before.md / _after.md.
-# benchmarks/kernel_resources.py still compiles every entry with the most expensive
-# constexprs of its variant and plain i32 arguments (no specialisation): a conservative
-# bound, checked for compile errors and shared memory.
+# The launcher takes the plain lists only for launches that get that specialisation
+# (:func:`aligned`), the heavy lists for every other launch; benchmarks/kernel_resources.py
+# compiles every entry with the most expensive constexprs of its variant, the plain lists
+# with the aligned specialisation and nothing else (:func:`aligned_specialisation`), the
+# heavy lists both with it and with nothing specialised, and fails on any spill.  Six
+# plain dK/dV entries ("were ..." below) spilled there (12-188 B, with every mask on) and
+# were replaced by the same family's tiles with half the keys, fewer rows or more warps;
+# three heavy entries spilled only with the specialisation and left their lists
+# (benchmarks/results/kernel_resources_aligned.txt).
 # The preprocess kernel has one list (its rare recompute path always includes the bias).
 # --------------------------------------------------------------------------------------
 
@@ -100,13 +108,13 @@ _CONFIG_TABLE = {
         (256, 32, True): [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
     "attn_bwd_dkdv": {
-        (64, 16, False): [(32, 64, 4, 3), (16, 64, 8, 2)],
-        (64, 16, True): [(32, 32, 4, 2), (16, 16, 4, 2)],
+        (64, 16, False): [(32, 32, 4, 3), (64, 32, 4, 3)],    # were 32x64 w4 s3, 16x64 w8 s2
+        (64, 16, True): [(32, 32, 4, 2)],      # 16x16 w4 s2 spilled 28 B (sm_90, aligned)
         (128, 16, False): [(32, 64, 8, 2), (16, 64, 8, 2)],
         (128, 16, True): [(16, 64, 8, 2), (16, 32, 4, 2)],
-        (256, 16, False): [(16, 32, 4, 2), (32, 32, 8, 2)],
+        (256, 16, False): [(16, 32, 8, 2), (16, 16, 4, 2)],    # were 16x32 w4, 32x32 w8
         (256, 16, True): [(16, 16, 4, 1)],     # 16x32 w8 spilled 12 B with ALiBi (sm_90)
-        (64, 32, False): [(16, 32, 4, 2), (16, 16, 4, 2)],
+        (64, 32, False): [(16, 32, 8, 2), (16, 16, 4, 2)],    # was 16x32 w4
         (64, 32, True): [(16, 32, 8, 1), (16, 16, 8, 1)],
         (128, 32, False): [(16, 32, 4, 2)],
         (128, 32, True): [(16, 32, 4, 1), (16, 32, 8, 1)],
@@ -117,13 +125,13 @@ _CONFIG_TABLE = {
         (64, 16, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
         (64, 16, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
         (128, 16, False): [(64, 32, 4, 3), (128, 32, 8, 3)],
-        (128, 16, True): [(32, 16, 4, 2), (16, 16, 4, 2)],
+        (128, 16, True): [(16, 16, 4, 2)],      # 32x16 w4 s2 spilled 8 B (sm_90, aligned)
         (256, 16, False): [(64, 32, 8, 2), (32, 32, 4, 2)],
         (256, 16, True): [(16, 16, 8, 1)],
         (64, 32, False): [(32, 16, 4, 2), (32, 32, 4, 2)],
         (64, 32, True): [(16, 16, 4, 1)],
         (128, 32, False): [(32, 16, 4, 2), (16, 16, 4, 2)],
-        (128, 32, True): [(16, 16, 4, 1), (16, 16, 8, 1)],
+        (128, 32, True): [(16, 16, 4, 1)],      # 16x16 w8 s1 spilled 8 B (sm_90, aligned)
         (256, 32, False): [(16, 16, 8, 1)],
         (256, 32, True): [(16, 16, 8, 1)],
     },
@@ -143,12 +151,12 @@ _CONFIG_TABLE = {
 # (benchmarks/results/kernel_launched_after.md): keys as in _CONFIG_TABLE.
 _SM90_TABLE = {
     "attn_fwd": {
-        # the third: the unspecialised fallback (head dim 72, fused QKV) spills 40-152 B
-        # with the first two
+        # the third was added for unspecialised launches (head dim 72, fused QKV), which
+        # spilled 40-152 B with the first two; those now take the heavy list (aligned)
         (128, 16, False): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
     },
     "attn_bwd_dkdv": {
-        (64, 16, False): [(64, 64, 4, 3), (32, 64, 4, 3)],
+        (64, 16, False): [(64, 32, 4, 3), (32, 64, 4, 3)],    # was 64x64 w4
         (128, 16, False): [(64, 32, 8, 2), (32, 64, 8, 2)],
     },
     "attn_bwd_dq": {
