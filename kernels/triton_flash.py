@@ -87,8 +87,9 @@ def _cfg(block_m, block_n, warps, stages):
 # heavy lists both with it and with nothing specialised, and fails on any spill.  Six
 # plain dK/dV entries ("were ..." below) spilled there (12-188 B, with every mask on) and
 # were replaced by the same family's tiles with half the keys, fewer rows or more warps;
-# three heavy entries spilled only with the specialisation and left their lists
-# (benchmarks/results/kernel_resources_aligned.txt).
+# heavy entries that spilled with it on sm_90 (or, dQ d128, as launched at head dim 72)
+# were dropped or replaced (benchmarks/results/kernel_resources_aligned.txt,
+# kernel_launched_aligned.md).
 # The preprocess kernel has one list (its rare recompute path always includes the bias).
 # --------------------------------------------------------------------------------------
 
@@ -125,7 +126,7 @@ _CONFIG_TABLE = {
         (64, 16, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
         (64, 16, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
         (128, 16, False): [(64, 32, 4, 3), (128, 32, 8, 3)],
-        (128, 16, True): [(16, 16, 4, 2)],      # 32x16 w4 s2 spilled 8 B (sm_90, aligned)
+        (128, 16, True): [(16, 16, 8, 2)],      # were 32x16 w4, 16x16 w4 (8 B spills)
         (256, 16, False): [(64, 32, 8, 2), (32, 32, 4, 2)],
         (256, 16, True): [(16, 16, 8, 1)],
         (64, 32, False): [(32, 16, 4, 2), (32, 32, 4, 2)],
