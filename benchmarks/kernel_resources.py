@@ -9,13 +9,27 @@ and the two flash-decoding kernels (``triton_decode.DECODE_KERNEL_CONFIGS``).
 
 Shared memory comes from ``compiled.metadata.shared``; registers and spills from the
 ptxas bundled with Triton (``ptxas -v`` on ``compiled.asm["ptx"]``).  Each kernel is
-compiled with the most expensive constexpr variant its config list serves: the
-"plain" lists (no bias, no dropout, no ALiBi) with causal + softcap + sinks; the
-"[heavy]" lists (bias, dropout or ALiBi slopes: ``triton_flash._heavy``) with causal,
-float bias, softcap, dropout, the dS output, sinks and ALiBi all on; window and
-key_mask on wherever a kernel takes them.  The decode split kernel has one list per
-(head dim, dtype, tile height BLOCK_M) for every mask variant, compiled with everything
-on (ALiBi included); BLOCK_M is set by the packed row count, not tuned (``triton_decode.decode_block_ms``).
+compiled, for each arch, with the config list the launcher uses there
+(``triton_flash._SM90_TABLE`` replaces some lists on sm_90) and the most expensive
+constexpr variant that list serves: the "plain" lists (no bias, no dropout, no ALiBi)
+with causal + softcap + sinks; the "[heavy]" lists (bias, dropout or ALiBi slopes:
+``triton_flash._heavy``) with causal, float bias, softcap, dropout, the dS output, sinks
+and ALiBi all on; window and key_mask on wherever a kernel takes them.
+
+Specialisation: the launcher takes the plain lists only for a launch that is
+``triton_flash.aligned`` (16-byte-aligned operands with unit last strides, their other
+strides and the head dims multiples of 16), so the plain lists are compiled with exactly
+the facts Triton's JIT derives from that (``triton_flash.aligned_specialisation``: unit
+strides constexpr 1, ``tt.divisibility = 16`` on the operands' pointers and strides and
+on D, DV) and every other argument unspecialised ("[aligned]" in the table).  The heavy
+lists serve both kinds of launch and are compiled both ways ("[heavy]": nothing
+specialised, every pointer and int argument plain; "[heavy, aligned]").  Specialisation
+can raise register use as well as lower it (more vectorised or pipelined loads: several
+plain dK/dV entries spilled only with it), so neither form bounds the other.  The single
+lists (decode, preprocess) are compiled with nothing specialised.  The decode split
+kernel has one list per (head dim, dtype, tile height BLOCK_M) for every mask variant,
+compiled with everything on (ALiBi included); BLOCK_M is set by the packed row count, not
+tuned (``triton_decode.decode_block_ms``).
 
 Coverage check: every entry of every config table (``triton_flash._CONFIG_TABLE``,
 ``triton_decode._SPLIT_TABLE``, the combine config) must be compiled by the default
@@ -112,20 +126,45 @@ def _ptxas(ptx: str, arch: int):
     return ptxas_stats(ptx, arch)
 
 
-def _source(kname, head_dim, dtype_name, heavy, idx, block_m):
-    """(ASTSource, config, constexprs) of config ``idx`` of kernel ``kname``'s list, with
-    its worst-case constexprs."""
+def _list_kwargs(kname, block_m, arch) -> dict:
+    """Keyword arguments of kernel ``kname``'s config-list function: the arch (the
+    launcher's lists per arch) or the decode split kernel's tile height."""
+    if kname in tf.KERNEL_CONFIGS:
+        return {"arch": arch}
+    return {} if block_m is None else {"block_m": block_m}
+
+
+def specs(kname, heavy) -> tuple:
+    """The specialisations a list is compiled with (each a bool: aligned or not): the
+    plain list of a plain/heavy pair serves only ``triton_flash.aligned`` launches, the
+    heavy list every launch, the single lists are compiled unspecialised."""
+    if kname in SINGLE_LIST:
+        return (False,)
+    return (False, True) if heavy else (True,)
+
+
+def _source(kname, head_dim, dtype_name, heavy, idx, block_m, arch=80, aligned=None):
+    """(ASTSource, config, constexprs) of config ``idx`` of kernel ``kname``'s list on
+    sm_``arch``, with its worst-case constexprs, and with ``aligned`` (default: the
+    first of the list's :func:`specs`) the aligned specialisation."""
     fn, configs = KERNELS[kname]
-    extra = {} if block_m is None else {"block_m": block_m}
+    extra = _list_kwargs(kname, block_m, arch)
     config = configs(head_dim, DTYPES[dtype_name], heavy, **extra)[idx]
     cx = _worst_constexprs(fn, head_dim, dtype_name, config, heavy, block_m)
-    return ASTSource(fn=fn, signature=_signature(fn, dtype_name, cx), constexprs=cx), config, cx
+    sig = _signature(fn, dtype_name, cx)
+    attrs = {}
+    if specs(kname, heavy)[0] if aligned is None else aligned:
+        unit, div16 = tf.aligned_specialisation(fn.arg_names)
+        sig.update({a: "constexpr" for a in unit})
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sorted(div16)}
+        cx = {**cx, **{a: 1 for a in unit}}
+    return ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs), config, cx
 
 
-def compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m, arch):
+def compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m, arch, aligned=None):
     """(compiled kernel, config, constexprs): that config compiled offline for sm_``arch``
     (``compiled.asm`` holds every stage: "ttir", "ttgir", "ptx", "cubin")."""
-    src, config, cx = _source(kname, head_dim, dtype_name, heavy, idx, block_m)
+    src, config, cx = _source(kname, head_dim, dtype_name, heavy, idx, block_m, arch, aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps,
                                            num_stages=config.num_stages))
@@ -135,39 +174,44 @@ def compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m, arch):
 def kernel_ttgir(kname, head_dim, dtype_name, heavy, idx, block_m, arch) -> str:
     """The TTGIR text of that config for sm_``arch``: the compile stops after the
     "ttgir" stage (no LLVM, PTX or ptxas: a few seconds per kernel)."""
-    src, config, _ = _source(kname, head_dim, dtype_name, heavy, idx, block_m)
+    src, config, _ = _source(kname, head_dim, dtype_name, heavy, idx, block_m, arch)
     from kernel_launched import ttgir
 
     return ttgir(src, arch, dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
 def _job(args):
-    kname, head_dim, dtype_name, heavy, idx, block_m, arch = args
+    kname, head_dim, dtype_name, heavy, idx, block_m, arch, aligned = args
     try:
-        compiled, config, cx = compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m, arch)
+        compiled, config, cx = compile_kernel(kname, head_dim, dtype_name, heavy, idx, block_m,
+                                              arch, aligned)
         shared = compiled.metadata.shared
         regs, spills = _ptxas(compiled.asm["ptx"], arch)
         err = ""
     except Exception as e:                       # e.g. out of resources at compile time
         shared, regs, spills, err = -1, -1, -1, f"{type(e).__name__}: {str(e)[:200]}"
-        _, config, cx = _source(kname, head_dim, dtype_name, heavy, idx, block_m)
+        _, config, cx = _source(kname, head_dim, dtype_name, heavy, idx, block_m, arch, aligned)
     tiles = " ".join(f"{short}={cx[full]:<3}" for short, full in
                      (("BM", "BLOCK_M"), ("BN", "BLOCK_N"), ("BR", "BLOCK_R")) if full in cx)
     cfg = f"{tiles} w={config.num_warps} s={config.num_stages}"
-    return kname + (" [heavy]" if heavy else ""), head_dim, dtype_name, cfg, arch, regs, spills, shared, err
+    tags = (["heavy"] if heavy else []) + (["aligned"] if aligned else [])
+    label = f" [{', '.join(tags)}]" if tags else ""
+    return kname + label, head_dim, dtype_name, cfg, arch, regs, spills, shared, err
 
 
 def _table_entries(kname):
-    """Every (table key, config) a kernel's config table defines: what must be compiled."""
+    """Every (table, key, config) a kernel's config tables define: what must be compiled."""
     if kname in tf._CONFIG_TABLE:
-        return {(key, c) for key, cs in tf._CONFIG_TABLE[kname].items() for c in cs}
+        tables = (("all", tf._CONFIG_TABLE), ("sm_90", tf._SM90_TABLE))
+        return {(table, key, c) for table, t in tables
+                for key, cs in t.get(kname, {}).items() for c in cs}
     if kname == "attn_decode_split":
         return {(key + (bm,), c) for key, per_bm in td._SPLIT_TABLE.items()
                 for bm, cs in per_bm.items() for c in cs}
     return {("all", "combine")}
 
 
-def _entry(kname, hd, dn, heavy, idx, block_m):
+def _entry(kname, hd, dn, heavy, idx, block_m, arch):
     """The table entry a job compiles (inverse of the config-list functions)."""
     if kname == "attn_decode_combine":
         return ("all", "combine")
@@ -176,7 +220,10 @@ def _entry(kname, hd, dn, heavy, idx, block_m):
     if kname in tf._CONFIG_TABLE:
         if kname != "attn_bwd_preprocess":
             key = key + (heavy,)
-        return key, tf._CONFIG_TABLE[kname][key][idx]
+        sm90 = tf._SM90_TABLE.get(kname, {})
+        if arch >= 90 and key in sm90:
+            return "sm_90", key, sm90[key][idx]
+        return "all", key, tf._CONFIG_TABLE[kname][key][idx]
     return key + (block_m,), td._SPLIT_TABLE[key][block_m][idx]
 
 
@@ -205,11 +252,12 @@ def main(argv=None):
                     block_ms = (td.decode_block_ms(hd, DTYPES[dn])
                                 if kname == "attn_decode_split" else (None,))
                     for bm in block_ms:
-                        extra = {} if bm is None else {"block_m": bm}
-                        for idx in range(len(configs(hd, DTYPES[dn], heavy, **extra))):
-                            covered[kname].add(_entry(kname, hd, dn, heavy, idx, bm))
-                            for arch in ARCHS:
-                                jobs.append((kname, hd, dn, heavy, idx, bm, arch))
+                        for arch in ARCHS:
+                            extra = _list_kwargs(kname, bm, arch)
+                            for idx in range(len(configs(hd, DTYPES[dn], heavy, **extra))):
+                                covered[kname].add(_entry(kname, hd, dn, heavy, idx, bm, arch))
+                                jobs += [(kname, hd, dn, heavy, idx, bm, arch, aligned)
+                                         for aligned in specs(kname, heavy)]
     with ProcessPoolExecutor(max_workers=args.jobs) as ex:
         rows = list(ex.map(_job, jobs))
 

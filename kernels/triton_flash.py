@@ -5,10 +5,12 @@ On CUDA tensors the kernels run through ``triton.autotune`` with a config list p
 (padded head dim, dtype) sized for sm_80 and sm_90, checked offline without a GPU:
 ``benchmarks/kernel_launched.py`` compiles them as launched (specialised on the call's
 strides): no register spills; ``benchmarks/kernel_resources.py`` compiles every entry with
-every mask on and nothing specialised, a bound: shared memory within the A100/H100
-per-block limits, and some plain-list entries spill there
-(``benchmarks/results/kernel_resources_sinks_alibi.txt``).  On CPU tensors they run in Triton's interpreter, which
-needs ``TRITON_INTERPRET=1`` in the environment BEFORE this module (and the kernel
+every mask on, the plain lists under the specialisation of an :func:`aligned` launch (the
+only launches that take them) and the heavy lists with nothing specialised: no register
+spills, shared memory within the A100/H100 per-block limits
+(``benchmarks/results/kernel_resources_aligned.txt``).  On CPU tensors they run in
+Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment BEFORE this
+module (and the kernel
 modules) are imported; there one fixed small config is used, because a multi-config
 autotune fails in the interpreter ("0 active drivers").
 
@@ -78,9 +80,16 @@ def _cfg(block_m, block_n, warps, stages):
 # pipelined main loop (num_stages >= 2: cp.async) everywhere, and, on sm_90
 # (_SM90_TABLE), tiles whose products run as warp-group MMA (wgmma needs 64 rows per
 # warp group).  Before/after: benchmarks/results/kernel_launched_before.md / _after.md.
-# benchmarks/kernel_resources.py still compiles every entry with the most expensive
-# constexprs of its variant and plain i32 arguments (no specialisation): a conservative
-# bound, checked for compile errors and shared memory.
+# The launcher takes the plain lists only for launches that get that specialisation
+# (:func:`aligned`), the heavy lists for every other launch; benchmarks/kernel_resources.py
+# compiles every entry with the most expensive constexprs of its variant, the plain lists
+# with the aligned specialisation and nothing else (:func:`aligned_specialisation`), the
+# heavy lists both with it and with nothing specialised, and fails on any spill.  Six
+# plain dK/dV entries ("were ..." below) spilled there (12-188 B, with every mask on) and
+# were replaced by the same family's tiles with half the keys, fewer rows or more warps;
+# heavy entries that spilled with it on sm_90 (or, dQ d128, as launched at head dim 72)
+# were dropped or replaced (benchmarks/results/kernel_resources_aligned.txt,
+# kernel_launched_aligned.md).
 # The preprocess kernel has one list (its rare recompute path always includes the bias).
 # --------------------------------------------------------------------------------------
 
@@ -100,13 +109,13 @@ _CONFIG_TABLE = {
         (256, 32, True): [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
     "attn_bwd_dkdv": {
-        (64, 16, False): [(32, 64, 4, 3), (16, 64, 8, 2)],
-        (64, 16, True): [(32, 32, 4, 2), (16, 16, 4, 2)],
+        (64, 16, False): [(32, 32, 4, 3), (64, 32, 4, 3)],    # were 32x64 w4 s3, 16x64 w8 s2
+        (64, 16, True): [(32, 32, 4, 2)],      # 16x16 w4 s2 spilled 28 B (sm_90, aligned)
         (128, 16, False): [(32, 64, 8, 2), (16, 64, 8, 2)],
         (128, 16, True): [(16, 64, 8, 2), (16, 32, 4, 2)],
-        (256, 16, False): [(16, 32, 4, 2), (32, 32, 8, 2)],
+        (256, 16, False): [(16, 32, 8, 2), (16, 16, 4, 2)],    # were 16x32 w4, 32x32 w8
         (256, 16, True): [(16, 16, 4, 1)],     # 16x32 w8 spilled 12 B with ALiBi (sm_90)
-        (64, 32, False): [(16, 32, 4, 2), (16, 16, 4, 2)],
+        (64, 32, False): [(16, 32, 8, 2), (16, 16, 4, 2)],    # was 16x32 w4
         (64, 32, True): [(16, 32, 8, 1), (16, 16, 8, 1)],
         (128, 32, False): [(16, 32, 4, 2)],
         (128, 32, True): [(16, 32, 4, 1), (16, 32, 8, 1)],
@@ -117,13 +126,13 @@ _CONFIG_TABLE = {
         (64, 16, False): [(64, 32, 4, 2), (128, 32, 8, 2)],
         (64, 16, True): [(32, 32, 4, 2), (64, 16, 4, 2)],
         (128, 16, False): [(64, 32, 4, 3), (128, 32, 8, 3)],
-        (128, 16, True): [(32, 16, 4, 2), (16, 16, 4, 2)],
+        (128, 16, True): [(16, 16, 8, 2)],      # were 32x16 w4, 16x16 w4 (8 B spills)
         (256, 16, False): [(64, 32, 8, 2), (32, 32, 4, 2)],
         (256, 16, True): [(16, 16, 8, 1)],
         (64, 32, False): [(32, 16, 4, 2), (32, 32, 4, 2)],
         (64, 32, True): [(16, 16, 4, 1)],
         (128, 32, False): [(32, 16, 4, 2), (16, 16, 4, 2)],
-        (128, 32, True): [(16, 16, 4, 1), (16, 16, 8, 1)],
+        (128, 32, True): [(16, 16, 4, 1)],      # 16x16 w8 s1 spilled 8 B (sm_90, aligned)
         (256, 32, False): [(16, 16, 8, 1)],
         (256, 32, True): [(16, 16, 8, 1)],
     },
@@ -143,12 +152,12 @@ _CONFIG_TABLE = {
 # (benchmarks/results/kernel_launched_after.md): keys as in _CONFIG_TABLE.
 _SM90_TABLE = {
     "attn_fwd": {
-        # the third: the unspecialised fallback (head dim 72, fused QKV) spills 40-152 B
-        # with the first two
+        # the third was added for unspecialised launches (head dim 72, fused QKV), which
+        # spilled 40-152 B with the first two; those now take the heavy list (aligned)
         (128, 16, False): [(128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3)],
     },
     "attn_bwd_dkdv": {
-        (64, 16, False): [(64, 64, 4, 3), (32, 64, 4, 3)],
+        (64, 16, False): [(64, 32, 4, 3), (32, 64, 4, 3)],    # was 64x64 w4
         (128, 16, False): [(64, 32, 8, 2), (32, 64, 8, 2)],
     },
     "attn_bwd_dq": {
@@ -210,13 +219,50 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _heavy(bias_kind: int, dropout: bool, alibi: bool, item_shift: bool = False) -> bool:
+# The (B, H, L, D) operands of the kernels: pointer argument -> prefix of its stride
+# arguments (prefix + "z", "h", "m" or "n", "d").  Their alignment decides whether a call
+# may take the plain lists (:func:`aligned`, :func:`aligned_specialisation`).
+_OPERANDS = {"Q": "stride_q", "K": "stride_k", "V": "stride_v", "Out": "stride_o",
+             "DO": "stride_do", "DQ": "stride_dq", "DK": "stride_dk", "DV_": "stride_dv"}
+
+
+def aligned(tensors, head_dims) -> bool:
+    """Whether a launch gets the specialisation under which the plain lists are checked
+    (:func:`aligned_specialisation`): every operand in ``tensors`` has a 16-byte-aligned
+    address, a unit last stride and its other strides multiples of 16 (elements), and
+    every head dim in ``head_dims`` is a multiple of 16.  Triton's JIT turns an int
+    argument equal to 1 into a constexpr and gives ``tt.divisibility = 16`` to pointers
+    whose address, and ints whose value, is a multiple of 16; the plain lists' larger
+    tiles spill registers without these facts (e.g. dQ d256 fp16 64x32 w8 on sm_80:
+    8020 B unspecialised, 0 B with them; benchmarks/results/kernel_resources_aligned.txt)."""
+    return (all(d % 16 == 0 for d in head_dims)
+            and all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+                    and all(s % 16 == 0 for s in t.stride()[:-1]) for t in tensors))
+
+
+def aligned_specialisation(arg_names) -> tuple:
+    """``(unit, div16)``: the arguments of a kernel (``arg_names``) that an
+    :func:`aligned` launch specialises, unit strides (constexpr 1) and arguments with
+    ``tt.divisibility = 16`` (the operands' pointers and other strides, ``D`` and
+    ``DV``); every other argument may be anything.  benchmarks/kernel_resources.py
+    compiles the plain lists with exactly these facts."""
+    names = set(arg_names)
+    unit = {p + "d" for p in _OPERANDS.values()} & names
+    div16 = ({a for p in _OPERANDS.values() for a in (p + "z", p + "h", p + "m", p + "n")}
+             | set(_OPERANDS) | {"D", "DV"}) & names
+    return unit, div16
+
+
+def _heavy(bias_kind: int, dropout: bool, alibi: bool, is_aligned: bool = True,
+           item_shift: bool = False) -> bool:
     """The "heavy" config lists (smaller tiles) serve a bias tile, the dropout stream,
-    ALiBi and per-item causal offsets: the per-tile position arithmetic of ALiBi spills
-    registers with the plain lists' tiles (e.g. forward d64 fp16 128x64 w4: 8 B on sm_80,
-    16 B on sm_90; benchmarks/kernel_resources.py), and so does a run-time causal shift
-    (the same config: 8 B on sm_90).  Sinks stay plain: they touch only the epilogue."""
-    return bool(bias_kind or dropout or alibi or item_shift)
+    ALiBi, per-item causal offsets, and every launch that is not :func:`aligned`: the
+    per-tile position arithmetic of ALiBi spills registers with the plain lists' tiles
+    (e.g. forward d64 fp16 128x64 w4: 8 B on sm_80, 16 B on sm_90), so does a run-time
+    causal shift (the same config: 8 B on sm_90), and so do the plain lists without the
+    aligned specialisation (benchmarks/kernel_resources.py).  Sinks stay plain: they
+    touch only the epilogue."""
+    return bool(bias_kind or dropout or alibi or item_shift or not is_aligned)
 
 
 def _launcher(name: str, device: torch.device, head_dim: int, dtype, heavy: bool):
@@ -276,7 +322,8 @@ def forward(q, k, v, bias, *, scale: float, causal: str, dropout_p: float,
     c = _common(q, k, v, scale, causal, softcap, st["ITEM_SHIFT"])
     dropout = dropout_p > 0.0
     kern, meta = _launcher("attn_fwd", q.device, max(D, Dv), q.dtype,
-                           _heavy(bias_kind, dropout, alibi, st["ITEM_SHIFT"]))
+                           _heavy(bias_kind, dropout, alibi, aligned((q, k, v, out), (D, Dv)),
+                                  item_shift=st["ITEM_SHIFT"]))
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]), B * Hq)
     kern[grid](
         q, k, v, b_t, st["km"], st["kb"], st["offsets"], a_t, out, lse, sk_t,
@@ -334,7 +381,8 @@ def backward(dout, q, k, v, bias, out, lse, *, scale: float, causal: str,
     a_t, a_s, alibi = _alibi_args(alibi_slopes, B, Hq, q)
     c = _common(q, k, v, scale, causal, softcap, st["ITEM_SHIFT"])
     dropout = dropout_p > 0.0
-    heavy = _heavy(bias_kind, dropout, alibi, st["ITEM_SHIFT"])
+    heavy = _heavy(bias_kind, dropout, alibi, aligned((q, k, v, out, dout, dq, dk, dv), (D, Dv)),
+                   item_shift=st["ITEM_SHIFT"])
     consts = dict(HEAD_D=padded_head_dim(D), HEAD_DV=padded_head_dim(Dv),
                   CAUSAL=c["CAUSAL"], WINDOW=st["WINDOW"], BIAS_KIND=bias_kind,
                   SOFTCAP=c["SOFTCAP"], KEY_MASK=st["KEY_MASK"],

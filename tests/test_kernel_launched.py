@@ -33,6 +33,25 @@ for name in ("train d64 fp16 causal", "fallback: d64 fp16 fused qkv"):
 #    one synchronous stage before issue 21)
 dq = [l for l in KL.capture(by_name["train d128 bf16"], 80) if l.kernel == "attn_bwd_dq"][0]
 found["dq128"] = [KL.ttgir_facts(dq, dq.configs[0], 80)]
+# 4. the plain/heavy choice (triton_flash.aligned): every aligned launch binds with at
+#    least the facts kernel_resources.py compiles the plain lists under
+#    (aligned_specialisation); the fused-QKV launches (odd address) take the heavy lists
+import torch
+from attnfuse.kernels import triton_flash as tf
+for name in ("train d64 fp16 causal", "fallback: d64 fp16 fused qkv"):
+    for launch in KL.capture(by_name[name]):
+        if launch.kernel == "attn_bwd_preprocess":   # one list for both
+            continue
+        src, _ = KL.bind(launch, launch.configs[0], 90)
+        names = launch.fn.arg_names
+        div = {names[path[0]] for path, a in src.attrs.items() if ["tt.divisibility", 16] in a}
+        const = {names[path[0]]: v for path, v in src.constants.items()}
+        unit, div16 = tf.aligned_specialisation(names)
+        heavy = tf.KERNEL_CONFIGS[launch.kernel][1](64, torch.float16, True, 90)
+        found[name + " " + launch.kernel] = {
+            "unit": len(unit), "not_unit": sorted(a for a in unit if const.get(a) != 1),
+            "div16": len(div16), "not_div16": sorted(div16 - div),
+            "heavy": [str(c) for c in launch.configs] == [str(c) for c in heavy]}
 print(json.dumps(found))
 """
 
@@ -60,3 +79,9 @@ def test_kernels_as_launched():
     for facts in found["dq128"]:
         assert facts["async_copies"] > 0, f"dQ d128 main loop not pipelined: {facts}"
         assert facts["mma"] > 0
+    for kernel in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"):
+        plain = found["train d64 fp16 causal " + kernel]
+        assert not plain["heavy"] and plain["unit"] >= 3 and plain["div16"] >= 11, plain
+        assert plain["not_unit"] == [] and plain["not_div16"] == [], (kernel, plain)
+        fused = found["fallback: d64 fp16 fused qkv " + kernel]
+        assert fused["heavy"] and fused["not_div16"], (kernel, fused)
