@@ -306,7 +306,8 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     except Miss as e:
         if m is None:
             raise
-        m.mask_notes.append(f"scores viewed with their batch axis split ({frame[1]}): kept merged, {e.reason}")
+        how = "a unit batch axis put in front of" if BA.unit_batch(frame[0], stags) else "a split of"
+        m.mask_notes.append(f"scores viewed with {how} their batch axis ({frame[1]}): kept merged, {e.reason}")
         return m
 
 
@@ -336,8 +337,7 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
     if frame is None or unit:   # (unit: op batch 1, its head the merged axis, read as it is)
         ob, (q, k, v), refs = _operands(spec, qtags, ktags, v_node, vtags, batch, qk, mstags, gm)
         merged = ob[1]
-        if unit:
-            ob = [stags[0], merged]   # the batch slot named (a key mask varies along it), at size 1
+        ob = [stags[0], merged] if unit else ob   # (unit: the batch slot named, at size 1: a key mask's axis)
     else:  # the op's batch and head are the split parts; q, k, v read from before their merge
         merged = [t for t in mstags if t not in ("q", "k")][0]
         parts = [t for t in stags if t not in ("q", "k", None)]
@@ -386,13 +386,12 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
             stage = None   # added on the split view: the frame's own axes
         elif frame is not None and stage is None and pad is None:   # added before the split
             mtags = _right_tags(n, mstags, "bias" if kind == "float" else "mask")
-            if not unit:
+            if not unit:   # (B = 1: right-aligned to the frame, it has the axes it has in Q·Kᵀ's output)
                 view, pre = BA.split_term(n, mtags, merged, sizes, ob + ["q", "k"], parts,
                                           (refs.get(0), refs.get(1)), kind == "float")
                 raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float"
                                      else None, pad))
                 continue
-            # (B = 1: right-aligned to the frame, the term has the axes it has in Q·Kᵀ's output)
         elif frame is not None:
             raise Miss("unsupported_op", f"{where.name}: a term on another view of scores with a split batch axis",
                        where)

@@ -456,6 +456,36 @@ def test_padded_bloom_at_batch_one_with_dynamic_lengths():
     assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup and f.bias == "float:alibi", f.masks
 
 
+class BloomRowFill(BloomPadded):
+    """:class:`BloomPadded` whose padded query rows of P are filled with 0 after the softmax."""
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, h + 1, dtype=torch.int32))
+        alibi = (slopes[..., None] * ((mask.cumsum(-1) - 1) * mask)[:, None, :]).reshape(b * h, 1, n).to(q.dtype)
+        s = alibi.baddbmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(-1, -2), alpha=d ** -0.5)
+        p = torch.softmax(s.view(b, h, n, n) + _hf_float_mask(mask, q.dtype), dim=-1)
+        p = p.masked_fill(~mask.bool()[:, None, :, None], 0.0).view(b * h, n, n)
+        return torch.bmm(p, v.reshape(b * h, n, d)).view(b, h, n, d)
+
+
+def test_batch_one_frame_declined_says_why():
+    """At batch 1 a row fill of P is not taken on the unit-batch frame (as on any split
+    frame): the merged match stands with one bias, and its note says that the scores were
+    viewed with a unit batch axis and why the frame was declined. Exact against eager."""
+    mod = BloomRowFill()
+    q, k, v = (x[:1] for x in _qkv_n())
+    gm, inputs = capture(mod, (q, k, v, _PAD[:1]), "aten")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    (f,) = res.report.fusions
+    assert any("a unit batch axis put in front of their batch axis ((1, 4, 12, 12)): kept merged, sinks or row "
+               "fills" in m for m in f.masks), f.masks
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias[0] == (1, H, N, N), bias
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD[:1]), atol=2e-6, rtol=2e-6)
+
+
 class BloomPaddedFx(BloomPadded):
     """Padded BLOOM written so that ``torch.fx.symbolic_trace`` traces it (sizes read from the
     mask, float32's finfo.min, the causal mask from an arange comparison)."""
