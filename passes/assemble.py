@@ -306,7 +306,8 @@ def assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags,
     except Miss as e:
         if m is None:
             raise
-        m.mask_notes.append(f"scores viewed with their batch axis split ({frame[1]}): kept merged, {e.reason}")
+        how = "a unit batch axis put in front of" if BA.unit_batch(frame[0], stags) else "a split of"
+        m.mask_notes.append(f"scores viewed with {how} their batch axis ({frame[1]}): kept merged, {e.reason}")
         return m
 
 
@@ -315,12 +316,13 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
     gm = ctx["gm"]
     folded = _score_items(items, spec, stags, with_sink=ctx.get("sink") is not None)
     mstags = stags   # the tags of Q·Kᵀ's output; the tags of the scores are the frame's
+    unit = frame is not None and BA.unit_batch(frame[0], mstags)   # B = 1: the merged axis is the head
     if frame is not None:
         if ctx.get("sink") is not None or ctx.get("row_fills"):
             raise Miss("unsupported_op", "sinks or row fills on scores viewed with a split batch axis", qk)
-        stags = list(frame[0])
+        stags = BA.unit_frame_tags(mstags) if unit else list(frame[0])
     r = len(stags)
-    batch = [t for t in stags if t not in ("q", "k")]
+    batch = [t for t in mstags if t not in ("q", "k")]
     feat = roles["feat"]
     qtags = ["d" if c == feat else roles["tag"].get(c) for c in spec.la]
     ktags = ["d" if c == feat else roles["tag"].get(c) for c in spec.lb]
@@ -332,8 +334,10 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
             if isinstance(t, tuple) and t in ktags and A.labels_conflict(kl_[ktags.index(t)], vl_[j]):
                 raise Miss("pv_contraction", f"P·V pairs V axis {j} with an axis that means something else "
                                              f"(a permute that is not the transpose it resembles?)", v_node)
-    if frame is None:
-        ob, (q, k, v), refs = _operands(spec, qtags, ktags, v_node, vtags, batch, qk, stags, gm)
+    if frame is None or unit:   # (unit: op batch 1, its head the merged axis, read as it is)
+        ob, (q, k, v), refs = _operands(spec, qtags, ktags, v_node, vtags, batch, qk, mstags, gm)
+        merged = ob[1]
+        ob = [stags[0], merged] if unit else ob   # (unit: the batch slot named, at size 1: a key mask's axis)
     else:  # the op's batch and head are the split parts; q, k, v read from before their merge
         merged = [t for t in mstags if t not in ("q", "k")][0]
         parts = [t for t in stags if t not in ("q", "k", None)]
@@ -354,7 +358,7 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
     q_factors = []
     for where, f, how in folded["tscales"]:
         tags = _right_tags(f, mstags, "scale")   # (a tensor scale on a view of the scores is a Miss)
-        if frame is not None and any(t not in ("q", "k", None) for t in tags):
+        if frame is not None and not unit and any(t not in ("q", "k", None) for t in tags):
             raise Miss("unsupported_op", f"{where.name}: a tensor scale on merged batch axes", where)
         if "k" in tags:
             raise Miss("key_varying_scale", f"{where.name}: scale {f.name} varies along the key axis", where)
@@ -378,14 +382,16 @@ def _assemble(sm, qk, spec, roles, stags, items, chain, pv, pspec, p_node, ptags
                 pad = tuple((ax - off, start) for ax, start in pads)  # axes of the term
         else:
             sshape_to = sshape
-        if frame is not None and stage is not None and stage[0] == stags:
+        if frame is not None and stage is not None and stage[0] == list(frame[0]):
             stage = None   # added on the split view: the frame's own axes
         elif frame is not None and stage is None and pad is None:   # added before the split
-            view, pre = BA.split_term(n, _right_tags(n, mstags, "bias" if kind == "float" else "mask"), merged,
-                                      sizes, ob + ["q", "k"], parts, (refs.get(0), refs.get(1)), kind == "float")
-            raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float"
-                                 else None, pad))
-            continue
+            mtags = _right_tags(n, mstags, "bias" if kind == "float" else "mask")
+            if not unit:   # (B = 1: right-aligned to the frame, it has the axes it has in Q·Kᵀ's output)
+                view, pre = BA.split_term(n, mtags, merged, sizes, ob + ["q", "k"], parts,
+                                          (refs.get(0), refs.get(1)), kind == "float")
+                raw.append(S.RawTerm(kind, n, coef, flag, view, pre, promoted_to(n, where) if kind == "float"
+                                     else None, pad))
+                continue
         elif frame is not None:
             raise Miss("unsupported_op", f"{where.name}: a term on another view of scores with a split batch axis",
                        where)

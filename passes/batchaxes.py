@@ -29,7 +29,9 @@ split axes, as batch and head, where each of q, k and v is a row-major reshape t
 exactly those two axes of sizes (B, H) (:func:`split_operand`: the op reads that tensor, so
 ``q.reshape(B*H, L, D)[b*H + h]`` is ``q4[b, h]``), a term added before the split is reshaped
 to it (:func:`split_term`: a reshape of its own, O(its size)), and the op's (B, H, Lq, Dv)
-output is reshaped back to the merged axis. Pure.
+output is reshaped back to the merged axis. At batch size 1 the view only puts a unit axis
+in front of the merged one (:func:`unit_batch`): the frame is the same, its batch part size 1
+and its head part the merged axis as it is. Pure.
 """
 from __future__ import annotations
 
@@ -169,7 +171,8 @@ def unmerge_sizes(ob, refs: dict) -> Optional[Tuple[Any, ...]]:
 
 def split_frame(items: Sequence, stags: Sequence[Any], tagmap: dict) -> Optional[Tuple[List, Tuple]]:
     """``(tags, shape)`` of the scores at their first view when it splits their only batch
-    axis into two parts ((B·H, Lq, Lk) viewed (B, H, Lq, Lk)), else None."""
+    axis into two parts ((B·H, Lq, Lk) viewed (B, H, Lq, Lk)), or puts a unit batch axis in
+    front of it (B = 1: (1·H, Lq, Lk) viewed (1, H, Lq, Lk), :func:`unit_batch`), else None."""
     batch = [t for t in stags if t not in ("q", "k")]
     if len(batch) != 1:
         return None
@@ -178,10 +181,28 @@ def split_frame(items: Sequence, stags: Sequence[Any], tagmap: dict) -> Optional
             continue
         tags = tagmap.get(node)
         parts = [("split", batch[0], 0, 2), ("split", batch[0], 1, 2)]
-        if tags is None or [t for t in tags if t not in ("q", "k", None)] != parts:
+        if tags is None or not ([t for t in tags if t not in ("q", "k", None)] == parts or unit_batch(tags, stags)):
             return None
         return list(tags), tuple(A.shape(node))
     return None
+
+
+def unit_batch(frame_tags: Sequence[Any], stags: Sequence[Any]) -> bool:
+    """Whether the split frame only puts a size-1 axis in front of the scores' own axes
+    (``stags``, one batch axis): the view's split has a unit batch part (B = 1, static: a
+    symbolic B keeps a split of B·H, which the general frame reads exactly for every B, 1
+    included). Then the merged axis itself is the op's head axis (head h is merged index
+    0·H + h), q, k, v and every term added before the view are read as they are, and a
+    term right-aligned to the frame has the axes it has right-aligned to ``stags``."""
+    return list(frame_tags) == [None] + list(stags)
+
+
+def unit_frame_tags(stags: Sequence[Any]) -> List[Any]:
+    """The tags of a :func:`unit_batch` frame with its unit axis named as the split's batch
+    part, so that the op's batch slot has a tag (a key-padding mask varies along it) though
+    every operand and term has it at size 1."""
+    (merged,) = [t for t in stags if t not in ("q", "k")]
+    return [("split", merged, 0, 2)] + list(stags)
 
 
 def split_operand(node: fx.Node, tags: Sequence[Any], merged: Any, parts: Sequence[Any], sizes: Sequence[Any],

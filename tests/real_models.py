@@ -193,6 +193,14 @@ for _name, (_cls, _cfg_name, _cfg, _lk) in _DECODERS.items():
     case(f"{_name}-padded", variant="causal+padded", attn_dropout=_ad)(_b(True))
 
 
+@case("bloom-padded-b1", variant="causal+padded, batch 1")
+def _bloom_padded_b1(train: bool = False, dropout: float = 0.0):
+    """BLOOM at batch 1 with a left-padded attention_mask, as ``generate()`` runs it: item 1 of
+    bloom-padded (its scores on H merged heads, viewed (1, H, Lq, Lk))."""
+    model, inputs, sites = CASES["bloom-padded"].build(train, dropout)
+    return model, tuple(x[1:].clone() for x in inputs), sites
+
+
 # ---- encoders: plain and padded (right padding)
 
 def _encoder(cls_name: str, cfg_name: str, cfg: dict, layers_key: str = "num_hidden_layers"):

@@ -393,6 +393,99 @@ def test_padded_bloom_with_dynamic_shapes_fuses_on_split_axes():
     assert not f.alibi   # positions from the mask's cumsum: a bias, not alibi_slopes
 
 
+# ---------------------------------------------------------------------------
+# batch size 1: the view (1·H, Lq, Lk) -> (1, H, Lq, Lk) puts a unit batch axis in front
+# ---------------------------------------------------------------------------
+
+def _square_free(gm):
+    """Shapes of the nodes of ``gm`` with two axes of size N (an (Lq, Lk) tensor): none expected."""
+    vals = [n.meta.get("val", n.meta.get("example_value")) for n in gm.graph.nodes]
+    return [tuple(x.shape) for x in vals if isinstance(x, torch.Tensor) and list(x.shape).count(N) >= 2]
+
+
+@pytest.mark.parametrize("dialect", ["aten", "dynamo"])
+def test_padded_bloom_at_batch_one_fuses_on_the_split_axes(dialect):
+    """Batch 1 (``generate()`` passes an attention_mask at batch 1 too), item 0 left-padded:
+    the view of the B·H = H scores to (1, H, Lq, Lk) only puts a unit axis in front, a split
+    with a unit batch part (batchaxes.unit_batch). Matched there as at B = 2: the mask as
+    causal + key_mask + the empty-row fix-up, the ALiBi (H, 1, Lk) read as the (1, H, 1, Lk)
+    bias (one row per head, broadcast along the queries), no node with two axes of N. Output and the gradients
+    of q, k, v (through the op's backward) equal eager's in float64."""
+    mod = BloomPadded()
+    q, k, v = (x[:1].clone().requires_grad_() for x in _qkv_n(seed=3))
+    pad = _PAD[:1].clone()
+    gm, inputs = capture(mod, (q, k, v, pad), dialect)
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    (f,) = res.report.fusions
+    assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup and f.bias.startswith("float:"), f.masks
+    assert _op_kwargs(res.graph_module).get("alibi_slopes") is None
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias is not None and bias[0] == (1, H, 1, N), bias   # O(H·Lk) values
+    assert not _square_free(res.graph_module)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _eager64(mod, *leaves, pad)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    for a, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, leaves, dout.double())):
+        torch.testing.assert_close(a.double(), w, atol=2e-5, rtol=2e-5)
+
+
+def test_padded_bloom_at_batch_one_with_dynamic_lengths():
+    """torch.compile(dynamic=True), train mode, batch 1 (specialised: dynamo never makes a
+    size-1 axis symbolic, and a symbolic B keeps a split of B·H, exact for every B) and a
+    symbolic length: one graph for two lengths, fused on the unit-batch frame with the same
+    structure; outputs and gradients equal eager's in float64."""
+    torch._dynamo.reset()
+    mod = BloomPaddedConfigHeads()
+    compiled = torch.compile(mod, backend="attnfuse", dynamic=True, options={"inner": "eager", "strict": True})
+    with attnfuse.backend.collect_reports() as reports:
+        for seed, pad in enumerate([_PAD[:1].clone(), torch.tensor([[0, 0, 0] + [1] * 7])]):
+            g = torch.Generator().manual_seed(seed)
+            q, k, v = (torch.randn(1, H, pad.shape[1], D, generator=g).requires_grad_() for _ in range(3))
+            out = compiled(q, k, v, pad)
+            leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            ref = _eager64(mod, *leaves, pad)
+            torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
+            dout = torch.randn(out.shape, generator=g)
+            got = torch.autograd.grad(out, (q, k, v), dout)
+            for a, w in zip(got, torch.autograd.grad(ref, leaves, dout.double())):
+                torch.testing.assert_close(a.double(), w, atol=2e-5, rtol=2e-5)
+    assert len(reports) == 1, "one graph for both lengths"
+    (f,) = reports[0].fusions
+    assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup and f.bias == "float:alibi", f.masks
+
+
+class BloomRowFill(BloomPadded):
+    """:class:`BloomPadded` whose padded query rows of P are filled with 0 after the softmax."""
+
+    def forward(self, q, k, v, mask):
+        b, h, n, d = q.shape
+        slopes = torch.pow(torch.full((), 0.25), torch.arange(1, h + 1, dtype=torch.int32))
+        alibi = (slopes[..., None] * ((mask.cumsum(-1) - 1) * mask)[:, None, :]).reshape(b * h, 1, n).to(q.dtype)
+        s = alibi.baddbmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(-1, -2), alpha=d ** -0.5)
+        p = torch.softmax(s.view(b, h, n, n) + _hf_float_mask(mask, q.dtype), dim=-1)
+        p = p.masked_fill(~mask.bool()[:, None, :, None], 0.0).view(b * h, n, n)
+        return torch.bmm(p, v.reshape(b * h, n, d)).view(b, h, n, d)
+
+
+def test_batch_one_frame_declined_says_why():
+    """At batch 1 a row fill of P is not taken on the unit-batch frame (as on any split
+    frame): the merged match stands with one bias, and its note says that the scores were
+    viewed with a unit batch axis and why the frame was declined. Exact against eager."""
+    mod = BloomRowFill()
+    q, k, v = (x[:1] for x in _qkv_n())
+    gm, inputs = capture(mod, (q, k, v, _PAD[:1]), "aten")
+    res = attnfuse.rewrite(gm, list(inputs), strict=True)
+    assert res.fused == 1
+    (f,) = res.report.fusions
+    assert any("a unit batch axis put in front of their batch axis ((1, 4, 12, 12)): kept merged, sinks or row "
+               "fills" in m for m in f.masks), f.masks
+    out, bias = _run_recording_bias(res.graph_module, inputs)
+    assert bias[0] == (1, H, N, N), bias
+    torch.testing.assert_close(out.double(), _eager64(mod, q, k, v, _PAD[:1]), atol=2e-6, rtol=2e-6)
+
+
 class BloomPaddedFx(BloomPadded):
     """Padded BLOOM written so that ``torch.fx.symbolic_trace`` traces it (sizes read from the
     mask, float32's finfo.min, the causal mask from an arange comparison)."""

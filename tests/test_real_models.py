@@ -211,6 +211,9 @@ ALIBI = {
     "bloom-padded": ({"causal+keymask+bias+fix"}, {((R.B, 4, 1, R.SEQ), (4 * R.SEQ, R.SEQ, R.SEQ, 1))}, False),
     "falcon_alibi-padded": ({"causal+keymask+bias+fix"}, {((R.B, 4, 1, R.SEQ), (4 * R.SEQ, R.SEQ, R.SEQ, 1))},
                             False),
+    # BLOOM padded at batch 1 (generate()): the view (1·H, Lq, Lk) -> (1, H, Lq, Lk) puts a unit
+    # batch axis in front of the heads: the same structure, a (1, H, 1, Lk) bias
+    "bloom-padded-b1": ({"causal+keymask+bias+fix"}, {((1, 4, 1, R.SEQ), (4 * R.SEQ, R.SEQ, R.SEQ, 1))}, False),
 }
 
 
