@@ -64,3 +64,37 @@ def addresses(t, where):
         shape[dim] = size
         offs = offs + torch.arange(size).view(shape) * stride
     return (t.data_ptr() + offs[where] * t.element_size()).numpy().astype(np.uint64)
+
+
+def assert_poisoned_keys_unread(q, k, v, unread, **kw):
+    """NaN in the keys ``unread`` (bool (B, Lk)) of K and V cannot reach any result of
+    ``triton_flash.forward`` / ``backward`` (called with ``kw``): out, lse, dq, dk, dv equal
+    the clean run's, and dK, dV are 0 there (a kernel that loaded those blocks would compute
+    0·NaN = NaN)."""
+    out, lse = tf.forward(q, k, v, None, **kw)
+    where = unread[:, None, :, None].expand(k.shape)
+    k2, v2 = k.masked_fill(where, float("nan")), v.masked_fill(where, float("nan"))
+    out2, lse2 = tf.forward(q, k2, v2, None, **kw)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse)
+    bkw = {n: x for n, x in kw.items() if n != "decode"}
+    dout = torch.randn_like(out)
+    g1 = tf.backward(dout, q, k, v, None, out, lse, need_dbias=False, **bkw)
+    g2 = tf.backward(dout, q, k2, v2, None, out, lse, need_dbias=False, **bkw)
+    for a, b in zip(g1[:3], g2[:3]):
+        assert torch.equal(a, b)
+    assert (g2[1][where] == 0).all() and (g2[2][where] == 0).all()
+
+
+@pytest.fixture
+def launched_lists(monkeypatch):
+    """[(kernel name, heavy)] of every ``triton_flash._launcher`` call while the test runs:
+    which config lists (plain or heavy) each kernel was launched with."""
+    picked = []
+    real = tf._launcher
+
+    def spy(name, device, head_dim, dtype, heavy):
+        picked.append((name, bool(heavy)))
+        return real(name, device, head_dim, dtype, heavy)
+
+    monkeypatch.setattr(tf, "_launcher", spy)
+    return picked

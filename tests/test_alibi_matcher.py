@@ -364,16 +364,10 @@ class BloomPaddedConfigHeads(BloomPadded):
         return out.permute(0, 2, 1, 3).reshape(b, n, H * D)
 
 
-def test_padded_bloom_with_dynamic_shapes_fuses_on_split_axes():
-    """torch.compile(dynamic=True), train mode: B and L symbolic, the merged axis b*H a SymInt
-    product. q, k, v are proven row-major merges of (B, H) and the ALiBi term's (B·H, 1, Lk)
-    is split by a reshape whose sizes are read at run time (batchaxes.split_term): one graph
-    serves two batch sizes and lengths, the op reading the (B, H, 1, Lk) bias and the mask as
-    causal + key_mask + fix-up; outputs and gradients equal eager's in float64."""
-    torch._dynamo.reset()
-    mod = BloomPaddedConfigHeads()
-    compiled = torch.compile(mod, backend="attnfuse", dynamic=True, options={"inner": "eager", "strict": True})
-    pads = [_PAD, torch.tensor([[0, 0, 0] + [1] * 7, [1] * 10, [0] + [1] * 9])]
+def _compiled_like_eager64(compiled, mod, pads) -> list:
+    """Run ``compiled`` (train mode) once per padding mask in ``pads`` (B, L each) on random
+    q, k, v; out and the q/k/v gradients must equal ``mod``'s in float64. Returns the
+    attnfuse reports of the graphs compiled meanwhile."""
     with attnfuse.backend.collect_reports() as reports:
         for seed, pad in enumerate(pads):
             b, n = pad.shape
@@ -387,6 +381,20 @@ def test_padded_bloom_with_dynamic_shapes_fuses_on_split_axes():
             got = torch.autograd.grad(out, (q, k, v), dout)
             for a, w in zip(got, torch.autograd.grad(ref, leaves, dout.double())):
                 torch.testing.assert_close(a.double(), w, atol=2e-5, rtol=2e-5)
+    return reports
+
+
+def test_padded_bloom_with_dynamic_shapes_fuses_on_split_axes():
+    """torch.compile(dynamic=True), train mode: B and L symbolic, the merged axis b*H a SymInt
+    product. q, k, v are proven row-major merges of (B, H) and the ALiBi term's (B·H, 1, Lk)
+    is split by a reshape whose sizes are read at run time (batchaxes.split_term): one graph
+    serves two batch sizes and lengths, the op reading the (B, H, 1, Lk) bias and the mask as
+    causal + key_mask + fix-up; outputs and gradients equal eager's in float64."""
+    torch._dynamo.reset()
+    mod = BloomPaddedConfigHeads()
+    compiled = torch.compile(mod, backend="attnfuse", dynamic=True, options={"inner": "eager", "strict": True})
+    pads = [_PAD, torch.tensor([[0, 0, 0] + [1] * 7, [1] * 10, [0] + [1] * 9])]
+    reports = _compiled_like_eager64(compiled, mod, pads)
     assert len(reports) == 1, "one graph for both sizes"
     (f,) = reports[0].fusions
     assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup and f.bias == "float:alibi", f.masks
@@ -439,18 +447,7 @@ def test_padded_bloom_at_batch_one_with_dynamic_lengths():
     torch._dynamo.reset()
     mod = BloomPaddedConfigHeads()
     compiled = torch.compile(mod, backend="attnfuse", dynamic=True, options={"inner": "eager", "strict": True})
-    with attnfuse.backend.collect_reports() as reports:
-        for seed, pad in enumerate([_PAD[:1].clone(), torch.tensor([[0, 0, 0] + [1] * 7])]):
-            g = torch.Generator().manual_seed(seed)
-            q, k, v = (torch.randn(1, H, pad.shape[1], D, generator=g).requires_grad_() for _ in range(3))
-            out = compiled(q, k, v, pad)
-            leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-            ref = _eager64(mod, *leaves, pad)
-            torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=2e-6)
-            dout = torch.randn(out.shape, generator=g)
-            got = torch.autograd.grad(out, (q, k, v), dout)
-            for a, w in zip(got, torch.autograd.grad(ref, leaves, dout.double())):
-                torch.testing.assert_close(a.double(), w, atol=2e-5, rtol=2e-5)
+    reports = _compiled_like_eager64(compiled, mod, [_PAD[:1].clone(), torch.tensor([[0, 0, 0] + [1] * 7])])
     assert len(reports) == 1, "one graph for both lengths"
     (f,) = reports[0].fusions
     assert f.causal == "top_left" and f.key_mask and f.empty_row_fixup and f.bias == "float:alibi", f.masks

@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import attnfuse
 from attnfuse.kernels import torch_impl
 from attnfuse.kernels import triton_decode as td
+from tests.interp_probe import launched_lists  # noqa: F401
 from tests.reference import assert_close_rel, attention_reference
 
 
@@ -219,20 +220,13 @@ def test_cpu_causal_alibi_runs_as_a_key_bias_with_the_ops_lse():
             assert_close_rel(t.grad, r.grad, 5e-4, f"d{name} {causal}")
 
 
-def test_triton_alibi_picks_the_heavy_config_lists(monkeypatch):
+def test_triton_alibi_picks_the_heavy_config_lists(launched_lists):
     """ALiBi's per-tile index arithmetic spills registers with the plain lists' tiles
     (benchmarks/kernel_resources.py), so every forward and backward kernel of an ALiBi
     call takes the "heavy" config lists; sinks alone keep the plain ones."""
     from attnfuse.kernels import triton_flash as tf
 
-    picked = []
-    real = tf._launcher
-
-    def spy(name, device, head_dim, dtype, heavy):
-        picked.append((name, bool(heavy)))
-        return real(name, device, head_dim, dtype, heavy)
-
-    monkeypatch.setattr(tf, "_launcher", spy)
+    picked = launched_lists
     q, k, v, _ = _inputs(b=1, hq=2, hkv=2, lq=5, lk=7)
     opts = dict(scale=0.25, causal="none", dropout_p=0.0, softcap=0.0, seed=0)
     slopes = torch.tensor([0.5, 0.25])
