@@ -3,9 +3,12 @@
 
 After the rewrite, each ``attnfuse::flash_attention`` call on CPU may be replaced by a form
 Inductor compiles better than the custom op (:mod:`attnfuse.kernels.torch_inline`):
-- a plain call without a causal band that the CPU dispatcher runs as one call of PyTorch's
-  fused kernel (BERT's, ViT's) becomes that aten call (``fused_attention``) at every size:
-  what Inductor alone emits for such attention, so the compile and the run are Inductor's;
+- a plain call without a causal band (BERT's, ViT's) that the CPU dispatcher runs as one
+  call of PyTorch's fused kernel, or in bf16 on its bf16 GEMM path (``torch_lowp``), becomes
+  that kernel's aten call (``fused_attention``) at every size: what Inductor alone emits for
+  such attention, so the compile and the run are Inductor's (issue 19: inlining the bf16
+  ones ran faster on a CPU with native bf16 GEMMs but made a cold compile build 2-3 more C++
+  kernels, ``benchmarks/results/compile_overhead_policy.txt``);
 - a call small enough for Inductor's own kernels to win (``inline_applicable``) becomes the
   op's semantics as aten ops (``inline_attention``), which Inductor differentiates and fuses;
   with ``inline_plain`` (``cpu_inline="all"``) the plain calls above are inlined too;
@@ -89,16 +92,17 @@ def _lower_cpu_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
             for n in ("q", "k", "v", "bias", "sinks"))
         if a["impl"] == "triton":
             continue
-        if not inline_plain and a["causal"] == "none" and _runs_one_fused_kernel_call(a):
+        path = _plain_call_path(a)
+        if not inline_plain and a["causal"] == "none" and path in ("fused", "lowp"):
             # what Inductor alone emits for this attention: inlining it would add C++ kernels
-            # to compile for no run-time gain in float32 (see the module docstring)
+            # to the cold compile (see the module docstring)
             node.target = torch_inline.fused_attention
         elif torch_inline.inline_applicable(
                 tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
                 scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],
                 training=training):
             node.target = torch_inline.inline_attention
-        elif _runs_one_fused_kernel_call(a):
+        elif path == "fused":
             node.target = torch_inline.fused_attention
         else:
             continue
@@ -108,26 +112,27 @@ def _lower_cpu_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
     return count
 
 
-def _runs_one_fused_kernel_call(a: dict) -> bool:
-    """Whether the CPU dispatcher runs this call (its arguments' example values) as one
-    plain call of PyTorch's fused kernel, so that
-    :func:`attnfuse.kernels.torch_inline.fused_attention` can stand for it: the "fused"
-    path with no bias, key_mask, dropout, softcap, window, sinks, ALiBi or GQA, and D == Dv. Under
-    dynamic shapes the dispatcher's size tests (the bf16 path's key bound) become guards."""
+def _plain_call_path(a: dict) -> str | None:
+    """The CPU dispatcher's path for a plain call (its arguments' example values), or None
+    for any other call. Plain: no bias, key_mask, dropout, softcap, window, sinks, ALiBi,
+    causal offsets or GQA, and D == Dv, so that on the "fused" path (one plain call of
+    PyTorch's fused kernel) and the bf16 "lowp" path alike
+    :func:`attnfuse.kernels.torch_inline.fused_attention` computes the call. Under dynamic
+    shapes the dispatcher's size tests (the bf16 path's key bound) become guards."""
     from attnfuse.kernels import torch_impl, torch_inline
 
     q, k, v = a["q"], a["k"], a["v"]
     if not (torch_inline.USE_INLINE and torch_inline.USE_FUSED_LOWERING) or not isinstance(v, torch.Tensor):
-        return False
+        return None
     if a["bias"] is not None or a["key_mask"] is not None or q.device.type != "cpu":
-        return False
+        return None
     if any(a.get(n) is not None for n in ("sinks", "alibi_slopes", "causal_offsets")):
-        return False
+        return None
     if not all(type(a[n]) in (int, float) for n in ("dropout_p", "scale", "softcap", "window")):
-        return False  # a run-time value (a graph node or a SymFloat)
+        return None  # a run-time value (a graph node or a SymFloat)
     if a["dropout_p"] or a["softcap"] or a["window"] or a["causal"] not in ("none", "top_left", "bottom_right"):
-        return False
+        return None
     if q.shape[1] != k.shape[1] or q.shape[-1] != v.shape[-1]:
-        return False
+        return None  # merged query groups or repeated K/V: not one plain kernel call
     plan = torch_impl.forward_plan(q, k, v, None, causal=a["causal"], dropout_p=0.0, softcap=0.0)
-    return plan.path == "fused"  # with Hq == Hkv: neither merged query groups nor repeated K/V
+    return plan.path

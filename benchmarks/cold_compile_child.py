@@ -105,6 +105,10 @@ def main() -> None:
     ap.add_argument("--model", default="tinygpt", choices=("tinygpt", "gpt2", "llama", "bert", "vit"))
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                     help="the e2e models' weights and inputs (TinyGPT: fp32 only)")
+    ap.add_argument("--assume-native-bf16", action="store_true",
+                    help="choose as on a CPU with native bf16 matrix products (kernels/base.py "
+                         "NATIVE_BF16_GEMM), to see what compiles there on a CPU without them: the "
+                         "kernel list is that CPU's, the times are not (its bf16 GEMMs are emulated)")
     ap.add_argument("--kernels", action="store_true",
                     help="also list the C++ kernels generated (read from TORCHINDUCTOR_CACHE_DIR)")
     args = ap.parse_args()
@@ -114,6 +118,9 @@ def main() -> None:
     from attnfuse import backend
     from attnfuse.demo import TinyGPT
     t_attnfuse = time.perf_counter() - start
+    if args.assume_native_bf16:
+        from attnfuse.kernels import base
+        base.NATIVE_BF16_GEMM = True
 
     import torch._inductor.compile_fx as compile_fx_module
     timed(compile_fx_module, "compile_fx", "inductor_s")
@@ -153,6 +160,7 @@ def main() -> None:
     inlined = report.inlined if report is not None else None
     from torch._dynamo.utils import counters
     print(json.dumps({"variant": args.variant, "model": args.model, "dtype": args.dtype, "train": args.train,
+                      "assume_native_bf16": args.assume_native_bf16,
                       "import_torch_s": T_TORCH,
                       "import_attnfuse_s": t_attnfuse, "first_call_s": first_call, "first_call_cpu_s": first_call_cpu,
                       "first_call_children_cpu_s": first_call_children,

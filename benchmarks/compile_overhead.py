@@ -15,7 +15,9 @@ a shared machine than wall time, also printed), attnfuse's added share of it, an
 Inductor's ``compile_fx``, the rewrite with its report context and CPU inlining, the
 report publishing, the buffer witness, ``import attnfuse``); the rest is dynamo's trace.
 ``--cold-models`` adds ``benchmarks/e2e.py``'s Hugging Face models (GPT-2, LLaMA, BERT, ViT;
-2 layers, hidden 256, fp32, static shapes at ``--cold-seq`` tokens) to the TinyGPT.
+2 layers, hidden 256, fp32, static shapes at ``--cold-seq`` tokens) to the TinyGPT;
+``--cold-dtype bf16`` runs them in bf16, and ``--cold-assume-native-bf16`` makes attnfuse
+choose as on a CPU with native bf16 matrix products (the kernel lists are that CPU's).
 
     python benchmarks/compile_overhead.py [--layers 1,2,4,8,16,32,64] [--reps 5]
                                           [--dynamic both|static|dynamic]
@@ -226,7 +228,8 @@ def part2(n_layer, reps, pass_ms):
         print("Inductor SDPA pattern pass: hook never ran (joint_custom_pre_pass not called)")
 
 
-def cold_child(variant: str, layers: int, train: bool, model: str = "tinygpt", seq: int = SEQ) -> dict:
+def cold_child(variant: str, layers: int, train: bool, model: str = "tinygpt", seq: int = SEQ,
+               extra: tuple = ()) -> dict:
     """One cold compile in a fresh process with fresh, disabled caches (cold_compile_child.py)."""
     import json
     import subprocess
@@ -236,14 +239,15 @@ def cold_child(variant: str, layers: int, train: bool, model: str = "tinygpt", s
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
                    TORCHINDUCTOR_AUTOGRAD_CACHE="0", TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONWARNINGS="ignore")
         cmd = [sys.executable, os.path.join(HERE, "cold_compile_child.py"), variant, "--layers", str(layers),
-               "--model", model, "--seq", str(seq), "--kernels"]
+               "--model", model, "--seq", str(seq), "--kernels", *extra]
         done = subprocess.run(cmd + (["--train"] if train else []), env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{variant} child failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def part3(variants, layers: int, reps: int, modes, model: str = "tinygpt", seq: int = SEQ) -> None:
+def part3(variants, layers: int, reps: int, modes, model: str = "tinygpt", seq: int = SEQ,
+          extra: tuple = ()) -> None:
     """The whole backend's added cold-compile time against Inductor alone, each compile in
     its own process; variants alternate within each repetition (shared-machine noise hits
     all of them alike)."""
@@ -251,11 +255,12 @@ def part3(variants, layers: int, reps: int, modes, model: str = "tinygpt", seq: 
     for train in modes:
         label = "training (forward + backward)" if train else "inference (no_grad)"
         name = "TinyGPT" if model == "tinygpt" else f"HF {model} (e2e.py)"
+        name += f" {' '.join(extra)}" if extra else ""
         print(f"\n== cold torch.compile, {name} {layers} layers, seq {seq}, {label}: median of {reps} processes each ==")
         runs = {v: [] for v in variants}
         for _ in range(reps):
             for v in variants:
-                runs[v].append(cold_child(v, layers, train, model, seq))
+                runs[v].append(cold_child(v, layers, train, model, seq, extra))
                 r = runs[v][-1]
                 print(f"   {v:<18} first call {r['first_call_s']:7.2f} s wall, {r['first_call_cpu_s']:7.2f} s CPU "
                       f"({r['first_call_children_cpu_s']:6.2f} s in the C++ compiler), "
@@ -298,13 +303,20 @@ def main():
     ap.add_argument("--cold-modes", default="infer,train")
     ap.add_argument("--cold-models", default="tinygpt", help="among tinygpt, gpt2, llama, bert, vit")
     ap.add_argument("--cold-seq", type=int, default=SEQ)
+    ap.add_argument("--cold-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="the Hugging Face models' dtype (TinyGPT: fp32 only)")
+    ap.add_argument("--cold-assume-native-bf16", action="store_true",
+                    help="compile as on a CPU with native bf16 matrix products (kernel lists of "
+                         "that CPU; times of this one, whose bf16 GEMMs may be emulated)")
     args = ap.parse_args()
     if args.cold:
         print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, seq {SEQ}, n_embd 64, n_head 4")
         t0 = time.perf_counter()
         for model in args.cold_models.split(","):
+            extra = (("--dtype", args.cold_dtype) if args.cold_dtype != "fp32" else ()) + \
+                (("--assume-native-bf16",) if args.cold_assume_native_bf16 else ())
             part3(args.cold_variants.split(","), args.cold_layers, args.reps,
-                  [m == "train" for m in args.cold_modes.split(",")], model, args.cold_seq)
+                  [m == "train" for m in args.cold_modes.split(",")], model, args.cold_seq, extra)
         print(f"\ntotal wall time {time.perf_counter() - t0:.1f} s")
         return
     layers = sorted({int(s) for s in args.layers.split(",")})
