@@ -34,9 +34,11 @@ the bound becomes a guard (see :func:`inline_applicable`).
 A call that the CPU dispatcher sends to PyTorch's fused kernel as one plain call
 (its "fused" path with no bias, key_mask or GQA: BERT's and ViT's attention) is replaced
 by :func:`fused_attention` instead: past the bound, and by default at every size when it
-has no causal band either (Inductor alone fuses such attention into that call, so
-inlining it would only add C++ kernels to a cold compile, for no run-time gain in
-float32: the backend option ``cpu_inline``, benchmarks/results/compile_overhead_policy.txt).
+has no causal band either, as is such a call on the dispatcher's bf16 GEMM path
+(Inductor alone fuses such attention into that call, so inlining it would add C++
+kernels to a cold compile: 2-3 for a 2-layer BERT, for no run-time gain in float32 and
+against the compile-cost target in bf16; the backend option ``cpu_inline``,
+benchmarks/results/compile_overhead_policy.txt).
 That is one ``aten._scaled_dot_product_flash_attention_for_cpu`` call itself, which is
 what Inductor emits for the attention it fuses on its own. So the
 compiled graph calls the kernel without the custom op's Python dispatch, and with the
@@ -272,8 +274,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = No
                     alibi_slopes: Optional[Tensor] = None,
                     causal_offsets: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Drop-in for a ``torch.ops.attnfuse.flash_attention`` call on CPU that the CPU
-    dispatcher sends to its fused path as one plain kernel call (the backend asks
-    ``torch_impl.forward_plan`` first): ``aten._scaled_dot_product_flash_attention_for_cpu``
+    dispatcher sends to its fused path as one plain kernel call, or a plain call without a
+    causal band on its bf16 GEMM path (the backend asks ``torch_impl.forward_plan`` first): ``aten._scaled_dot_product_flash_attention_for_cpu``
     itself, (out, lse) with lse float32, for Inductor to call directly.
 
     Only for calls without bias, key_mask, dropout, softcap, window, sinks, ALiBi, causal
