@@ -92,8 +92,9 @@ def _lower_cpu_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
             for n in ("q", "k", "v", "bias", "sinks"))
         if a["impl"] == "triton":
             continue
-        path = _plain_call_path(a)
-        if not inline_plain and a["causal"] == "none" and path in ("fused", "lowp"):
+        plain_first = not inline_plain and a["causal"] == "none"
+        path = _plain_call_path(a) if plain_first else None   # else asked only past the inline
+        if path in ("fused", "lowp"):
             # what Inductor alone emits for this attention: inlining it would add C++ kernels
             # to the cold compile (see the module docstring)
             node.target = torch_inline.fused_attention
@@ -102,7 +103,7 @@ def _lower_cpu_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
                 scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],
                 training=training):
             node.target = torch_inline.inline_attention
-        elif path == "fused":
+        elif (path if plain_first else _plain_call_path(a)) == "fused":
             node.target = torch_inline.fused_attention
         else:
             continue
