@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("full", help="the full run's JSON (e2e.py --json)")
     ap.add_argument("rechecks", nargs="+", help="recheck JSONs; a later file wins for the same row")
     ap.add_argument("--out", help="also write the markdown here")
+    ap.add_argument("--note", default="", help="a paragraph printed under the table (e.g. where the runs differ)")
     args = ap.parse_args()
     full = json.load(open(args.full))["records"]
     rechecks: Dict[Key, Tuple[str, dict]] = {}
@@ -101,7 +102,8 @@ def main() -> None:
                       + ", ".join(f"`{os.path.relpath(p)}`" for p in args.rechecks) + ".", "",
                       *rows, "",
                       f"{len(verdicts)} rows below 1.00x on medians in the full run; after the rechecks: "
-                      + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts))) + "."])
+                      + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts))) + ".",
+                      *([""] + [args.note] if args.note else [])])
     print(text)
     if args.out:
         with open(args.out, "w") as fh:
