@@ -92,18 +92,19 @@ def _lower_cpu_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
             for n in ("q", "k", "v", "bias", "sinks"))
         if a["impl"] == "triton":
             continue
-        plain_first = not inline_plain and a["causal"] == "none"
-        path = _plain_call_path(a) if plain_first else None   # else asked only past the inline
-        if path in ("fused", "lowp"):
-            # what Inductor alone emits for this attention: inlining it would add C++ kernels
-            # to the cold compile (see the module docstring)
+        plain = _is_plain_call(a)
+        if not inline_plain and a["causal"] == "none" and plain and _fused_kernel_computes(a):
+            # what Inductor alone emits for this attention, whichever CPU path the op would
+            # take (the fused kernel's or, in bf16, its GEMM path): inlining it would add C++
+            # kernels to the cold compile (see the module docstring). Not asked of the
+            # dispatcher's plan, whose bf16 key bound would be a needless guard here.
             node.target = torch_inline.fused_attention
         elif torch_inline.inline_applicable(
                 tuple(q.shape), tuple(k.shape), q.dtype, q.device, dropout_p=a["dropout_p"],
                 scale=a["scale"], softcap=a["softcap"], window=a["window"], causal=a["causal"],
                 training=training):
             node.target = torch_inline.inline_attention
-        elif (path if plain_first else _plain_call_path(a)) == "fused":
+        elif plain and _dispatcher_path(a) == "fused":
             node.target = torch_inline.fused_attention
         else:
             continue
@@ -113,27 +114,41 @@ def _lower_cpu_calls_in(gm: fx.GraphModule, inline_plain: bool = False) -> int:
     return count
 
 
-def _plain_call_path(a: dict) -> str | None:
-    """The CPU dispatcher's path for a plain call (its arguments' example values), or None
-    for any other call. Plain: no bias, key_mask, dropout, softcap, window, sinks, ALiBi,
-    causal offsets or GQA, and D == Dv, so that on the "fused" path (one plain call of
-    PyTorch's fused kernel) and the bf16 "lowp" path alike
-    :func:`attnfuse.kernels.torch_inline.fused_attention` computes the call. Under dynamic
-    shapes the dispatcher's size tests (the bf16 path's key bound) become guards."""
-    from attnfuse.kernels import torch_impl, torch_inline
+def _is_plain_call(a: dict) -> bool:
+    """Whether a call (its arguments' example values) is plain: on CPU, with no bias,
+    key_mask, dropout, softcap, window, sinks, ALiBi, causal offsets or GQA, D == Dv and
+    every scalar a constant, so that :func:`attnfuse.kernels.torch_inline.fused_attention`
+    can stand for it wherever PyTorch's fused kernel computes it."""
+    from attnfuse.kernels import torch_inline
 
     q, k, v = a["q"], a["k"], a["v"]
     if not (torch_inline.USE_INLINE and torch_inline.USE_FUSED_LOWERING) or not isinstance(v, torch.Tensor):
-        return None
+        return False
     if a["bias"] is not None or a["key_mask"] is not None or q.device.type != "cpu":
-        return None
+        return False
     if any(a.get(n) is not None for n in ("sinks", "alibi_slopes", "causal_offsets")):
-        return None
+        return False
     if not all(type(a[n]) in (int, float) for n in ("dropout_p", "scale", "softcap", "window")):
-        return None  # a run-time value (a graph node or a SymFloat)
+        return False  # a run-time value (a graph node or a SymFloat)
     if a["dropout_p"] or a["softcap"] or a["window"] or a["causal"] not in ("none", "top_left", "bottom_right"):
-        return None
-    if q.shape[1] != k.shape[1] or q.shape[-1] != v.shape[-1]:
-        return None  # merged query groups or repeated K/V: not one plain kernel call
-    plan = torch_impl.forward_plan(q, k, v, None, causal=a["causal"], dropout_p=0.0, softcap=0.0)
-    return plan.path
+        return False
+    return q.shape[1] == k.shape[1] and q.shape[-1] == v.shape[-1]  # no query groups, D == Dv
+
+
+def _fused_kernel_computes(a: dict) -> bool:
+    """Whether one call of PyTorch's fused kernel computes this plain call exactly (the
+    fused path's own test, without the dispatcher's preference between paths)."""
+    from attnfuse.kernels import torch_impl
+
+    return torch_impl.uses_fused_sdpa(a["q"], a["k"], a["v"], None, causal=a["causal"],
+                                      dropout_p=0.0, softcap=0.0)
+
+
+def _dispatcher_path(a: dict) -> str:
+    """The CPU dispatcher's path for a plain call: "fused" where the op itself would run
+    one plain fused-kernel call. Under dynamic shapes its size tests (the bf16 GEMM path's
+    key bound) become guards."""
+    from attnfuse.kernels import torch_impl
+
+    return torch_impl.forward_plan(a["q"], a["k"], a["v"], None, causal=a["causal"],
+                                   dropout_p=0.0, softcap=0.0).path

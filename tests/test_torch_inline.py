@@ -307,6 +307,35 @@ def test_one_fused_kernel_call_is_lowered_to_it(runtime_calls, monkeypatch):
     assert not [t for t in fwd if "clone" in t or "copy" in t], fwd
 
 
+def test_plain_bf16_calls_need_no_guard_at_the_gemm_paths_bound(monkeypatch):
+    """Under dynamic shapes a plain bf16 call gets the fused-kernel call on both sides of
+    the bf16 GEMM path's key bound (conftest.py's CPU has native bf16 GEMMs), so crossing
+    it must not recompile: the lowering does not ask the dispatcher's plan (whose bound
+    would become a guard) where the plan does not change the lowering."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    from attnfuse.kernels import torch_lowp as TL
+
+    monkeypatch.setattr(TL, "LOWP_MAX_KEYS", 32)
+    torch._dynamo.reset()
+    counters.clear()
+    model = Attention(causal=False)
+    compiled = torch.compile(model, backend="attnfuse", options={"strict": True})
+    lowered = []
+    with inductor_config.patch(fx_graph_cache=False), collect_reports() as reports, torch.no_grad():
+        for length in (24, 40):   # the op itself would take the bf16 GEMM path, then the fused kernel
+            q, k, v = make_qkv(1, 2, 2, length, length, 8, 8, BF16)
+            for t in (q, k, v):
+                torch._dynamo.mark_dynamic(t, 2)
+            out = compiled(q, k, v)
+            ref = model(*(t.double() for t in (q, k, v)))
+            torch.testing.assert_close(out.double(), ref, atol=TOL[BF16][0], rtol=TOL[BF16][1])
+            lowered.append([r.inlined for r in reports])
+    assert lowered == [[1], [1]]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("causal,cpu_inline,lowering", [
     (False, True, "fused_kernel"),  # plain: Inductor alone fuses it, so it gets Inductor's own call
