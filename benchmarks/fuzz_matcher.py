@@ -130,7 +130,9 @@ def main(argv=None):
     print("\n" + "\n".join(lines))
     if args.out:
         with open(args.out, "w") as fh:
-            fh.write(f"$ python benchmarks/fuzz_matcher.py --n {args.n} --seed {args.seed} --jobs {args.jobs}\n\n"
+            flags = (f" --dialects {args.dialects}" if args.dialects != ",".join(DIALECTS) else "") + \
+                (" --strict" if args.strict else "")
+            fh.write(f"$ python benchmarks/fuzz_matcher.py --n {args.n} --seed {args.seed} --jobs {args.jobs}{flags}\n\n"
                      + "\n".join(lines) + "\n")
     for kind, c in fail_opts.items():
         print(f"\n  {kind}: most common recipe options")
