@@ -130,7 +130,7 @@ def main(argv=None):
     print("\n" + "\n".join(lines))
     if args.out:
         with open(args.out, "w") as fh:
-            flags = (f" --dialects {args.dialects}" if args.dialects != ",".join(DIALECTS) else "") + \
+            flags = (f" --dialects {','.join(args.dialects)}" if args.dialects != list(DIALECTS) else "") + \
                 (" --strict" if args.strict else "")
             fh.write(f"$ python benchmarks/fuzz_matcher.py --n {args.n} --seed {args.seed} --jobs {args.jobs}{flags}\n\n"
                      + "\n".join(lines) + "\n")
