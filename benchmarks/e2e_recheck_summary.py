@@ -37,15 +37,6 @@ def _ratio(rec: dict, stat: str) -> Optional[float]:
     return t["inductor"] / t["attnfuse"]
 
 
-def _rounds(rec: dict) -> dict:
-    """A record's per-round times (``ms_rounds``), also where a report stored them as text."""
-    rounds = rec.get("ms_rounds", {})
-    if isinstance(rounds, str):
-        import ast
-        rounds = ast.literal_eval(rounds)
-    return dict(rec, ms_rounds=rounds)
-
-
 def below_rows(full: List[dict]) -> List[dict]:
     """The full run's records below 1.00x Inductor on medians."""
     return [r for r in full if (_ratio(r, "ms_median") or 1.0) < 1.0]
@@ -53,7 +44,7 @@ def below_rows(full: List[dict]) -> List[dict]:
 
 def verdict(rec: dict) -> Tuple[str, Optional[Tuple[int, float, float, float]]]:
     """Issue 20's verdict for one recheck record, with its paired interval."""
-    ci = paired_ratio_ci(_rounds(rec))
+    ci = paired_ratio_ci(rec)
     if (_ratio(rec, "ms_median") or 0.0) >= 1.0:
         return "not below", ci
     if ci is None:
