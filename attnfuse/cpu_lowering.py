@@ -3,9 +3,10 @@
 
 After the rewrite, each ``attnfuse::flash_attention`` call on CPU may be replaced by a form
 Inductor compiles better than the custom op (:mod:`attnfuse.kernels.torch_inline`):
-- a plain call without a causal band (BERT's, ViT's) that the CPU dispatcher runs as one
-  call of PyTorch's fused kernel, or in bf16 on its bf16 GEMM path (``torch_lowp``), becomes
-  that kernel's aten call (``fused_attention``) at every size: what Inductor alone emits for
+- a plain call without a causal band (BERT's, ViT's) that one call of PyTorch's fused
+  kernel computes becomes that kernel's aten call (``fused_attention``) at every size,
+  whichever CPU path the op itself would take (in bf16 on a CPU with native bf16 GEMMs, the
+  dispatcher's bf16 GEMM path, ``torch_lowp``, up to 1,536 keys): what Inductor alone emits for
   such attention, so the compile and the run are Inductor's (issue 19: inlining the bf16
   ones ran faster on a CPU with native bf16 GEMMs but made a cold compile build 2-3 more C++
   kernels, ``benchmarks/results/compile_overhead_policy.txt``);
